@@ -1,0 +1,258 @@
+// sign_math.h -- the per-element math of Lion, Tiger and Simba, shared by every
+// compiled executor (the OpenMP CPU kernels and the CUDA functors).
+//
+// Framework-free: plain C++17 / CUDA, no torch header. Everything here is an
+// inline function of fp32 values ("opmath"); storage types are converted at the
+// edges by the load/store helpers below. The Python reference backend
+// (sign_kernels/backends/reference.py) and the Triton kernels implement the same
+// formulas in the same operation order; SPEC.md is the contract.
+//
+// NOTE: [no contraction]
+// Every formula below is written as separately rounded fp32 multiplies and adds.
+// The build compiles with -ffp-contract=off (host) and --fmad=false (device), and
+// the Triton launcher disables fp fusion, so no executor turns a*b+c into an FMA.
+// That is what makes fp32 results bit-identical across CPU, CUDA and Triton.
+//
+// NOTE: [sign]
+// sign(x) = (x > 0) - (x < 0): +1, -1, and +0 for +0, -0 and NaN. That is what
+// torch.sign returns, so the torch reference and every kernel agree on NaN too.
+//
+// NOTE: [stochastic rounding bits]
+// Writing fp32 -> bf16 with stochastic rounding adds 16 random bits to the low
+// half of the fp32 word and truncates. The bits are a pure function of
+// (tensor seed, step, buffer stream, element index):
+//   key = mix32(seed ^ mix32(step_lo + 0x9E3779B9 * (stream + 1)))
+//   r   = mix32(key ^ mix32(idx_lo ^ (idx_hi * 0x85EBCA6B)))      (uint32, wrapping)
+// where mix32 is the "lowbias32" integer hash, stream 0 is the parameter and
+// stream 1 the momentum, step is the optimizer step of the tensor *before* this
+// call, and idx the element's offset in the (contiguous) tensor. The tensor seed
+// is mix32(optimizer seed ^ mix32(index of the parameter in the optimizer)),
+// computed in Python (sign_kernels/_rng.py).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define SK_HD __host__ __device__ __forceinline__
+#else
+#define SK_HD inline __attribute__((always_inline))
+#endif
+
+namespace sign_kernels {
+
+// ---------------------------------------------------------------- storage types
+// Tagged 16-bit storage types: the core never depends on torch's c10::BFloat16 /
+// c10::Half, so the same header compiles in CMake without torch.
+struct bf16_t { uint16_t x; };
+struct fp16_t { uint16_t x; };
+
+enum class Algo : int { kLion = 0, kTiger = 1, kSimba = 2 };
+
+// Tiger parameter roles (SPEC.md "Per-parameter scaling"). The integer values are
+// part of the op schema (the `roles` list) and of sign_kernels/optim/tiger.py.
+enum TigerRole : int {
+  kRoleElementwise = 0,  // bias, norm shift: lr_p = 0.5 lr, wd_p = 0, centre 0
+  kRoleGain = 1,         // norm gain:        lr_p = 0.5 lr, wd_p = 0, centre 1
+  kRoleEmbedding = 2,    // lr_p = lr * RMS(row), wd_p = wd, centre 0
+  kRoleMatrix = 3,       // lr_p = lr * RMS(tensor), wd_p = wd, centre 0
+};
+
+SK_HD uint32_t f32_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+SK_HD float bits_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// ------------------------------------------------------------- conversions
+SK_HD float to_f32(float v) { return v; }
+SK_HD float to_f32(bf16_t v) { return bits_f32(static_cast<uint32_t>(v.x) << 16); }
+
+// IEEE binary16 -> binary32, exact, branch-light (vectorizes on the CPU).
+SK_HD float to_f32(fp16_t v) {
+  const uint32_t h = v.x;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7FFFu;
+  // Normal and subnormal numbers: shift exponent+mantissa into place and rescale
+  // by 2^112 (the exponent bias difference); this also handles subnormals exactly.
+  const float mag = bits_f32(em << 13) * bits_f32(0x77800000u);  // * 2^112
+  // Inf / NaN: exponent all ones.
+  const uint32_t infnan = 0x7F800000u | (em & 0x3FFu) << 13;
+  const uint32_t out = (em >= 0x7C00u) ? (sign | infnan) : (sign | f32_bits(mag));
+  return bits_f32(out);
+}
+
+// fp32 -> bf16, round to nearest even; NaN -> quiet NaN with the sign kept.
+SK_HD uint16_t bf16_bits_rne(float f) {
+  const uint32_t u = f32_bits(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = ((u >> 16) & 0x8000u) | 0x7FC0u;
+  return static_cast<uint16_t>(((u & 0x7FFFFFFFu) > 0x7F800000u) ? nan : rounded);
+}
+
+// fp32 -> bf16, stochastic rounding with 16 random bits (NOTE: [stochastic rounding bits]).
+// Adding r to the low half rounds the magnitude up with probability frac/2^16.
+SK_HD uint16_t bf16_bits_sr(float f, uint32_t r) {
+  const uint32_t u = f32_bits(f);
+  const uint32_t rounded = (u + (r & 0xFFFFu)) >> 16;
+  const uint32_t nan = ((u >> 16) & 0x8000u) | 0x7FC0u;
+  return static_cast<uint16_t>(((u & 0x7FFFFFFFu) > 0x7F800000u) ? nan : rounded);
+}
+
+// fp32 -> fp16, round to nearest even, overflow to Inf, exact subnormals.
+SK_HD uint16_t fp16_bits_rne(float f) {
+  const uint32_t u = f32_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7FFFFFFFu;
+  // NaN: quiet NaN. Inf and anything that rounds past 65504: Inf.
+  const uint32_t nan = sign | 0x7E00u;
+  const uint32_t inf = sign | 0x7C00u;
+  // Normal range (|f| >= 2^-14): rebias exponent, round mantissa 23 -> 10 bits.
+  const uint32_t normal = (a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  // Subnormal range (|f| < 2^-14): add 0.5 (as a float) so the FPU aligns the
+  // mantissa and rounds to nearest even at 2^-24; the low bits are the result.
+  const float sub_f = bits_f32(a) + 0.5f;
+  const uint32_t sub = f32_bits(sub_f) - 0x3F000000u;
+  uint32_t mag = (a < 0x38800000u) ? sub : normal;
+  mag = (a >= 0x477FF000u) ? 0x7C00u : mag;  // >= 65520 rounds to Inf
+  const uint32_t out = (a > 0x7F800000u) ? nan : ((a == 0x7F800000u) ? inf : (sign | mag));
+  return static_cast<uint16_t>(out);
+}
+
+// --------------------------------------------------------------- random bits
+SK_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+SK_HD uint32_t sr_key(uint32_t seed, int64_t step, uint32_t stream) {
+  return mix32(seed ^ mix32(static_cast<uint32_t>(step) + 0x9E3779B9u * (stream + 1u)));
+}
+
+SK_HD uint32_t sr_bits(uint32_t key, int64_t idx) {
+  const uint32_t lo = static_cast<uint32_t>(idx);
+  const uint32_t hi = static_cast<uint32_t>(static_cast<uint64_t>(idx) >> 32);
+  return mix32(key ^ mix32(lo ^ (hi * 0x85EBCA6Bu)));
+}
+
+// ------------------------------------------------------------- stores
+// store(value, key, idx, sr): write an fp32 result in the storage type. The
+// stochastic flag only matters for bf16; fp32 is exact and fp16 always rounds
+// to nearest even (its 10-bit mantissa is not the target of SR here).
+SK_HD void store(float* dst, float v, uint32_t, int64_t, bool) { *dst = v; }
+SK_HD void store(bf16_t* dst, float v, uint32_t key, int64_t idx, bool sr) {
+  dst->x = sr ? bf16_bits_sr(v, sr_bits(key, idx)) : bf16_bits_rne(v);
+}
+SK_HD void store(fp16_t* dst, float v, uint32_t, int64_t, bool) { dst->x = fp16_bits_rne(v); }
+
+// ------------------------------------------------------------- the math
+SK_HD float sign_of(float x) { return static_cast<float>(x > 0.0f) - static_cast<float>(x < 0.0f); }
+
+// Scalars are derived once per call, in fp32, from fp32 inputs: every executor
+// derives them the same way (NOTE: [no contraction]).
+struct LionScalars {
+  float lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay;
+};
+SK_HD LionScalars lion_scalars(float lr, float beta1, float beta2, float wd) {
+  LionScalars s;
+  s.lr = lr;
+  s.beta1 = beta1;
+  s.one_minus_beta1 = 1.0f - beta1;
+  s.beta2 = beta2;
+  s.one_minus_beta2 = 1.0f - beta2;
+  s.decay = 1.0f - lr * wd;
+  return s;
+}
+
+// Lion:  c = b1 m + (1-b1) g;  p = p (1 - lr wd) - lr sign(c);  m = b2 m + (1-b2) g.
+SK_HD void lion_update(float& p, float& m, float g, const LionScalars& s) {
+  const float c = s.beta1 * m + s.one_minus_beta1 * g;
+  p = p * s.decay - s.lr * sign_of(c);
+  m = s.beta2 * m + s.one_minus_beta2 * g;
+}
+
+// Tiger, per tensor and call. t = calls made before this one, k = grad_accum_steps.
+struct TigerScalars {
+  float b1;        // beta if t % k == 0 else 1
+  float coef;      // (1 - beta) / k
+  bool update;     // (t + 1) % k == 0
+  float wd;        // wd_p (0 for element-wise roles)
+  float shrink;    // s of the NaN guard
+  float centre;    // c of the NaN guard
+};
+SK_HD TigerScalars tiger_scalars(int64_t t, int64_t k, float beta, float wd, float shrink, int role) {
+  TigerScalars s;
+  s.b1 = (t % k == 0) ? beta : 1.0f;
+  s.coef = (1.0f - beta) / static_cast<float>(k);
+  s.update = ((t + 1) % k) == 0;
+  const bool elementwise = role == kRoleElementwise || role == kRoleGain;
+  s.wd = elementwise ? 0.0f : wd;
+  s.shrink = shrink;
+  s.centre = role == kRoleGain ? 1.0f : 0.0f;
+  return s;
+}
+
+// The effective lr of a tensor (or row): 0.5 lr for element-wise roles, else
+// lr * rms with rms = sqrt(sumsq / n) computed in fp32 from an fp32 (or wider,
+// then rounded) sum of squares.
+SK_HD float tiger_lr(float lr, int role, float rms) {
+  return (role == kRoleElementwise || role == kRoleGain) ? 0.5f * lr : lr * rms;
+}
+
+// m = b1 m + coef g; on the last micro-step p = p - lr_p (sign(m) + wd_p p).
+SK_HD void tiger_update(float& p, float& m, float g, float lr_p, const TigerScalars& s) {
+  m = s.b1 * m + s.coef * g;
+  if (s.update) p = p - lr_p * (sign_of(m) + s.wd * p);
+}
+
+// NaN guard (g of this tensor holds a NaN): m unchanged, p = (p - c) s + c.
+SK_HD void tiger_shrink(float& p, const TigerScalars& s) { p = (p - s.centre) * s.shrink + s.centre; }
+
+// Simba: p = p (1 - lr wd); u = |s| > T ? sign(s) : sign(g); p = p - lr u;
+//        s = clamp(s + sign(g), -W, W).
+struct SimbaScalars {
+  float lr, decay;
+  int32_t threshold;  // T = int(window_size * threshold), computed by the caller
+  int32_t window;     // W
+};
+SK_HD SimbaScalars simba_scalars(float lr, float wd, int32_t window, int32_t threshold_count) {
+  SimbaScalars s;
+  s.lr = lr;
+  s.decay = 1.0f - lr * wd;
+  s.threshold = threshold_count;
+  s.window = window;
+  return s;
+}
+
+SK_HD void simba_update(float& p, int16_t& cnt, float g, const SimbaScalars& s) {
+  const int32_t c = cnt;
+  const float sg = sign_of(g);
+  const int32_t mag = c < 0 ? -c : c;
+  const float u = mag > s.threshold ? static_cast<float>((c > 0) - (c < 0)) : sg;
+  p = p * s.decay;
+  p = p - s.lr * u;
+  int32_t n = c + static_cast<int32_t>(sg);
+  n = n > s.window ? s.window : n;
+  n = n < -s.window ? -s.window : n;
+  cnt = static_cast<int16_t>(n);
+}
+
+}  // namespace sign_kernels

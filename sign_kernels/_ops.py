@@ -1,0 +1,75 @@
+"""Declarations of the fused ops, once, schema first.
+
+Every executor implements these three ops with exactly these arguments:
+
+* the compiled CPU kernels (``csrc/torch/cpu_ops.cpp``, ``TORCH_LIBRARY_IMPL(sign_kernels, CPU)``),
+* the compiled CUDA kernels (``csrc/torch/cuda_ops.cu``, ``TORCH_LIBRARY_IMPL(sign_kernels, CUDA)``),
+* the Triton kernels (``sign_kernels/triton``), registered for CUDA from Python when the
+  compiled CUDA implementation is absent.
+
+The Python reference backend (``sign_kernels/backends/reference.py``) has the same call
+signature so the optimizers can call any backend the same way.
+
+Contract shared by the three ops (SPEC.md has the formulas):
+
+* ``params``, ``grads`` and the state list have the same length; tensor ``i`` of each has
+  the same shape and device, and is contiguous. Within one call all params share a dtype,
+  all grads share a dtype, all state tensors share a dtype (the optimizer groups by them).
+* ``steps[i]`` is a 0-dim int64 tensor holding t, the number of calls already applied to
+  tensor ``i``. The op reads it and never writes it: the optimizer increments it.
+* ``lr`` is used unless ``lr_t`` (a 0-dim float tensor) is given; ``lr_t`` lets a CUDA
+  kernel read the learning rate on the device (CUDA graphs, tensor-lr schedules).
+* ``grad_scale``/``found_inf`` (0-dim fp32, GradScaler's): the gradient used is
+  ``g / grad_scale``; when ``found_inf`` is non-zero the op changes nothing.
+* ``seeds[i]`` is the stochastic-rounding seed of tensor ``i`` (``sign_kernels._rng``);
+  ``stochastic_rounding`` turns SR on for bf16 params and bf16 state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LIB_NAME = "sign_kernels"
+
+_COMMON_TAIL = "Tensor? grad_scale, Tensor? found_inf, int[] seeds, bool stochastic_rounding) -> ()"
+
+SCHEMAS = {
+    "lion_": (
+        "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] steps, "
+        "float lr, Tensor? lr_t, float beta1, float beta2, float weight_decay, " + _COMMON_TAIL
+    ),
+    "tiger_": (
+        "tiger_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] steps, "
+        "int[] roles, float lr, Tensor? lr_t, float beta, float weight_decay, "
+        "int grad_accum_steps, float shrink_ratio, " + _COMMON_TAIL
+    ),
+    "simba_": (
+        "simba_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] sign_counts, Tensor[] steps, "
+        "float lr, Tensor? lr_t, int window_size, int threshold_count, float weight_decay, "
+        + _COMMON_TAIL
+    ),
+}
+
+_lib = torch.library.Library(LIB_NAME, "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+
+def _fake(*args, **kwargs) -> None:
+    # The ops mutate their inputs in place and return nothing: the fake kernel has
+    # nothing to allocate. Shape checks belong to the real kernels.
+    return None
+
+
+for _name in SCHEMAS:
+    torch.library.register_fake(f"{LIB_NAME}::{_name}", _fake, lib=_lib)
+
+
+def op(name: str):
+    """The ``torch.ops.sign_kernels`` overload packet of one op ("lion_", ...)."""
+    return getattr(torch.ops.sign_kernels, name)
+
+
+def has_kernel(name: str, dispatch_key: str) -> bool:
+    """Whether an implementation of op ``name`` is registered for ``dispatch_key``."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{LIB_NAME}::{name}", dispatch_key)

@@ -1,0 +1,196 @@
+"""The reference backend: plain torch, one tensor at a time, readable next to SPEC.md.
+
+It is the oracle of every test. It runs on any device and in any floating dtype:
+
+* fp64 tensors are computed in fp64 with fp64 scalars (the test oracle);
+* fp32/bf16/fp16 tensors are computed in fp32 ("opmath") with the scalars derived in
+  fp32 exactly as ``csrc/core/sign_math.h`` derives them, each product and sum rounded
+  separately (NOTE: [no contraction]), so on fp32 it matches the kernels bit for bit
+  except for Tiger's RMS, whose summation order differs;
+* results are written back to the storage dtype with round-to-nearest-even, or with
+  the documented stochastic rounding (``sign_kernels._rng``) for bf16.
+
+The functions have the op signatures of ``sign_kernels._ops``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .. import _rng
+
+# Tiger roles, as in csrc/core/sign_math.h (TigerRole).
+ROLE_ELEMENTWISE, ROLE_GAIN, ROLE_EMBEDDING, ROLE_MATRIX = 0, 1, 2, 3
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scalar(value: float, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _lr(lr: float, lr_t: Optional[torch.Tensor], dtype, device) -> torch.Tensor:
+    if lr_t is not None:
+        return lr_t.detach().to(device=device, dtype=dtype).reshape(())
+    return _scalar(lr, dtype, device)
+
+
+def _skip(found_inf: Optional[torch.Tensor]) -> bool:
+    return found_inf is not None and bool(found_inf.item() != 0)
+
+
+def _grad(g: torch.Tensor, grad_scale: Optional[torch.Tensor], dtype) -> torch.Tensor:
+    g = g.to(dtype)
+    if grad_scale is not None:
+        g = g / grad_scale.to(device=g.device, dtype=dtype)
+    return g
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    # NOTE: [sign]: +1, -1, and +0 for zeros and NaN (what torch.sign gives).
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+def _write(dst: torch.Tensor, value: torch.Tensor, seed: int, step: int, stream: int, sr: bool) -> None:
+    if sr and dst.dtype == torch.bfloat16:
+        key = _rng.sr_key(seed, step, stream)
+        bits = _rng.sr_bits(key, value.numel(), value.device)
+        dst.copy_(_rng.bf16_stochastic(value, bits))
+    else:
+        dst.copy_(value)
+
+
+def lion_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    lr: float,
+    lr_t: Optional[torch.Tensor],
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    grad_scale: Optional[torch.Tensor],
+    found_inf: Optional[torch.Tensor],
+    seeds: Sequence[int],
+    stochastic_rounding: bool,
+) -> None:
+    if _skip(found_inf):
+        return
+    for p, g, m, step, seed in zip(params, grads, exp_avgs, steps, seeds):
+        dt, dev = _opmath(p.dtype), p.device
+        t = int(step)
+        lr_ = _lr(lr, lr_t, dt, dev)
+        b1, b2, wd = (_scalar(v, dt, dev) for v in (beta1, beta2, weight_decay))
+        one = _scalar(1.0, dt, dev)
+        p_, m_, g_ = p.to(dt), m.to(dt), _grad(g, grad_scale, dt)
+        c = b1 * m_ + (one - b1) * g_
+        p_new = p_ * (one - lr_ * wd) - lr_ * _sign(c)
+        m_new = b2 * m_ + (one - b2) * g_
+        _write(p, p_new, seed, t, _rng.STREAM_PARAM, stochastic_rounding)
+        _write(m, m_new, seed, t, _rng.STREAM_STATE, stochastic_rounding)
+
+
+def tiger_rms(p: torch.Tensor, role: int) -> torch.Tensor:
+    """RMS of the whole tensor (matrix role) or of each row over the last dim (embedding)."""
+    x = p.detach().to(torch.float64)
+    if role == ROLE_EMBEDDING:
+        x = x.reshape(-1, p.shape[-1]) if p.dim() > 0 else x.reshape(1, 1)
+        n = x.shape[1]
+        return torch.sqrt(x.square().sum(dim=1, keepdim=True) / max(n, 1))
+    return torch.sqrt(x.square().sum() / max(x.numel(), 1))
+
+
+def tiger_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    roles: Sequence[int],
+    lr: float,
+    lr_t: Optional[torch.Tensor],
+    beta: float,
+    weight_decay: float,
+    grad_accum_steps: int,
+    shrink_ratio: float,
+    grad_scale: Optional[torch.Tensor],
+    found_inf: Optional[torch.Tensor],
+    seeds: Sequence[int],
+    stochastic_rounding: bool,
+) -> None:
+    if _skip(found_inf):
+        return
+    k = int(grad_accum_steps)
+    for p, g, m, step, role, seed in zip(params, grads, exp_avgs, steps, roles, seeds):
+        dt, dev = _opmath(p.dtype), p.device
+        t = int(step)
+        elementwise = role in (ROLE_ELEMENTWISE, ROLE_GAIN)
+        one = _scalar(1.0, dt, dev)
+        beta_ = _scalar(beta, dt, dev)
+        p_, m_, g_ = p.to(dt), m.to(dt), _grad(g, grad_scale, dt)
+        if bool(torch.isnan(g_).any()):
+            # NaN guard: leave m, shrink p towards its init centre.
+            centre = _scalar(1.0 if role == ROLE_GAIN else 0.0, dt, dev)
+            p_new = (p_ - centre) * _scalar(shrink_ratio, dt, dev) + centre
+            _write(p, p_new, seed, t, _rng.STREAM_PARAM, stochastic_rounding)
+            continue
+        b1 = beta_ if t % k == 0 else one
+        coef = (one - beta_) / _scalar(float(k), dt, dev)
+        m_new = b1 * m_ + coef * g_
+        if (t + 1) % k == 0:
+            lr_ = _lr(lr, lr_t, dt, dev)
+            if elementwise:
+                lr_p = _scalar(0.5, dt, dev) * lr_
+                wd_p = _scalar(0.0, dt, dev)
+            else:
+                rms = tiger_rms(p, role).to(dt)
+                if role == ROLE_EMBEDDING:
+                    rms = rms.reshape(p.shape[:-1] + (1,))
+                lr_p = lr_ * rms
+                wd_p = _scalar(weight_decay, dt, dev)
+            p_new = p_ - lr_p * (_sign(m_new) + wd_p * p_)
+            _write(p, p_new, seed, t, _rng.STREAM_PARAM, stochastic_rounding)
+        _write(m, m_new, seed, t, _rng.STREAM_STATE, stochastic_rounding)
+
+
+def simba_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    sign_counts: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    lr: float,
+    lr_t: Optional[torch.Tensor],
+    window_size: int,
+    threshold_count: int,
+    weight_decay: float,
+    grad_scale: Optional[torch.Tensor],
+    found_inf: Optional[torch.Tensor],
+    seeds: Sequence[int],
+    stochastic_rounding: bool,
+) -> None:
+    if _skip(found_inf):
+        return
+    for p, g, s, step, seed in zip(params, grads, sign_counts, steps, seeds):
+        dt, dev = _opmath(p.dtype), p.device
+        t = int(step)
+        lr_ = _lr(lr, lr_t, dt, dev)
+        one = _scalar(1.0, dt, dev)
+        p_, g_ = p.to(dt), _grad(g, grad_scale, dt)
+        cnt = s.to(torch.int32)
+        sg = _sign(g_)
+        u = torch.where(cnt.abs() > threshold_count, _sign(cnt.to(dt)), sg)
+        p_new = p_ * (one - lr_ * _scalar(weight_decay, dt, dev))
+        p_new = p_new - lr_ * u
+        cnt = (cnt + sg.to(torch.int32)).clamp(-window_size, window_size)
+        _write(p, p_new, seed, t, _rng.STREAM_PARAM, stochastic_rounding)
+        s.copy_(cnt.to(torch.int16))
+
+
+def threshold_count(window_size: int, threshold: float) -> int:
+    """T = int(window_size * threshold) (SPEC.md, Simba)."""
+    return int(math.floor(window_size * threshold))
