@@ -1,0 +1,154 @@
+"""Triton backend: Lion, Tiger and Simba as one multi-tensor kernel family.
+
+Public functions (the op signatures of ``sign_kernels._ops``)::
+
+    lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
+          grad_scale, found_inf, seeds, stochastic_rounding)
+    tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay,
+           grad_accum_steps, shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding)
+    simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count,
+           weight_decay, grad_scale, found_inf, seeds, stochastic_rounding)
+    unavailable_reason() -> str | None
+    register_for_cuda_if_missing() -> bool
+
+Importing this package never imports triton: the kernels (``_kernels``) and the launcher
+(``_launch``) are imported on first use, so ``import sign_kernels.triton`` works without
+triton, and ``unavailable_reason()`` says why the backend cannot run.
+
+Design notes
+------------
+One kernel, three algorithms. ``_kernels.sign_step_kernel`` takes the algorithm (``ALGO``)
+and the storage dtypes of θ, g and the state (fp32 / bf16 / fp16, Simba's int16 counters) as
+``tl.constexpr``; each (algorithm, dtypes, SR, ...) combination compiles once. The math is
+``csrc/core/sign_math.h`` line for line, in fp32, with every product and sum a separate op
+and ``enable_fp_fusion=False`` at every launch (NOTE: [no contraction]); divisions use
+``tl.math.div_rn`` (Triton's plain fp32 ``/`` is not correctly rounded on NVIDIA). Loads of
+16-bit types and every store go through the bit patterns (``_bf16_bits``, ``_fp16_bits``), the
+same integer formulas as ``bf16_bits_rne`` / ``bf16_bits_sr`` / ``fp16_bits_rne``, because the
+interpreter's fp32->bf16 cast truncates and hardware fp16 NaN bits differ. The stochastic
+rounding bits are ``mix32`` / ``sr_key`` / ``sr_bits`` in uint32 arithmetic (NOTE:
+[stochastic rounding bits]). So for fp32, and for bf16 with or without SR, the results are
+bit-identical to the reference backend run in the storage dtype (Tiger: up to the order of its
+fp64 sum of squares, which only matters when the fp32 RMS sits on a rounding boundary).
+
+Multi-tensor, one launch per group. The launcher (``_launch``) builds, once per parameter
+set, one int64 device tensor holding (a) a row per tensor: addresses of θ, g, state and step,
+numel, SR seed, Tiger role and statistics layout; (b) a row per program: (tensor, first
+element), BLOCK elements each; (c) Tiger's statistics tasks. Kernels cast the addresses with
+``.to(tl.pointer_type(...))``. The plan is cached (LRU, 32 entries) under a key made of every
+data_ptr, shape, role and seed, so a GPT-2-sized list (148 tensors) costs one launch for Lion
+and Simba and three for Tiger, and no host-to-device copy after the first step as long as the
+caching allocator hands the grads back at the same addresses. Steps, ``lr_t``,
+``grad_scale`` and ``found_inf`` are read on the device: no host synchronisation, CUDA-graph
+friendly (the plan must then be built before capture, i.e. by one eager step). When
+``found_inf`` is non-zero every load and store is masked off: nothing changes.
+
+The interpreter (``TRITON_INTERPRET=1``) runs the *same* kernels on CPU tensors: it executes
+loads and stores on raw host addresses and implements int->pointer casts as bit casts, so
+the address table works there unchanged and no per-tensor fallback exists. It must be set
+before this backend is first used (triton decides at decoration time); CUDA tensors are not
+supported under the interpreter (the table would hold device addresses).
+
+Tiger needs two whole-tensor facts before any element can be written: whether g / grad_scale
+holds a NaN (the guard), and RMS(θ_{t-1}) (per tensor for the matrix role, per row of the
+last dim for the embedding role). Two small kernels run first: ``tiger_rows_kernel`` reduces
+rows (embedding rows, or virtual rows of ``STAT_COLS`` elements for other roles) to an fp64
+sum of squares and a NaN count, reading θ only where this call updates θ with an RMS role;
+``tiger_finish_kernel`` (one program per tensor, fixed order, hence deterministic) turns them
+into the NaN flag and rms = fp32(sqrt(sumsq / n)) computed in fp64, as the reference does.
+The window logic (b1 = β on the first micro-step, θ written on the last) is computed per
+tensor from its device step t and k.
+
+Fixed configurations (no autotuning of in-place kernels): see NOTE: [fixed configs] in
+``_launch``. GPU path: BLOCK 2048, 4 warps; aligned-address hints only when every θ, g and
+state address is 16-byte aligned. Untested on a GPU in the session that wrote it (CI runs the
+interpreter); run ``tests/test_triton.py`` on a GPU machine with ``TRITON_INTERPRET=0``
+support before relying on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+__all__ = ["lion_", "tiger_", "simba_", "unavailable_reason", "register_for_cuda_if_missing"]
+
+_OPS = ("lion_", "tiger_", "simba_")
+_impl_lib = None
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the Triton backend can run here, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # a broken install: report it, do not hide it
+        return f"triton failed to import: {exc!r}"
+    if _interpret_requested():
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (and TRITON_INTERPRET=1 is not set for the CPU interpreter)"
+    return None
+
+
+def _backend():
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"sign_kernels triton backend unavailable: {reason}")
+    from . import _launch as launch
+
+    return launch
+
+
+def lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
+          grad_scale, found_inf, seeds, stochastic_rounding) -> None:
+    _backend().lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
+                    grad_scale, found_inf, seeds, stochastic_rounding)
+
+
+def tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay, grad_accum_steps,
+           shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding) -> None:
+    _backend().tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay,
+                     grad_accum_steps, shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding)
+
+
+def simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count, weight_decay,
+           grad_scale, found_inf, seeds, stochastic_rounding) -> None:
+    _backend().simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count,
+                     weight_decay, grad_scale, found_inf, seeds, stochastic_rounding)
+
+
+def register_for_cuda_if_missing() -> bool:
+    """Register these functions as the CUDA kernels of torch.ops.sign_kernels.{lion_,tiger_,simba_}
+    for every op that has no CUDA kernel yet (the compiled extension registers its own first).
+
+    Returns True if at least one op was registered. Does nothing when triton is missing or no
+    CUDA device is present. Triton itself is imported only when an op first runs.
+    """
+    global _impl_lib
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    from .. import _ops
+
+    fns = {"lion_": lion_, "tiger_": tiger_, "simba_": simba_}
+    missing = [name for name in _OPS if not _ops.has_kernel(name, "CUDA")]
+    if not missing:
+        return False
+    if _impl_lib is None:
+        _impl_lib = torch.library.Library(_ops.LIB_NAME, "IMPL")
+    for name in missing:
+        _impl_lib.impl(name, fns[name], "CUDA")
+    return True
