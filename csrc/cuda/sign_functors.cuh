@@ -1,0 +1,401 @@
+// sign_functors.cuh -- the per-chunk functors of Lion, Tiger and Simba.
+//
+// They only move memory: read the per-tensor scalars on the device (step, lr, grad
+// scale, found_inf), load packs of every list, call the fp32 math of
+// csrc/core/sign_math.h on each element, and store the packs with the storage rounding
+// of sign_math.h (RNE, or the documented stochastic rounding for bf16). Nothing here
+// computes a formula of SPEC.md by itself.
+//
+// Template parameters: P param storage (float, bf16_t, fp16_t), G grad storage (P or
+// float), S state storage (P, float or bf16_t; int16_t for Simba's counters).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/sign_math.h"
+#include "cuda/multi_tensor_apply.cuh"
+
+namespace sign_kernels {
+namespace cuda {
+
+// Buffer streams of NOTE: [stochastic rounding bits].
+constexpr uint32_t kStreamParam = 0;
+constexpr uint32_t kStreamState = 1;
+
+// The arguments shared by the three ops, as the kernels see them.
+struct DeviceCommon {
+  float lr;
+  const float* lr_ptr;      // device lr, or null
+  const float* grad_scale;  // device scale, or null
+  const float* found_inf;   // device flag, or null
+  bool sr;
+
+  // NOTE: [found_inf]: GradScaler's flag; NaN compares != 0 too, as in the reference.
+  __device__ __forceinline__ bool skip() const { return found_inf != nullptr && *found_inf != 0.0f; }
+  __device__ __forceinline__ float learning_rate() const { return lr_ptr != nullptr ? *lr_ptr : lr; }
+  __device__ __forceinline__ float scale() const { return grad_scale != nullptr ? *grad_scale : 1.0f; }
+};
+
+// g / scale, rounded to nearest whatever -prec-div says (the reference divides in fp32).
+// Dividing by 1 is exact, so an absent scale is just 1.
+template <typename G>
+__device__ __forceinline__ float unscale(G g, float scale) {
+  return __fdiv_rn(to_f32(g), scale);
+}
+
+// Storage value of an int16 counter, for symmetry with to_f32.
+__device__ __forceinline__ int16_t to_i16(int16_t v) { return v; }
+
+// ------------------------------------------------------------------ Lion
+struct LionMeta {
+  const int64_t* step;
+  uint32_t seed;
+};
+
+template <typename P, typename G, typename S>
+struct LionFunctor {
+  DeviceCommon common;
+  float beta1, beta2, weight_decay;
+
+  template <typename Table>
+  __device__ __forceinline__ void operator()(const Table& tl, const Chunk& c) const {
+    if (common.skip()) return;
+    const LionMeta& meta = tl.meta[c.tensor];
+    const int64_t t = *meta.step;
+    const LionScalars sc = lion_scalars(common.learning_rate(), beta1, beta2, weight_decay);
+    const float scale = common.scale();
+    const uint32_t key_p = sr_key(meta.seed, t, kStreamParam);
+    const uint32_t key_s = sr_key(meta.seed, t, kStreamState);
+    P* p = static_cast<P*>(tl.ptrs[kParamIdx][c.tensor]);
+    const G* g = static_cast<const G*>(tl.ptrs[kGradIdx][c.tensor]);
+    S* m = static_cast<S*>(tl.ptrs[kStateIdx][c.tensor]);
+
+    for_each_pack(c, all_aligned16(c.begin, p, g, m), [&](const PackSlot& s) {
+      Pack<P> pk;
+      Pack<G> gk;
+      Pack<S> mk;
+      load_pack(pk, p, s);
+      load_pack(gk, g, s);
+      load_pack(mk, m, s);
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        float pf = to_f32(pk.v[j]);
+        float mf = to_f32(mk.v[j]);
+        lion_update(pf, mf, unscale(gk.v[j], scale), sc);
+        store(&pk.v[j], pf, key_p, s.index(j), common.sr);
+        store(&mk.v[j], mf, key_s, s.index(j), common.sr);
+      }
+      store_pack(p, pk, s);
+      store_pack(m, mk, s);
+    });
+  }
+};
+
+// ------------------------------------------------------------------ Simba
+struct SimbaMeta {
+  const int64_t* step;
+  uint32_t seed;
+};
+
+template <typename P, typename G>
+struct SimbaFunctor {
+  DeviceCommon common;
+  float weight_decay;
+  int32_t window, threshold_count;
+
+  template <typename Table>
+  __device__ __forceinline__ void operator()(const Table& tl, const Chunk& c) const {
+    if (common.skip()) return;
+    const SimbaMeta& meta = tl.meta[c.tensor];
+    const int64_t t = *meta.step;
+    const SimbaScalars sc = simba_scalars(common.learning_rate(), weight_decay, window, threshold_count);
+    const float scale = common.scale();
+    const uint32_t key_p = sr_key(meta.seed, t, kStreamParam);
+    P* p = static_cast<P*>(tl.ptrs[kParamIdx][c.tensor]);
+    const G* g = static_cast<const G*>(tl.ptrs[kGradIdx][c.tensor]);
+    int16_t* cnt = static_cast<int16_t*>(tl.ptrs[kStateIdx][c.tensor]);
+
+    for_each_pack(c, all_aligned16(c.begin, p, g, cnt), [&](const PackSlot& s) {
+      Pack<P> pk;
+      Pack<G> gk;
+      Pack<int16_t> ck;
+      load_pack(pk, p, s);
+      load_pack(gk, g, s);
+      load_pack(ck, cnt, s);
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        float pf = to_f32(pk.v[j]);
+        simba_update(pf, ck.v[j], unscale(gk.v[j], scale), sc);
+        store(&pk.v[j], pf, key_p, s.index(j), common.sr);
+      }
+      store_pack(p, pk, s);
+      store_pack(cnt, ck, s);
+    });
+  }
+};
+
+// ------------------------------------------------------------------ Tiger
+// NOTE: [Tiger pre-pass]
+// Tiger needs two facts about a whole tensor before any element may be written: whether
+// g / scale holds a NaN anywhere (the NaN guard), and the RMS of θ_{t-1} (matrix role:
+// the whole tensor; embedding role: each row). A chunk cannot know them, so a call is
+//   1. pre-pass, one block per chunk: NaN flag of the chunk and (matrix) its sum of
+//      squares, written to its own slot; (embedding) the RMS of each row, whole rows
+//      per chunk (the pre-pass chunks of an embedding are row-aligned);
+//   2. finalisation, one block per tensor: OR of the flags and sum of the partial sums
+//      in slot order -> {rms, nan} of the tensor;
+//   3. the update, in ordinary chunks.
+// Every partial sum has a fixed owner and a fixed reduction tree (no atomics), so the
+// result is bit-reproducible run to run and under CUDA-graph replay. Sums of squares
+// are taken in fp64 and rms = (float)sqrt(sumsq / n), as the reference computes it; only
+// the summation order differs from it. The pre-pass reads θ only on steps that update θ
+// and only for roles that scale by the RMS; on the other micro-steps it reads g alone.
+struct TigerMeta {
+  const int64_t* step;
+  int64_t row_size;   // last-dim size (embedding rows)
+  int64_t row_base;   // first row of this tensor in Workspace::row_rms
+  int64_t slot_base;  // first pre-pass chunk slot of this tensor
+  uint32_t seed;
+  int32_t index;      // position of the tensor in the call (Workspace::info)
+  int32_t role;       // TigerRole
+};
+
+struct TigerTensorInfo {
+  float rms;    // RMS of the whole tensor (matrix role, on updating steps)
+  int32_t nan;  // g / scale holds a NaN
+};
+
+struct TigerWorkspace {
+  TigerTensorInfo* info;  // per tensor
+  int32_t* chunk_nan;     // per pre-pass chunk
+  double* chunk_sumsq;    // per pre-pass chunk (matrix role)
+  float* row_rms;         // per embedding row
+};
+
+// Embedding rows up to this length are reduced one warp per row (and a pre-pass chunk
+// holds kChunkElems / row_size rows); longer rows get one block each.
+constexpr int64_t kWarpRowMax = 2048;
+
+struct TigerHyper {
+  DeviceCommon common;
+  float beta, weight_decay, shrink_ratio;
+  int64_t grad_accum_steps;
+  TigerWorkspace ws;
+
+  __device__ __forceinline__ TigerScalars scalars(int64_t t, int role) const {
+    return tiger_scalars(t, grad_accum_steps, beta, weight_decay, shrink_ratio, role);
+  }
+};
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+  return v;
+}
+
+// Sum over the block, in a fixed order; every thread must call it; thread 0 gets the sum.
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double partial[kBlockThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // partial may still be read by a previous call
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int nwarps = blockDim.x >> 5;
+  v = (warp == 0 && lane < nwarps) ? partial[lane] : 0.0;
+  return warp == 0 ? warp_sum(v) : 0.0;
+}
+
+template <typename T>
+__device__ __forceinline__ double sq(T x) {
+  const double v = static_cast<double>(to_f32(x));
+  return v * v;
+}
+
+// Pre-pass over lists (θ, g), in chunks whose size is TigerMeta-dependent (row-aligned for
+// embeddings). Writes chunk_nan / chunk_sumsq of its slot and row_rms of its rows.
+template <typename P, typename G>
+struct TigerPrepassFunctor {
+  TigerHyper h;
+
+  template <typename Table>
+  __device__ __forceinline__ void operator()(const Table& tl, const Chunk& c) const {
+    if (h.common.skip()) return;  // uniform over the grid: nothing will be read
+    const TigerMeta& meta = tl.meta[c.tensor];
+    const bool update = h.scalars(*meta.step, meta.role).update;
+    const bool matrix_rms = update && meta.role == kRoleMatrix;
+    const bool row_rms = update && meta.role == kRoleEmbedding;
+    const float scale = h.common.scale();
+    const P* p = static_cast<const P*>(tl.ptrs[kParamIdx][c.tensor]);
+    const G* g = static_cast<const G*>(tl.ptrs[kGradIdx][c.tensor]);
+
+    int nan = 0;
+    double sumsq = 0.0;
+    for_each_pack(c, all_aligned16(c.begin, p, g), [&](const PackSlot& s) {
+      Pack<G> gk;
+      load_pack(gk, g, s);
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) nan |= s.valid(j) && isnan(unscale(gk.v[j], scale));
+      if (matrix_rms) {
+        Pack<P> pk;
+        load_pack(pk, p, s);  // masked lanes load 0
+#pragma unroll
+        for (int j = 0; j < kILP; ++j) sumsq += sq(pk.v[j]);
+      }
+    });
+    nan = __syncthreads_or(nan);
+    if (matrix_rms) sumsq = block_sum(sumsq);
+    if (threadIdx.x == 0) {
+      h.ws.chunk_nan[meta.slot_base + c.index] = nan;
+      if (matrix_rms) h.ws.chunk_sumsq[meta.slot_base + c.index] = sumsq;
+    }
+
+    if (row_rms) {
+      const int64_t d = meta.row_size;
+      const int64_t r0 = c.begin / d, r1 = c.end / d;  // the chunk holds whole rows
+      float* out = h.ws.row_rms + meta.row_base;
+      if (d <= kWarpRowMax) {
+        const int lane = threadIdx.x & 31;
+        for (int64_t r = r0 + (threadIdx.x >> 5); r < r1; r += blockDim.x >> 5) {
+          const P* row = p + r * d;
+          double acc = 0.0;
+#pragma unroll 4
+          for (int64_t k = lane; k < d; k += 32) acc += sq(row[k]);
+          acc = warp_sum(acc);
+          if (lane == 0) out[r] = static_cast<float>(sqrt(acc / static_cast<double>(d)));
+        }
+      } else {
+        for (int64_t r = r0; r < r1; ++r) {
+          const P* row = p + r * d;
+          double acc = 0.0;
+          for (int64_t k = threadIdx.x; k < d; k += blockDim.x) acc += sq(row[k]);
+          acc = block_sum(acc);
+          if (threadIdx.x == 0) out[r] = static_cast<float>(sqrt(acc / static_cast<double>(d)));
+        }
+      }
+    }
+  }
+};
+
+// Finalisation: one block per tensor of a pre-pass table.
+template <typename Table>
+__global__ void __launch_bounds__(kBlockThreads) tiger_finalize_kernel(const SK_GRID_CONSTANT Table tl,
+                                                                       const SK_GRID_CONSTANT TigerHyper h) {
+  if (h.common.skip()) return;
+  const int t = blockIdx.x;
+  const TigerMeta& meta = tl.meta[t];
+  const bool matrix_rms = h.scalars(*meta.step, meta.role).update && meta.role == kRoleMatrix;
+  const int64_t nchunks = (tl.numel[t] + tl.chunk_elems[t] - 1) / tl.chunk_elems[t];
+  int nan = 0;
+  double sumsq = 0.0;
+  for (int64_t i = threadIdx.x; i < nchunks; i += blockDim.x) {
+    nan |= h.ws.chunk_nan[meta.slot_base + i];
+    if (matrix_rms) sumsq += h.ws.chunk_sumsq[meta.slot_base + i];
+  }
+  nan = __syncthreads_or(nan);
+  if (matrix_rms) sumsq = block_sum(sumsq);
+  if (threadIdx.x == 0) {
+    TigerTensorInfo info;
+    info.nan = nan != 0;
+    info.rms = matrix_rms ? static_cast<float>(sqrt(sumsq / static_cast<double>(tl.numel[t]))) : 0.0f;
+    h.ws.info[meta.index] = info;
+  }
+}
+
+// The update, in ordinary chunks, after the pre-pass and finalisation of every tensor.
+template <typename P, typename G, typename S>
+struct TigerUpdateFunctor {
+  TigerHyper h;
+
+  template <typename Table>
+  __device__ __forceinline__ void operator()(const Table& tl, const Chunk& c) const {
+    if (h.common.skip()) return;
+    const TigerMeta& meta = tl.meta[c.tensor];
+    const int64_t t = *meta.step;
+    const TigerScalars sc = h.scalars(t, meta.role);
+    const TigerTensorInfo info = h.ws.info[meta.index];
+    const uint32_t key_p = sr_key(meta.seed, t, kStreamParam);
+    const uint32_t key_s = sr_key(meta.seed, t, kStreamState);
+    const bool sr = h.common.sr;
+    P* p = static_cast<P*>(tl.ptrs[kParamIdx][c.tensor]);
+    const G* g = static_cast<const G*>(tl.ptrs[kGradIdx][c.tensor]);
+    S* m = static_cast<S*>(tl.ptrs[kStateIdx][c.tensor]);
+
+    if (info.nan) {  // NaN guard: m unchanged, θ shrunk towards its centre
+      for_each_pack(c, all_aligned16(c.begin, p), [&](const PackSlot& s) {
+        Pack<P> pk;
+        load_pack(pk, p, s);
+#pragma unroll
+        for (int j = 0; j < kILP; ++j) {
+          float pf = to_f32(pk.v[j]);
+          tiger_shrink(pf, sc);
+          store(&pk.v[j], pf, key_p, s.index(j), sr);
+        }
+        store_pack(p, pk, s);
+      });
+      return;
+    }
+
+    const float scale = h.common.scale();
+    if (!sc.update) {  // accumulation micro-step: θ is neither read nor written
+      for_each_pack(c, all_aligned16(c.begin, g, m), [&](const PackSlot& s) {
+        Pack<G> gk;
+        Pack<S> mk;
+        load_pack(gk, g, s);
+        load_pack(mk, m, s);
+#pragma unroll
+        for (int j = 0; j < kILP; ++j) {
+          float unused = 0.0f;
+          float mf = to_f32(mk.v[j]);
+          tiger_update(unused, mf, unscale(gk.v[j], scale), 0.0f, sc);
+          store(&mk.v[j], mf, key_s, s.index(j), sr);
+        }
+        store_pack(m, mk, s);
+      });
+      return;
+    }
+
+    const float lr = h.common.learning_rate();
+    const bool per_row = meta.role == kRoleEmbedding;
+    const float lr_tensor = tiger_lr(lr, meta.role, info.rms);  // unused for embeddings
+    const int64_t d = meta.row_size;
+    const float* row_rms = h.ws.row_rms + meta.row_base;
+    for_each_pack(c, all_aligned16(c.begin, p, g, m), [&](const PackSlot& s) {
+      Pack<P> pk;
+      Pack<G> gk;
+      Pack<S> mk;
+      load_pack(pk, p, s);
+      load_pack(gk, g, s);
+      load_pack(mk, m, s);
+      // Row cursor of element 0; contiguous packs advance it without a division.
+      int64_t row = per_row ? s.first / d : 0;
+      int64_t col = per_row ? s.first - row * d : 0;
+#pragma unroll
+      for (int j = 0; j < kILP; ++j) {
+        float lr_p = lr_tensor;
+        if (per_row) {
+          if (s.stride != 1 && j > 0) {
+            row = s.index(j) / d;
+          } else if (col == d) {
+            ++row;
+            col = 0;
+          }
+          ++col;
+          lr_p = tiger_lr(lr, meta.role, s.valid(j) ? row_rms[row] : 0.0f);
+        }
+        float pf = to_f32(pk.v[j]);
+        float mf = to_f32(mk.v[j]);
+        tiger_update(pf, mf, unscale(gk.v[j], scale), lr_p, sc);
+        store(&pk.v[j], pf, key_p, s.index(j), sr);
+        store(&mk.v[j], mf, key_s, s.index(j), sr);
+      }
+      store_pack(p, pk, s);
+      store_pack(m, mk, s);
+    });
+  }
+};
+
+}  // namespace cuda
+}  // namespace sign_kernels

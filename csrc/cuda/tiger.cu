@@ -1,0 +1,130 @@
+// tiger.cu -- Tiger: pre-pass (NaN flags, sums of squares), finalisation, update.
+// NOTE: [Tiger pre-pass] in sign_functors.cuh says why three kernels.
+#include <vector>
+
+#include "cuda/dispatch.cuh"
+
+namespace sign_kernels {
+namespace cuda {
+namespace {
+
+// Pre-pass chunk of a tensor: ordinary, or whole rows for embeddings (NOTE: [Tiger pre-pass]).
+int64_t prepass_chunk(int64_t role, int64_t row_size) {
+  if (role != kRoleEmbedding) return kChunkElems;
+  if (row_size <= kWarpRowMax) return (kChunkElems / row_size) * row_size;
+  return row_size;
+}
+
+size_t align16(size_t n) { return (n + 15) & ~static_cast<size_t>(15); }
+
+struct Layout {
+  size_t info = 0, chunk_nan = 0, chunk_sumsq = 0, row_rms = 0, total = 0;  // byte offsets, size
+  bool ok = false;
+};
+
+// Byte layout of the workspace, and (if metas) the metadata of every tensor.
+Layout layout(const TensorList& t, const TigerArgs& a, std::vector<TigerMeta>* metas) {
+  Layout L;
+  if (!list_ok(t) || (t.count > 0 && (a.roles == nullptr || a.row_sizes == nullptr))) return L;
+  if (t.count > 0x7FFFFFFF) return L;
+  if (metas) metas->resize(static_cast<size_t>(t.count));
+  int64_t slots = 0, rows = 0;
+  for (int64_t i = 0; i < t.count; ++i) {
+    const int64_t role = a.roles[i], n = t.numels[i], d = a.row_sizes[i];
+    if (role < kRoleElementwise || role > kRoleMatrix || n < 0) return L;
+    const bool embedding = role == kRoleEmbedding;
+    if (embedding && n > 0 && (d <= 0 || n % d != 0)) return L;
+    if (metas) {
+      TigerMeta& m = (*metas)[static_cast<size_t>(i)];
+      m.step = t.steps[i];
+      m.row_size = embedding ? d : 1;
+      m.row_base = rows;
+      m.slot_base = slots;
+      m.seed = static_cast<uint32_t>(t.seeds[i]);
+      m.index = static_cast<int32_t>(i);
+      m.role = static_cast<int32_t>(role);
+    }
+    if (n == 0) continue;
+    const int64_t chunk = prepass_chunk(role, d);
+    slots += (n + chunk - 1) / chunk;
+    if (embedding) rows += n / d;
+  }
+  L.info = 0;
+  L.chunk_nan = align16(sizeof(TigerTensorInfo) * static_cast<size_t>(t.count));
+  L.chunk_sumsq = L.chunk_nan + align16(sizeof(int32_t) * static_cast<size_t>(slots));
+  L.row_rms = L.chunk_sumsq + align16(sizeof(double) * static_cast<size_t>(slots));
+  L.total = L.row_rms + align16(sizeof(float) * static_cast<size_t>(rows));
+  if (L.total < 16) L.total = 16;
+  L.ok = true;
+  return L;
+}
+
+}  // namespace
+
+size_t tiger_workspace_bytes(const TensorList& t, const TigerArgs& a) {
+  const Layout L = layout(t, a, nullptr);
+  return L.ok ? L.total : 0;
+}
+
+cudaError_t tiger(const TensorList& t, const TigerArgs& a, cudaStream_t stream) {
+  if (a.grad_accum_steps < 1) return cudaErrorInvalidValue;
+  std::vector<TigerMeta> metas;
+  const Layout L = layout(t, a, &metas);
+  if (!L.ok) return cudaErrorInvalidValue;
+  if (t.count == 0) return cudaSuccess;
+  char* ws = static_cast<char*>(a.workspace);
+  if (ws == nullptr || a.workspace_bytes < L.total || (reinterpret_cast<uintptr_t>(ws) & 15u) != 0)
+    return cudaErrorInvalidValue;
+
+  TigerHyper h;
+  h.common = device_common(a.common);
+  h.beta = a.beta;
+  h.weight_decay = a.weight_decay;
+  h.shrink_ratio = a.shrink_ratio;
+  h.grad_accum_steps = a.grad_accum_steps;
+  h.ws.info = reinterpret_cast<TigerTensorInfo*>(ws + L.info);
+  h.ws.chunk_nan = reinterpret_cast<int32_t*>(ws + L.chunk_nan);
+  h.ws.chunk_sumsq = reinterpret_cast<double*>(ws + L.chunk_sumsq);
+  h.ws.row_rms = reinterpret_cast<float*>(ws + L.row_rms);
+
+  auto meta_of = [&](int64_t i) { return metas[static_cast<size_t>(i)]; };
+  auto chunk_of = [&](int64_t i) { return prepass_chunk(a.roles[i], a.row_sizes[i]); };
+  TensorLists<2> pre_lists;
+  pre_lists.ptrs[kParamIdx] = t.params;
+  pre_lists.ptrs[kGradIdx] = t.grads;
+  pre_lists.numel = t.numels;
+  pre_lists.count = t.count;
+
+  return visit_param(t.param_dtype, [&](auto p_tag) {
+    using P = decltype(p_tag);
+    return visit_grad<P>(t.grad_dtype, [&](auto g_tag) {
+      using G = decltype(g_tag);
+      // 1 + 2: pre-pass and finalisation, table by table.
+      using PreTable = TensorTable<2, TigerMeta>;
+      using Pre = TigerPrepassFunctor<P, G>;
+      static_assert(sizeof(PreTable) + sizeof(Pre) <= kArgBytes, "kernel arguments exceed 4 KiB");
+      static_assert(sizeof(PreTable) + sizeof(TigerHyper) <= kArgBytes, "kernel arguments exceed 4 KiB");
+      Pre pre;
+      pre.h = h;
+      cudaError_t err = for_each_table<2, TigerMeta>(pre_lists, meta_of, chunk_of, [&](const PreTable& tl) {
+        multi_tensor_apply_kernel<2, TigerMeta, Pre>
+            <<<static_cast<unsigned>(tl.block_start[tl.num_tensors]), kBlockThreads, 0, stream>>>(tl, pre);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+        tiger_finalize_kernel<PreTable><<<static_cast<unsigned>(tl.num_tensors), kBlockThreads, 0, stream>>>(tl, h);
+        return cudaGetLastError();
+      });
+      if (err != cudaSuccess) return err;
+      // 3: the update.
+      return visit_state<P>(t.state_dtype, [&](auto s_tag) {
+        using S = decltype(s_tag);
+        TigerUpdateFunctor<P, G, S> up;
+        up.h = h;
+        return multi_tensor_apply<3, TigerMeta>(lists3(t), meta_of, up, stream);
+      });
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace sign_kernels
