@@ -182,7 +182,9 @@ def sign_step_kernel(
     mask = offs < numel
     if HAS_FOUND:
         # GradScaler skipped this step: touch nothing (NaN counts as found).
-        mask = mask & (tl.load(found_ptr).to(tl.float32) == 0.0)
+        # NOTE: [scalar masks] a scalar condition enters a mask as a bound on the offsets
+        # (offs < where(cond, numel, 0)): the interpreter mis-types `tensor & scalar_bool`.
+        mask = offs < tl.where(tl.load(found_ptr).to(tl.float32) == 0.0, numel, 0)
 
     if HAS_LR_T:
         lr_ = tl.load(lr_t).to(tl.float32)
@@ -231,8 +233,10 @@ def sign_step_kernel(
         centre = tl.where(role == ROLE_GAIN, 1.0, 0.0)
         p_shrunk = (p - centre) * tl.cast(shrink, tl.float32) + centre
         p_new = tl.where(has_nan, p_shrunk, p_upd)
-        _store_f32(p_addr, offs, p_new, mask & (has_nan | update), key_p, P_DT, SR, ALIGNED)
-        _store_f32(m_addr, offs, m_new, mask & no_nan, key_m, M_DT, SR, ALIGNED)
+        p_mask = mask & (offs < tl.where(has_nan | update, numel, 0))  # NOTE: [scalar masks]
+        m_mask = mask & (offs < tl.where(no_nan, numel, 0))
+        _store_f32(p_addr, offs, p_new, p_mask, key_p, P_DT, SR, ALIGNED)
+        _store_f32(m_addr, offs, m_new, m_mask, key_m, M_DT, SR, ALIGNED)
     else:
         cnt_ptr = m_addr.to(tl.pointer_type(tl.int16))
         cnt = tl.load(cnt_ptr + offs, mask=mask, other=0).to(tl.int32)
@@ -275,6 +279,7 @@ def tiger_rows_kernel(
     step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
     kk = tl.cast(k, tl.int64)
     need_sq = (((step + 1) % kk) == 0) & (role >= ROLE_EMBEDDING)
+    sq_limit = tl.where(need_sq, numel, 0)  # NOTE: [scalar masks]
 
     rows = row0 + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < nrows
@@ -286,7 +291,7 @@ def tiger_rows_kernel(
         msk = row_ok[:, None] & (cols[None, :] < row_len) & (idx < numel)
         g = _grad(g_addr, idx, msk, scale_ptr, G_DT, HAS_SCALE, False)
         acc_nan += tl.sum((g != g).to(tl.int32), axis=1)
-        x = _load_f32(p_addr, idx, msk & need_sq, P_DT, False).to(tl.float64)
+        x = _load_f32(p_addr, idx, msk & (idx < sq_limit), P_DT, False).to(tl.float64)
         acc_sq += tl.sum(x * x, axis=1)
     tl.store(row_sumsq + slot + rows, acc_sq, mask=row_ok)
     tl.store(row_nan + slot + rows, acc_nan, mask=row_ok)
@@ -316,7 +321,7 @@ def tiger_finish_kernel(
         s = tl.load(row_sumsq + slot + r, mask=ok, other=0.0)
         sq += s
         rr = tl.sqrt(s / row_len.to(tl.float64)).to(tl.float32)
-        tl.store(row_rms + slot + r, rr, mask=ok & (role == ROLE_EMBEDDING))
+        tl.store(row_rms + slot + r, rr, mask=r < tl.where(role == ROLE_EMBEDDING, nrows, 0))
     tl.store(t_nan + ti, (tl.sum(nan, axis=0) > 0).to(tl.int32))
     n = tl.maximum(numel, 1).to(tl.float64)
     tl.store(t_rms + ti, tl.sqrt(tl.sum(sq, axis=0) / n).to(tl.float32))
