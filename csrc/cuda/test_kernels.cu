@@ -1,0 +1,400 @@
+// test_kernels.cu -- native test of the CUDA core against a host loop over sign_math.h.
+//
+// No torch, no framework: the host reference calls the same per-element functions the
+// functors call, so Lion and Simba must agree bit for bit (fp32, bf16 with stochastic
+// rounding, fp16), Tiger's momentum bit for bit and its θ to within the one-ulp effect of
+// a different fp64 summation order on the RMS. Cases: sizes around packs and chunks,
+// misaligned views, hundreds of tensors (several launches), mixed dtypes, grad scale,
+// found_inf, device lr, Tiger's NaN guard, accumulation window and roles.
+//
+// Exit codes: 0 pass, 1 failure, 77 no CUDA device (CTest SKIP_RETURN_CODE).
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "core/sign_math.h"
+#include "cuda/launch.h"
+
+namespace sk = sign_kernels;
+namespace skc = sign_kernels::cuda;
+
+namespace {
+
+int g_failures = 0;
+
+#define CHECK_CUDA(expr)                                                                      \
+  do {                                                                                        \
+    cudaError_t e_ = (expr);                                                                  \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d: %s -> %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+uint32_t next_u32() {
+  g_rng ^= g_rng << 13;
+  g_rng ^= g_rng >> 7;
+  g_rng ^= g_rng << 17;
+  return static_cast<uint32_t>(g_rng >> 11);
+}
+// Values with exact zeros, ties of m and g, and magnitudes over many binades.
+float next_value() {
+  const uint32_t r = next_u32();
+  if (r % 16 == 0) return 0.0f;
+  const float mant = 1.0f + static_cast<float>(r >> 9 & 0xFFFF) / 65536.0f;
+  const int exp = static_cast<int>(r >> 25 & 31) - 20;
+  return ((r & 1) ? -1.0f : 1.0f) * std::ldexp(mant, exp);
+}
+
+size_t dsize(skc::DType d) { return d == skc::DType::kFloat32 ? 4 : 2; }
+
+// Host storage of one tensor in any dtype, as raw bytes.
+struct HostTensor {
+  skc::DType dtype;
+  std::vector<unsigned char> bytes;
+  int64_t n;
+  HostTensor(skc::DType d, int64_t n_) : dtype(d), bytes(static_cast<size_t>(n_) * dsize(d)), n(n_) {}
+  float get(int64_t i) const {
+    switch (dtype) {
+      case skc::DType::kFloat32: { float v; std::memcpy(&v, &bytes[i * 4], 4); return v; }
+      case skc::DType::kBFloat16: { sk::bf16_t v; std::memcpy(&v, &bytes[i * 2], 2); return sk::to_f32(v); }
+      case skc::DType::kFloat16: { sk::fp16_t v; std::memcpy(&v, &bytes[i * 2], 2); return sk::to_f32(v); }
+      default: { int16_t v; std::memcpy(&v, &bytes[i * 2], 2); return v; }
+    }
+  }
+  int16_t get_i16(int64_t i) const { int16_t v; std::memcpy(&v, &bytes[i * 2], 2); return v; }
+  void set_i16(int64_t i, int16_t v) { std::memcpy(&bytes[i * 2], &v, 2); }
+  // Write with sign_math's store (RNE, or SR for bf16).
+  void put(int64_t i, float v, uint32_t key, bool sr) {
+    switch (dtype) {
+      case skc::DType::kFloat32: { float o; sk::store(&o, v, key, i, sr); std::memcpy(&bytes[i * 4], &o, 4); break; }
+      case skc::DType::kBFloat16: { sk::bf16_t o; sk::store(&o, v, key, i, sr); std::memcpy(&bytes[i * 2], &o, 2); break; }
+      case skc::DType::kFloat16: { sk::fp16_t o; sk::store(&o, v, key, i, sr); std::memcpy(&bytes[i * 2], &o, 2); break; }
+      default: set_i16(i, static_cast<int16_t>(v));
+    }
+  }
+};
+
+struct DeviceBuf {
+  unsigned char* base = nullptr;
+  unsigned char* ptr = nullptr;  // base + offset elements (misaligned views)
+  DeviceBuf(const HostTensor& h, int offset_elems) {
+    const size_t off = static_cast<size_t>(offset_elems) * dsize(h.dtype);
+    CHECK_CUDA(cudaMalloc(&base, h.bytes.size() + off + 16));
+    ptr = base + off;
+    CHECK_CUDA(cudaMemcpy(ptr, h.bytes.data(), h.bytes.size(), cudaMemcpyHostToDevice));
+  }
+  void fetch(HostTensor& h) const {
+    CHECK_CUDA(cudaMemcpy(h.bytes.data(), ptr, h.bytes.size(), cudaMemcpyDeviceToHost));
+  }
+  ~DeviceBuf() { cudaFree(base); }
+  DeviceBuf(const DeviceBuf&) = delete;
+  DeviceBuf& operator=(const DeviceBuf&) = delete;
+};
+
+enum class Algo { kLion, kTiger, kSimba };
+
+struct Case {
+  const char* name;
+  Algo algo;
+  skc::DType p, g, s;
+  std::vector<int64_t> sizes;
+  std::vector<int64_t> rows;   // Tiger: last-dim size per tensor (1 if absent)
+  std::vector<int64_t> roles;  // Tiger roles
+  int offset = 0;              // element offset of every device pointer (misaligned views)
+  bool sr = false;
+  bool scale = false;          // grad_scale = 4
+  bool found_inf = false;
+  bool device_lr = false;
+  int64_t step = 0;            // t of every tensor
+  int64_t accum = 1;           // Tiger k
+  int nan_tensor = -1;         // Tiger: put a NaN in this tensor's grad
+};
+
+// Host reference of one call on host copies.
+void reference(const Case& c, std::vector<HostTensor>& P, const std::vector<HostTensor>& G,
+               std::vector<HostTensor>& S, const std::vector<int64_t>& seeds) {
+  const float lr = 1e-2f, scale = c.scale ? 4.0f : 1.0f;
+  if (c.found_inf) return;
+  for (size_t i = 0; i < P.size(); ++i) {
+    const int64_t n = P[i].n;
+    const uint32_t seed = static_cast<uint32_t>(seeds[i]);
+    const uint32_t kp = sk::sr_key(seed, c.step, 0), ks = sk::sr_key(seed, c.step, 1);
+    auto grad = [&](int64_t j) { return G[i].get(j) / scale; };
+    if (c.algo == Algo::kLion) {
+      const sk::LionScalars sc = sk::lion_scalars(lr, 0.9f, 0.99f, 0.1f);
+      for (int64_t j = 0; j < n; ++j) {
+        float p = P[i].get(j), m = S[i].get(j);
+        sk::lion_update(p, m, grad(j), sc);
+        P[i].put(j, p, kp, c.sr);
+        S[i].put(j, m, ks, c.sr);
+      }
+    } else if (c.algo == Algo::kSimba) {
+      const sk::SimbaScalars sc = sk::simba_scalars(lr, 0.1f, 16, 4);
+      for (int64_t j = 0; j < n; ++j) {
+        float p = P[i].get(j);
+        int16_t cnt = S[i].get_i16(j);
+        sk::simba_update(p, cnt, grad(j), sc);
+        P[i].put(j, p, kp, c.sr);
+        S[i].set_i16(j, cnt);
+      }
+    } else {
+      const int role = static_cast<int>(c.roles[i]);
+      const sk::TigerScalars sc = sk::tiger_scalars(c.step, c.accum, 0.965f, 0.01f, 0.99f, role);
+      bool nan = false;
+      for (int64_t j = 0; j < n; ++j) nan |= std::isnan(grad(j));
+      if (nan) {
+        for (int64_t j = 0; j < n; ++j) {
+          float p = P[i].get(j);
+          sk::tiger_shrink(p, sc);
+          P[i].put(j, p, kp, c.sr);
+        }
+        continue;
+      }
+      const int64_t d = c.rows[i];
+      std::vector<float> rms(static_cast<size_t>(role == sk::kRoleEmbedding ? n / d : 1), 0.0f);
+      if (role == sk::kRoleMatrix) {
+        double acc = 0.0;
+        for (int64_t j = 0; j < n; ++j) acc += static_cast<double>(P[i].get(j)) * P[i].get(j);
+        rms[0] = static_cast<float>(std::sqrt(acc / static_cast<double>(n)));
+      } else if (role == sk::kRoleEmbedding) {
+        for (int64_t r = 0; r < n / d; ++r) {
+          double acc = 0.0;
+          for (int64_t j = r * d; j < (r + 1) * d; ++j) acc += static_cast<double>(P[i].get(j)) * P[i].get(j);
+          rms[r] = static_cast<float>(std::sqrt(acc / static_cast<double>(d)));
+        }
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        float p = P[i].get(j), m = S[i].get(j);
+        const float r = role == sk::kRoleEmbedding ? rms[j / d] : rms[0];
+        sk::tiger_update(p, m, grad(j), sk::tiger_lr(lr, role, r), sc);
+        if (sc.update) P[i].put(j, p, kp, c.sr);
+        S[i].put(j, m, ks, c.sr);
+      }
+    }
+  }
+}
+
+// Bitwise comparison (after canonicalising NaN); `tol` > 0 allows a relative error.
+int compare(const char* what, const char* name, size_t t, const HostTensor& want, const HostTensor& got, float tol) {
+  int bad = 0;
+  for (int64_t j = 0; j < want.n; ++j) {
+    const float a = want.get(j), b = got.get(j);
+    const bool same_bits = std::memcmp(&want.bytes[j * dsize(want.dtype)], &got.bytes[j * dsize(got.dtype)],
+                                       dsize(want.dtype)) == 0;
+    const bool ok = same_bits || (std::isnan(a) && std::isnan(b)) ||
+                    (tol > 0 && std::fabs(a - b) <= tol * std::fmax(std::fabs(a), 1e-30f));
+    if (!ok && bad++ < 3)
+      std::fprintf(stderr, "  %s: %s tensor %zu elem %lld: want %.9g got %.9g\n", name, what, t,
+                   static_cast<long long>(j), a, b);
+  }
+  return bad;
+}
+
+void run(const Case& c) {
+  const size_t nt = c.sizes.size();
+  std::vector<HostTensor> P, G, S;
+  std::vector<int64_t> seeds;
+  for (size_t i = 0; i < nt; ++i) {
+    const int64_t n = c.sizes[i];
+    P.emplace_back(c.p, n);
+    G.emplace_back(c.g, n);
+    S.emplace_back(c.s, n);
+    seeds.push_back(static_cast<int64_t>(sk::mix32(static_cast<uint32_t>(i) * 7919u + 1u)));
+    for (int64_t j = 0; j < n; ++j) {
+      P[i].put(j, next_value(), 0, false);
+      const float gv = next_value();
+      G[i].put(j, (next_u32() % 8 == 0) ? 0.0f : gv, 0, false);
+      if (c.s == skc::DType::kInt16) {
+        S[i].set_i16(j, static_cast<int16_t>(static_cast<int>(next_u32() % 33) - 16));
+      } else {
+        // m = -g exactly for some elements: c = b1 m + (1-b1) g is then tiny or zero.
+        S[i].put(j, (next_u32() % 8 == 0) ? -G[i].get(j) : next_value(), 0, false);
+      }
+    }
+    if (static_cast<int>(i) == c.nan_tensor && n > 0) G[i].put(n / 2, NAN, 0, false);
+  }
+
+  // Device copies.
+  std::vector<DeviceBuf*> dp, dg, ds;
+  std::vector<void*> pp, sp;
+  std::vector<const void*> gp;
+  std::vector<int64_t> numels(c.sizes);
+  for (size_t i = 0; i < nt; ++i) {
+    dp.push_back(new DeviceBuf(P[i], c.offset));
+    dg.push_back(new DeviceBuf(G[i], c.offset));
+    ds.push_back(new DeviceBuf(S[i], c.offset));
+    pp.push_back(dp.back()->ptr);
+    gp.push_back(dg.back()->ptr);
+    sp.push_back(ds.back()->ptr);
+  }
+  int64_t* d_steps;
+  float* d_scalars;  // lr, scale, found_inf
+  CHECK_CUDA(cudaMalloc(&d_steps, sizeof(int64_t) * (nt + 1)));
+  CHECK_CUDA(cudaMalloc(&d_scalars, sizeof(float) * 3));
+  std::vector<int64_t> h_steps(nt + 1, c.step);
+  const float h_scalars[3] = {1e-2f, 4.0f, c.found_inf ? 1.0f : 0.0f};
+  CHECK_CUDA(cudaMemcpy(d_steps, h_steps.data(), sizeof(int64_t) * (nt + 1), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d_scalars, h_scalars, sizeof(h_scalars), cudaMemcpyHostToDevice));
+  std::vector<const int64_t*> steps(nt);
+  for (size_t i = 0; i < nt; ++i) steps[i] = d_steps + i;
+
+  skc::TensorList tl;
+  tl.count = static_cast<int64_t>(nt);
+  tl.params = pp.data();
+  tl.grads = gp.data();
+  tl.states = sp.data();
+  tl.numels = numels.data();
+  tl.steps = steps.data();
+  tl.seeds = seeds.data();
+  tl.param_dtype = c.p;
+  tl.grad_dtype = c.g;
+  tl.state_dtype = c.s;
+  skc::Common common;
+  common.lr = c.device_lr ? 123.0f : 1e-2f;  // the device lr must win
+  common.lr_ptr = c.device_lr ? d_scalars : nullptr;
+  common.grad_scale = c.scale ? d_scalars + 1 : nullptr;
+  common.found_inf = c.found_inf ? d_scalars + 2 : nullptr;
+  common.stochastic_rounding = c.sr;
+
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreate(&stream));
+  void* ws = nullptr;
+  if (c.algo == Algo::kLion) {
+    skc::LionArgs a;
+    a.common = common;
+    a.beta1 = 0.9f;
+    a.beta2 = 0.99f;
+    a.weight_decay = 0.1f;
+    CHECK_CUDA(skc::lion(tl, a, stream));
+  } else if (c.algo == Algo::kSimba) {
+    skc::SimbaArgs a;
+    a.common = common;
+    a.window_size = 16;
+    a.threshold_count = 4;
+    a.weight_decay = 0.1f;
+    CHECK_CUDA(skc::simba(tl, a, stream));
+  } else {
+    skc::TigerArgs a;
+    a.common = common;
+    a.beta = 0.965f;
+    a.weight_decay = 0.01f;
+    a.shrink_ratio = 0.99f;
+    a.grad_accum_steps = c.accum;
+    a.roles = c.roles.data();
+    a.row_sizes = c.rows.data();
+    a.workspace_bytes = skc::tiger_workspace_bytes(tl, a);
+    CHECK_CUDA(cudaMalloc(&ws, a.workspace_bytes));
+    CHECK_CUDA(cudaMemset(ws, 0xFF, a.workspace_bytes));  // the kernels must not rely on zeros
+    a.workspace = ws;
+    CHECK_CUDA(skc::tiger(tl, a, stream));
+  }
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+
+  reference(c, P, G, S, seeds);
+  int bad = 0;
+  for (size_t i = 0; i < nt; ++i) {
+    HostTensor gotp(c.p, c.sizes[i]), gots(c.s, c.sizes[i]);
+    dp[i]->fetch(gotp);
+    ds[i]->fetch(gots);
+    bad += compare("param", c.name, i, P[i], gotp, c.algo == Algo::kTiger ? 2e-6f : 0.0f);
+    bad += compare("state", c.name, i, S[i], gots, 0.0f);
+  }
+  std::printf("%-40s %s (%zu tensors)\n", c.name, bad ? "FAIL" : "ok", nt);
+  g_failures += bad != 0;
+
+  for (size_t i = 0; i < nt; ++i) {
+    delete dp[i];
+    delete dg[i];
+    delete ds[i];
+  }
+  cudaFree(d_steps);
+  cudaFree(d_scalars);
+  if (ws) cudaFree(ws);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+
+int main() {
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+    std::printf("no CUDA device: skipped\n");
+    return 77;
+  }
+  using D = skc::DType;
+  const std::vector<int64_t> edge = {1, 3, 8, 9, 4095, 4097, 65535, 65536, 65537, 131072 + 5};
+  std::vector<int64_t> many(300);
+  for (size_t i = 0; i < many.size(); ++i) many[i] = 1 + static_cast<int64_t>(next_u32() % 3000);
+
+  std::vector<Case> cases;
+  auto add = [&](Case c) { cases.push_back(c); };
+  // Lion over every dtype combination.
+  const D pd[] = {D::kFloat32, D::kBFloat16, D::kFloat16};
+  for (D p : pd)
+    for (D g : {p, D::kFloat32})
+      for (D s : {p, D::kFloat32, D::kBFloat16}) {
+        if (p == D::kFloat32 && g != p) continue;
+        Case c{"lion", Algo::kLion, p, g, s, edge};
+        c.sr = true;
+        add(c);
+      }
+  { Case c{"lion misaligned", Algo::kLion, D::kBFloat16, D::kFloat32, D::kFloat32, edge}; c.offset = 1; c.sr = true; add(c); }
+  { Case c{"lion many tensors", Algo::kLion, D::kFloat32, D::kFloat32, D::kFloat32, many}; add(c); }
+  { Case c{"lion scale + device lr", Algo::kLion, D::kFloat32, D::kFloat32, D::kFloat32, edge}; c.scale = true; c.device_lr = true; add(c); }
+  { Case c{"lion found_inf", Algo::kLion, D::kFloat32, D::kFloat32, D::kFloat32, edge}; c.found_inf = true; add(c); }
+  // Simba.
+  for (D p : pd)
+    for (D g : {p, D::kFloat32}) {
+      if (p == D::kFloat32 && g != p) continue;
+      Case c{"simba", Algo::kSimba, p, g, D::kInt16, edge};
+      c.sr = true;
+      add(c);
+    }
+  { Case c{"simba misaligned", Algo::kSimba, D::kFloat16, D::kFloat16, D::kInt16, edge}; c.offset = 3; add(c); }
+  // Tiger: every role, row sizes small and large, NaN guard, accumulation window.
+  {
+    Case base{"tiger", Algo::kTiger, D::kFloat32, D::kFloat32, D::kFloat32,
+              {7, 4097, 64 * 1000, 3 * 5000, 200003, 10, 65537 * 2}};
+    base.rows = {7, 4097, 64, 5000, 200003, 1, 65537};
+    base.roles = {0, 1, 2, 2, 3, 3, 3};
+    for (D p : pd)
+      for (D s : {p, D::kFloat32, D::kBFloat16}) {
+        Case c = base;
+        c.p = p;
+        c.g = p;
+        c.s = s;
+        c.sr = true;
+        add(c);
+      }
+    Case c = base;
+    c.name = "tiger nan guard + scale";
+    c.nan_tensor = 4;
+    c.scale = true;
+    add(c);
+    c = base;
+    c.name = "tiger accumulation t=0 k=4";
+    c.accum = 4;
+    add(c);
+    c = base;
+    c.name = "tiger accumulation t=3 k=4 misaligned";
+    c.accum = 4;
+    c.step = 3;
+    c.offset = 1;
+    c.p = D::kBFloat16;
+    c.g = D::kFloat32;
+    add(c);
+    c = base;
+    c.name = "tiger found_inf";
+    c.found_inf = true;
+    add(c);
+  }
+  for (const Case& c : cases) run(c);
+  std::printf("%s\n", g_failures ? "FAILED" : "all passed");
+  return g_failures ? 1 : 0;
+}
