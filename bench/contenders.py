@@ -1,0 +1,254 @@
+"""Contenders: how to build each optimizer the harness times, and whether it can run here.
+
+A contender is a factory plus an availability check. Availability never raises: a
+missing package or device is a reason string, and the row reads "skipped: <reason>".
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .accounting import DtypeSetting
+
+Factory = Callable[[Sequence[torch.Tensor], DtypeSetting], torch.optim.Optimizer]
+
+OURS = ("lion", "tiger", "simba")
+ADAMW = ("adamw-fused", "adamw-foreach")
+BASELINE = "adamw-fused"
+
+
+@dataclass
+class Contender:
+    key: str  # stable id: "lion[cpu]", "adamw-fused", "peer:lion-pytorch"
+    label: str  # what the table shows
+    algo: str  # byte model: lion, tiger, simba, adamw
+    backend: str  # our backend name, "fused"/"foreach" for AdamW, the peer's mode
+    make: Factory
+    group: str  # "ours", "adamw", "peer"
+    dtypes: Sequence[str] = ("fp32", "bf16")
+    # None when it can run on `device`; otherwise why not.
+    unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+    # True when the state layout is not the algorithm's plain one (bytes from the state held)
+    measured_state: bool = False
+    notes: str = ""
+
+    def supports(self, dtype_name: str) -> bool:
+        return dtype_name in self.dtypes
+
+
+def module_missing(name: str) -> Optional[str]:
+    """None if `name` imports, else a one-line reason."""
+    try:
+        if importlib.util.find_spec(name) is None:
+            return f"{name} not installed"
+    except (ImportError, ValueError) as exc:
+        return f"{name} not importable: {exc}"
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # a broken install is a skip reason, not a crash
+        return f"{name} import failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def _needs_cuda(device: torch.device) -> Optional[str]:
+    return None if device.type == "cuda" else "needs a CUDA device"
+
+
+def _both(*checks: Callable[[torch.device], Optional[str]]) -> Callable[[torch.device], Optional[str]]:
+    def check(device: torch.device) -> Optional[str]:
+        for c in checks:
+            reason = c(device)
+            if reason:
+                return reason
+        return None
+
+    return check
+
+
+def _module(name: str) -> Callable[[torch.device], Optional[str]]:
+    return lambda device: module_missing(name)
+
+
+# ---- ours ------------------------------------------------------------------------------------
+
+DEVICE_BACKENDS = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def sign_kernels_backends() -> Dict[str, Optional[str]]:
+    """sign_kernels.available_backends(), or every backend marked with the import error."""
+    reason = module_missing("sign_kernels")
+    if reason:
+        return {b: reason for b in ("cuda", "triton", "cpu", "reference")}
+    import sign_kernels
+
+    return dict(sign_kernels.available_backends())
+
+
+def select_backends(device: torch.device, which: str) -> List[str]:
+    """Backends to time on `device`: 'best' (the first usable in speed order), 'all', or a list."""
+    order = DEVICE_BACKENDS.get(device.type, ("reference",))
+    if which not in ("best", "all"):
+        return [b.strip() for b in which.split(",") if b.strip()]
+    avail = sign_kernels_backends()
+    usable = [b for b in order if avail.get(b, "unknown backend") is None]
+    if which == "all":
+        return list(order)  # unusable ones become "skipped" rows with the library's reason
+    return usable[:1] or [order[0]]
+
+
+def _ours(algo: str, backend: str) -> Contender:
+    cls_name = algo.capitalize()
+
+    def make(params, ds: DtypeSetting):
+        import sign_kernels
+
+        cls = getattr(sign_kernels, cls_name)
+        kwargs = dict(backend=backend)
+        if algo != "simba":
+            kwargs["momentum_dtype"] = ds.momentum
+        return cls(params, **kwargs)
+
+    def unavailable(device: torch.device) -> Optional[str]:
+        avail = sign_kernels_backends()
+        if backend not in avail:
+            return f"sign_kernels has no backend {backend!r}"
+        if avail[backend] is not None:
+            return f"backend {backend}: {avail[backend]}"
+        if backend not in DEVICE_BACKENDS.get(device.type, ()):
+            return f"backend {backend} does not run {device.type} tensors"
+        return None
+
+    return Contender(
+        key=f"{algo}[{backend}]",
+        label=cls_name,
+        algo=algo,
+        backend=backend,
+        make=make,
+        group="ours",
+        dtypes=("fp32", "bf16") if algo == "simba" else ("fp32", "bf16", "bf16-fp32m"),
+        unavailable=unavailable,
+    )
+
+
+# ---- torch AdamW, the baseline -------------------------------------------------------------
+
+
+def _adamw(mode: str) -> Contender:
+    def make(params, ds: DtypeSetting):
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, **{mode: True})
+
+    return Contender(
+        key=f"adamw-{mode}", label="AdamW", algo="adamw", backend=mode, make=make, group="adamw"
+    )
+
+
+# ---- peers ------------------------------------------------------------------------------------
+
+
+def _peers() -> List[Contender]:
+    def lion_pytorch(use_triton: bool) -> Factory:
+        def make(params, ds):
+            from lion_pytorch import Lion
+
+            return Lion(params, lr=1e-4, use_triton=use_triton)
+
+        return make
+
+    def optimi_lion(params, ds):
+        from optimi import Lion
+
+        return Lion(params, lr=1e-4)
+
+    def timm_lion(params, ds):
+        from timm.optim import Lion
+
+        return Lion(params, lr=1e-4)
+
+    def po(name: str, lr: float) -> Factory:
+        def make(params, ds):
+            import pytorch_optimizer
+
+            return getattr(pytorch_optimizer, name)(params, lr=lr)
+
+        return make
+
+    def bnb_lion(bits: int) -> Factory:
+        def make(params, ds):
+            import bitsandbytes as bnb
+
+            return bnb.optim.Lion(params, lr=1e-4, optim_bits=bits)
+
+        return make
+
+    def deepspeed_lion(params, ds):
+        from deepspeed.ops.lion import FusedLion
+
+        return FusedLion(params, lr=1e-4)
+
+    def triton_missing(device):
+        return module_missing("triton")
+
+    return [
+        Contender("peer:lion-pytorch", "lion-pytorch Lion", "lion", "torch", lion_pytorch(False),
+                  "peer", unavailable=_module("lion_pytorch")),
+        Contender("peer:lion-pytorch-triton", "lion-pytorch Lion", "lion", "triton",
+                  lion_pytorch(True), "peer",
+                  unavailable=_both(_module("lion_pytorch"), _needs_cuda, triton_missing)),
+        Contender("peer:optimi-lion", "optimi Lion", "lion", "torch", optimi_lion, "peer",
+                  unavailable=_module("optimi"), measured_state=True,
+                  notes="torch-optimi defaults: Kahan summation buffer for low-precision params"),
+        Contender("peer:timm-lion", "timm Lion", "lion", "torch", timm_lion, "peer",
+                  unavailable=_module("timm")),
+        Contender("peer:pytorch-optimizer-lion", "pytorch-optimizer Lion", "lion", "torch",
+                  po("Lion", 1e-4), "peer", unavailable=_module("pytorch_optimizer")),
+        Contender("peer:pytorch-optimizer-tiger", "pytorch-optimizer Tiger", "tiger", "torch",
+                  po("Tiger", 1e-3), "peer", unavailable=_module("pytorch_optimizer")),
+        Contender("peer:bnb-lion32", "bitsandbytes Lion 32-bit", "lion", "bnb", bnb_lion(32),
+                  "peer", unavailable=_module("bitsandbytes"), measured_state=True),
+        Contender("peer:bnb-lion8", "bitsandbytes Lion 8-bit", "lion", "bnb", bnb_lion(8),
+                  "peer", unavailable=_module("bitsandbytes"), measured_state=True),
+        Contender("peer:deepspeed-fusedlion", "DeepSpeed FusedLion", "lion", "cuda",
+                  deepspeed_lion, "peer",
+                  unavailable=_both(_needs_cuda, _module("deepspeed"))),
+    ]
+
+
+PEER_KEYS = tuple(c.key for c in _peers())
+
+
+def all_contenders(device: torch.device, backends: str = "best") -> List[Contender]:
+    out = [_ours(algo, b) for algo in OURS for b in select_backends(device, backends)]
+    out += [_adamw("fused"), _adamw("foreach")]
+    out += _peers()
+    return out
+
+
+def select(device: torch.device, names: str, backends: str = "best") -> List[Contender]:
+    """Contenders by comma-separated names: groups (ours, adamw, peers, all), algorithms
+    (lion, tiger, simba), AdamW modes (adamw-fused, adamw-foreach), peer keys (lion-pytorch,
+    peer:optimi-lion, ...). Fused AdamW, the baseline of every ratio, is always included."""
+    pool = all_contenders(device, backends)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    picked: List[Contender] = []
+    for name in wanted:
+        if name == "all":
+            match = pool
+        elif name in ("ours", "adamw", "peers"):
+            group = {"ours": "ours", "adamw": "adamw", "peers": "peer"}[name]
+            match = [c for c in pool if c.group == group]
+        elif name in OURS:
+            match = [c for c in pool if c.group == "ours" and c.algo == name]
+        else:
+            key = name if name.startswith(("peer:", "adamw-")) or "[" in name else f"peer:{name}"
+            match = [c for c in pool if c.key == key]
+            if not match:
+                raise ValueError(f"unknown contender {name!r}; known: {[c.key for c in pool]}")
+        picked += [c for c in match if c not in picked]
+    if not any(c.key == BASELINE for c in picked):
+        picked.append(next(c for c in pool if c.key == BASELINE))
+    return picked

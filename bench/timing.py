@@ -1,0 +1,207 @@
+"""Timing primitives: the workspace (params + gradients), the step timer, the bandwidth
+ceiling, and the launch counter.
+
+NOTE: [timed region] Only ``optimizer.step()`` is inside the timed region. Before each
+timed step the gradients are refilled with new random values (never zeros, never the
+same twice in a row) and, on CUDA, the device is synchronised, so the step's time
+includes its own launch overhead and nothing queued before it. CPU steps are timed with
+``time.perf_counter`` (CPU kernels are synchronous); CUDA steps with CUDA events
+recorded around the step, read after one synchronize at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .accounting import DtypeSetting
+from .paramsets import ParamSet
+
+ALIGN = 64  # elements: every gradient view starts 256-byte aligned (fp32), 128 (bf16)
+
+
+class Workspace:
+    """The parameters and gradients of one (parameter set, dtype setting), shared by every
+    contender timed on it; each contender gets a fresh optimizer (fresh state).
+
+    Parameters are separate allocations, as in a model. Gradients are views of one flat
+    buffer, so one kernel refills them all between steps:
+
+    * ``fresh``: ``normal_`` over the buffer (CUDA default: the RNG runs at bandwidth);
+    * ``mix``: ``grad = A + α·B`` with A, B two random pools made once and α a new random
+      scalar of random sign each step (CPU default: a CPU ``normal_`` of 124M elements
+      takes ~0.6 s on 2 cores, the mix ~0.04 s). Every step's gradient differs from the
+      last, elementwise signs included.
+    """
+
+    def __init__(self, pset: ParamSet, ds: DtypeSetting, device: torch.device,
+                 grad_mode: str = "auto", seed: int = 0):
+        if grad_mode == "auto":
+            grad_mode = "fresh" if device.type == "cuda" else "mix"
+        if grad_mode not in ("fresh", "mix"):
+            raise ValueError(f"grad_mode must be fresh, mix or auto, not {grad_mode!r}")
+        self.pset, self.ds, self.device, self.grad_mode = pset, ds, device, grad_mode
+        self._rng = random.Random(seed)
+        self._gen = torch.Generator(device=device)
+        self._gen.manual_seed(seed)
+        offsets, total = [], 0
+        for n in pset.numels:
+            offsets.append(total)
+            total += -(-n // ALIGN) * ALIGN
+        self.grad_flat = torch.empty(total, dtype=ds.grad, device=device)
+        self.pool = None
+        if grad_mode == "mix":
+            self.pool = tuple(
+                torch.randn(total, generator=self._gen, dtype=ds.grad, device=device) for _ in range(2)
+            )
+        self.params: List[torch.nn.Parameter] = []
+        for (name, shape), off, n in zip(pset.tensors, offsets, pset.numels):
+            p = torch.nn.Parameter(torch.empty(shape, dtype=ds.param, device=device))
+            with torch.no_grad():
+                if self.pool is not None:
+                    p.copy_(self.pool[0][off:off + n].view(shape)).mul_(0.02)
+                else:
+                    p.normal_(0.0, 0.02, generator=self._gen)
+            p.grad = self.grad_flat[off:off + n].view(shape)
+            self.params.append(p)
+        self.refill()
+
+    def refill(self) -> None:
+        """New random gradients in place (outside the timed region)."""
+        with torch.no_grad():
+            if self.pool is None:
+                self.grad_flat.normal_(generator=self._gen)
+            else:
+                alpha = self._rng.uniform(0.25, 4.0) * self._rng.choice((-1.0, 1.0))
+                torch.add(self.pool[0], self.pool[1], alpha=alpha, out=self.grad_flat)
+
+    def nbytes(self) -> int:
+        t = sum(p.numel() * p.element_size() for p in self.params)
+        t += self.grad_flat.numel() * self.grad_flat.element_size()
+        if self.pool is not None:
+            t += 2 * self.grad_flat.numel() * self.grad_flat.element_size()
+        return t
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str, enabled: bool):
+    if enabled:
+        torch.cuda.nvtx.range_push(name)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.cuda.nvtx.range_pop()
+
+
+@dataclass
+class Timing:
+    ms: List[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ms)
+
+    def percentile(self, q: float) -> float:
+        """Linear-interpolated percentile, q in [0, 100]."""
+        xs = sorted(self.ms)
+        if len(xs) == 1:
+            return xs[0]
+        pos = (len(xs) - 1) * q / 100.0
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def time_steps(step: Callable[[], object], refill: Callable[[], None], device: torch.device, *,
+               warmup: int, steps: int, nvtx: bool = False, label: str = "step") -> Timing:
+    """Per-step times in ms of `step`, each after a `refill` (NOTE: [timed region])."""
+    nvtx = nvtx and device.type == "cuda"
+    for i in range(warmup):
+        refill()
+        with nvtx_range(f"{label} warmup {i}", nvtx):
+            step()
+    synchronize(device)
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+        for i in range(steps):
+            with nvtx_range("grad refill", nvtx):
+                refill()
+            torch.cuda.synchronize(device)
+            with nvtx_range(f"{label} step {i}", nvtx):
+                starts[i].record()
+                step()
+                ends[i].record()
+        torch.cuda.synchronize(device)
+        return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)])
+    ms = []
+    for _ in range(steps):
+        refill()
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        ms.append((t1 - t0) * 1e3)
+    return Timing(ms)
+
+
+def measure_ceiling(nbytes: int, device: torch.device, reps: int = 10) -> Dict[str, float]:
+    """Achievable bandwidth (GB/s) for passes that move `nbytes` in total.
+
+    * ``mul``: in-place ``x.mul_(1.0)`` over an fp32 buffer of nbytes/2 (read + write
+      the same buffer, like an optimizer's in-place update);
+    * ``copy``: ``dst.copy_(src)``, each nbytes/2 (a device-to-device copy on CUDA).
+
+    ``ceiling`` is the faster of the two; each is the median of at least `reps` timed passes
+    (more for small buffers) after a warm pass.
+    """
+    n = max(1, nbytes // 8)  # fp32 elements in a buffer of nbytes/2
+    moved = 8 * n
+    out: Dict[str, float] = {"bytes": moved}
+    x = torch.ones(n, dtype=torch.float32, device=device)
+    y = torch.zeros(n, dtype=torch.float32, device=device)
+
+    def run(fn) -> float:
+        # small buffers: more passes, so the median is not one timer tick (>= ~0.2 s in all)
+        first = time_steps(fn, lambda: None, device, warmup=1, steps=1).median
+        n_reps = min(1000, max(reps, int(200.0 / max(first, 1e-3))))
+        return time_steps(fn, lambda: None, device, warmup=1, steps=n_reps).median
+
+    out["mul_gbps"] = moved / (run(lambda: x.mul_(1.0)) * 1e-3) / 1e9
+    out["copy_gbps"] = moved / (run(lambda: y.copy_(x)) * 1e-3) / 1e9
+    del x, y
+    out["ceiling_gbps"] = max(out["mul_gbps"], out["copy_gbps"])
+    return out
+
+
+_LAUNCH_EVENTS = {
+    "cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+    "cudaLaunchCooperativeKernel", "cudaGraphLaunch",
+}
+
+
+def count_launches(step: Callable[[], object], refill: Callable[[], None],
+                   device: torch.device) -> Optional[int]:
+    """Kernel launches in one step, from torch.profiler's CUDA runtime/driver API events.
+    None on CPU (no launches to count)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    refill()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize(device)
+    return sum(1 for e in prof.events() if e.name in _LAUNCH_EVENTS)
