@@ -1,0 +1,75 @@
+// sign_cpu.h -- the framework-free CPU executor of Lion, Tiger and Simba.
+//
+// One call updates a list of tensors that share dtypes (the optimizer groups them):
+// the work is cut into chunks of whole tensors and spread over OpenMP threads, and each
+// chunk is one vectorizable loop that reads every buffer once and writes it once.
+// The math is csrc/core/sign_math.h.
+#pragma once
+
+#include <cstdint>
+
+namespace sign_kernels {
+namespace cpu {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt16 = 3 };
+
+// The tensors of one call. Pointer arrays have `count` entries; tensor i has
+// numels[i] contiguous elements. `steps[i]` is its step count t before this call.
+struct TensorList {
+  int64_t count = 0;
+  void* const* params = nullptr;
+  const void* const* grads = nullptr;
+  void* const* states = nullptr;  // exp_avg (Lion, Tiger) or sign_counts (Simba)
+  const int64_t* numels = nullptr;
+  const int64_t* steps = nullptr;
+  const uint32_t* seeds = nullptr;  // stochastic-rounding seed of each tensor
+  DType param_dtype = DType::kFloat32;
+  DType grad_dtype = DType::kFloat32;
+  DType state_dtype = DType::kFloat32;
+};
+
+// Shared by the three ops: gradient unscaling and stochastic rounding.
+struct Common {
+  float lr = 0.0f;
+  bool has_grad_scale = false;
+  float grad_scale = 1.0f;  // g is divided by it when has_grad_scale
+  bool stochastic_rounding = false;
+};
+
+struct LionArgs {
+  Common common;
+  float beta1 = 0.9f, beta2 = 0.99f, weight_decay = 0.0f;
+};
+
+struct TigerArgs {
+  Common common;
+  float beta = 0.965f, weight_decay = 0.01f, shrink_ratio = 0.99f;
+  int64_t grad_accum_steps = 1;
+  const int32_t* roles = nullptr;      // TigerRole of each tensor
+  const int64_t* row_sizes = nullptr;  // last-dim size of each tensor (embedding rows)
+};
+
+struct SimbaArgs {
+  Common common;
+  int32_t window_size = 128, threshold_count = 12;
+  float weight_decay = 0.0f;
+};
+
+// Each returns nullptr on success, or a static message naming the unsupported
+// dtype combination (nothing is written then).
+const char* lion_step(const TensorList& t, const LionArgs& a);
+const char* tiger_step(const TensorList& t, const TigerArgs& a);
+const char* simba_step(const TensorList& t, const SimbaArgs& a);
+
+// Parallel loops. By default the core uses its own OpenMP threads; a host framework
+// can hand in its thread pool instead (the torch binding passes at::parallel_for, so
+// torch.set_num_threads governs the kernels and only one OpenMP runtime is active).
+// The hook must call body(ctx, b, e) over disjoint [b, e) covering [0, n).
+using ParallelFor = void (*)(int64_t n, void* ctx, void (*body)(void* ctx, int64_t begin, int64_t end));
+void set_parallel_for(ParallelFor fn);
+
+// Elements per work chunk (a multiple of 64 so chunk starts stay 256-byte aligned).
+constexpr int64_t kChunkElems = 1 << 16;
+
+}  // namespace cpu
+}  // namespace sign_kernels

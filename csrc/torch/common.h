@@ -1,0 +1,90 @@
+// common.h -- argument checks shared by the CPU and CUDA torch bindings.
+//
+// The Python optimizers group tensors correctly before calling an op; these checks
+// refuse whatever they should never send (STYLE.md: group in Python, check in C++),
+// with a message naming the op, the list, the tensor index and the rule.
+#pragma once
+
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sign_kernels {
+namespace binding {
+
+inline int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    case at::kShort: return 3;
+    default: return -1;
+  }
+}
+
+// Checks the parallel lists of one call and returns their common dtypes.
+struct ListInfo {
+  at::ScalarType param, grad, state;
+};
+
+inline ListInfo check_lists(const char* op, at::TensorList params, at::TensorList grads, at::TensorList states,
+                            at::TensorList steps, c10::IntArrayRef seeds, c10::DeviceType device_type,
+                            bool counters) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(states.size()) == n &&
+                  static_cast<int64_t>(steps.size()) == n && static_cast<int64_t>(seeds.size()) == n,
+              op, ": params, grads, state, steps and seeds must have the same length, got ", n, ", ", grads.size(),
+              ", ", states.size(), ", ", steps.size(), ", ", seeds.size());
+  ListInfo info{at::kFloat, at::kFloat, counters ? at::kShort : at::kFloat};
+  if (n == 0) return info;
+  info = {params[0].scalar_type(), grads[0].scalar_type(), states[0].scalar_type()};
+  const c10::Device device = params[0].device();
+  TORCH_CHECK(device.type() == device_type, op, ": params[0] is on ", device, ", this kernel takes ",
+              c10::DeviceTypeName(device_type), " tensors");
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const at::Tensor& s = states[i];
+    const at::Tensor& t = steps[i];
+    TORCH_CHECK(p.device() == device && g.device() == device && s.device() == device, op, ": tensor ", i,
+                ": params, grads and state must all be on ", device, " (got ", p.device(), ", ", g.device(), ", ",
+                s.device(), ")");
+    TORCH_CHECK(p.scalar_type() == info.param && g.scalar_type() == info.grad && s.scalar_type() == info.state, op,
+                ": tensor ", i, ": all params, all grads and all state tensors of one call must share a dtype (",
+                info.param, "/", info.grad, "/", info.state, "), got ", p.scalar_type(), "/", g.scalar_type(), "/",
+                s.scalar_type());
+    TORCH_CHECK(g.sizes() == p.sizes() && s.sizes() == p.sizes(), op, ": tensor ", i, ": param shape ", p.sizes(),
+                ", grad shape ", g.sizes(), " and state shape ", s.sizes(), " must be equal");
+    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && s.is_contiguous(), op, ": tensor ", i,
+                ": params, grads and state must be contiguous");
+    TORCH_CHECK(!p.is_sparse() && !g.is_sparse(), op, ": tensor ", i, ": sparse tensors are not supported");
+    TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kLong, op, ": steps[", i,
+                "] must be a 1-element int64 tensor, got ", t.scalar_type(), " of ", t.numel(), " elements");
+    TORCH_CHECK(seeds[i] >= 0 && seeds[i] <= 0xFFFFFFFFLL, op, ": seeds[", i, "] must be in [0, 2^32), got ",
+                seeds[i]);
+  }
+  const bool fused_param = info.param == at::kFloat || info.param == at::kBFloat16 || info.param == at::kHalf;
+  const bool grad_ok = info.grad == info.param || info.grad == at::kFloat;
+  const bool state_ok = counters ? info.state == at::kShort
+                                 : (info.state == info.param || info.state == at::kFloat || info.state == at::kBFloat16);
+  TORCH_CHECK(fused_param && grad_ok && state_ok, op, ": unsupported dtypes (param ", info.param, ", grad ",
+              info.grad, ", state ", info.state,
+              "): params float32/bfloat16/float16, grads the param dtype or float32, ",
+              counters ? "int16 counters" : "state the param dtype, float32 or bfloat16");
+  return info;
+}
+
+inline void check_scalar(const char* op, const char* name, const c10::optional<at::Tensor>& t, c10::Device device,
+                         bool same_device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must hold one element, got ", t->numel());
+  TORCH_CHECK(t->is_floating_point(), op, ": ", name, " must be floating point, got ", t->scalar_type());
+  if (same_device)
+    TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), ", the params on ", device);
+}
+
+}  // namespace binding
+}  // namespace sign_kernels

@@ -1,0 +1,155 @@
+// cpu_ops.cpp -- the CPU implementations of torch.ops.sign_kernels.{lion_,tiger_,simba_}.
+// The schemas are declared once, in sign_kernels/_ops.py.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../core/sign_math.h"
+#include "../cpu/sign_cpu.h"
+#include "common.h"
+
+namespace sign_kernels {
+namespace {
+
+using binding::check_lists;
+using binding::check_scalar;
+
+// Host views of one call's tensors (the core takes raw pointers).
+struct HostLists {
+  std::vector<void*> params, states;
+  std::vector<const void*> grads;
+  std::vector<int64_t> numels, steps;
+  std::vector<uint32_t> seeds;
+  cpu::TensorList list;
+
+  HostLists(at::TensorList p, at::TensorList g, at::TensorList s, at::TensorList st, c10::IntArrayRef sd,
+            const binding::ListInfo& info) {
+    const size_t n = p.size();
+    params.resize(n);
+    states.resize(n);
+    grads.resize(n);
+    numels.resize(n);
+    steps.resize(n);
+    seeds.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      params[i] = p[i].data_ptr();
+      grads[i] = g[i].data_ptr();
+      states[i] = s[i].data_ptr();
+      numels[i] = p[i].numel();
+      steps[i] = st[i].item<int64_t>();  // a CPU scalar: no synchronisation
+      seeds[i] = static_cast<uint32_t>(sd[i]);
+    }
+    list.count = static_cast<int64_t>(n);
+    list.params = params.data();
+    list.grads = grads.data();
+    list.states = states.data();
+    list.numels = numels.data();
+    list.steps = steps.data();
+    list.seeds = seeds.data();
+    list.param_dtype = static_cast<cpu::DType>(binding::dtype_code(info.param));
+    list.grad_dtype = static_cast<cpu::DType>(binding::dtype_code(info.grad));
+    list.state_dtype = static_cast<cpu::DType>(binding::dtype_code(info.state));
+  }
+};
+
+// Fills the arguments every op shares; returns false when GradScaler found an inf
+// (the step is skipped and nothing is written).
+bool common_args(const char* op, cpu::Common& c, double lr, const c10::optional<at::Tensor>& lr_t,
+                 const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+                 bool stochastic_rounding) {
+  const c10::Device cpu_device(c10::kCPU);
+  check_scalar(op, "lr_t", lr_t, cpu_device, true);
+  check_scalar(op, "grad_scale", grad_scale, cpu_device, true);
+  check_scalar(op, "found_inf", found_inf, cpu_device, true);
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return false;
+  c.lr = lr_t.has_value() ? lr_t->item<float>() : static_cast<float>(lr);
+  c.has_grad_scale = grad_scale.has_value();
+  c.grad_scale = c.has_grad_scale ? grad_scale->item<float>() : 1.0f;
+  c.stochastic_rounding = stochastic_rounding;
+  return true;
+}
+
+void lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList steps, double lr,
+              const c10::optional<at::Tensor>& lr_t, double beta1, double beta2, double weight_decay,
+              const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+              c10::IntArrayRef seeds, bool stochastic_rounding) {
+  const auto info = check_lists("lion_", params, grads, exp_avgs, steps, seeds, c10::kCPU, false);
+  cpu::LionArgs a;
+  if (!common_args("lion_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) return;
+  a.beta1 = static_cast<float>(beta1);
+  a.beta2 = static_cast<float>(beta2);
+  a.weight_decay = static_cast<float>(weight_decay);
+  HostLists h(params, grads, exp_avgs, steps, seeds, info);
+  const char* err = cpu::lion_step(h.list, a);
+  TORCH_CHECK(err == nullptr, "lion_: ", err);
+}
+
+void tiger_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList steps,
+               c10::IntArrayRef roles, double lr, const c10::optional<at::Tensor>& lr_t, double beta,
+               double weight_decay, int64_t grad_accum_steps, double shrink_ratio,
+               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+               c10::IntArrayRef seeds, bool stochastic_rounding) {
+  const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCPU, false);
+  TORCH_CHECK(roles.size() == params.size(), "tiger_: roles must have one entry per param, got ", roles.size(),
+              " for ", params.size());
+  TORCH_CHECK(grad_accum_steps >= 1, "tiger_: grad_accum_steps must be >= 1, got ", grad_accum_steps);
+  std::vector<int32_t> role32(roles.size());
+  std::vector<int64_t> rows(roles.size());
+  for (size_t i = 0; i < roles.size(); ++i) {
+    TORCH_CHECK(roles[i] >= kRoleElementwise && roles[i] <= kRoleMatrix, "tiger_: roles[", i,
+                "] must be 0 (elementwise), 1 (gain), 2 (embedding) or 3 (matrix), got ", roles[i]);
+    TORCH_CHECK(roles[i] != kRoleEmbedding || params[i].dim() >= 2, "tiger_: roles[", i,
+                "] is embedding but the param has ", params[i].dim(), " dims");
+    role32[i] = static_cast<int32_t>(roles[i]);
+    rows[i] = params[i].dim() > 0 ? params[i].size(-1) : 1;
+  }
+  cpu::TigerArgs a;
+  if (!common_args("tiger_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) return;
+  a.beta = static_cast<float>(beta);
+  a.weight_decay = static_cast<float>(weight_decay);
+  a.shrink_ratio = static_cast<float>(shrink_ratio);
+  a.grad_accum_steps = grad_accum_steps;
+  a.roles = role32.data();
+  a.row_sizes = rows.data();
+  HostLists h(params, grads, exp_avgs, steps, seeds, info);
+  const char* err = cpu::tiger_step(h.list, a);
+  TORCH_CHECK(err == nullptr, "tiger_: ", err);
+}
+
+void simba_cpu(at::TensorList params, at::TensorList grads, at::TensorList sign_counts, at::TensorList steps,
+               double lr, const c10::optional<at::Tensor>& lr_t, int64_t window_size, int64_t threshold_count,
+               double weight_decay, const c10::optional<at::Tensor>& grad_scale,
+               const c10::optional<at::Tensor>& found_inf, c10::IntArrayRef seeds, bool stochastic_rounding) {
+  const auto info = check_lists("simba_", params, grads, sign_counts, steps, seeds, c10::kCPU, true);
+  TORCH_CHECK(window_size >= 1 && window_size <= 32767, "simba_: window_size must be in [1, 32767], got ",
+              window_size);
+  TORCH_CHECK(threshold_count >= 0 && threshold_count <= window_size,
+              "simba_: threshold_count must be in [0, window_size], got ", threshold_count);
+  cpu::SimbaArgs a;
+  if (!common_args("simba_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) return;
+  a.window_size = static_cast<int32_t>(window_size);
+  a.threshold_count = static_cast<int32_t>(threshold_count);
+  a.weight_decay = static_cast<float>(weight_decay);
+  HostLists h(params, grads, sign_counts, steps, seeds, info);
+  const char* err = cpu::simba_step(h.list, a);
+  TORCH_CHECK(err == nullptr, "simba_: ", err);
+}
+
+// The core's parallel loops run on torch's intra-op thread pool.
+void torch_parallel_for(int64_t n, void* ctx, void (*body)(void*, int64_t, int64_t)) {
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) { body(ctx, b, e); });
+}
+
+const bool kParallelHooked = (cpu::set_parallel_for(&torch_parallel_for), true);
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sign_kernels, CPU, m) {
+  m.impl("lion_", &lion_cpu);
+  m.impl("tiger_", &tiger_cpu);
+  m.impl("simba_", &simba_cpu);
+}
+
+}  // namespace sign_kernels

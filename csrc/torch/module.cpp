@@ -1,0 +1,15 @@
+// module.cpp -- the Python module sign_kernels._C. Importing it registers the kernels
+// (TORCH_LIBRARY_IMPL blocks in cpu_ops.cpp and, when built, cuda_ops.cu) with the
+// dispatcher; the ops themselves are declared in sign_kernels/_ops.py.
+#include <torch/extension.h>
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sign_kernels compiled kernels (CPU, and CUDA when built with it)";
+  m.def("cuda_compiled", []() {
+#ifdef SIGN_KERNELS_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the CUDA kernels were compiled into this module.");
+}

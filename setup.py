@@ -1,0 +1,93 @@
+"""Build of sign_kernels and its compiled kernels, sign_kernels._C.
+
+    pip install --no-build-isolation .        # compiled install (uses the torch already installed)
+    pip install --no-build-isolation -e .     # the same, editable
+
+The extension is built against the torch found in the environment, hence
+--no-build-isolation (an isolated build would download another torch). It always holds
+the CPU kernels; it also holds the CUDA kernels when that torch has CUDA and nvcc is found.
+
+Environment variables:
+  SIGN_KERNELS_SKIP_CUDA=1      build the CPU kernels only, even where CUDA could be built.
+  SIGN_KERNELS_NO_EXTENSION=1   build no extension at all (pure Python: reference and Triton backends).
+  TORCH_CUDA_ARCH_LIST          CUDA architectures, e.g. "8.0;9.0a" (the default when unset).
+  MAX_JOBS                      parallel compile jobs (ninja); defaults to the CPU count, at most 8.
+  CUDA_HOME                     the CUDA toolkit (found from nvcc on PATH otherwise).
+  SIGN_KERNELS_CPU_FLAGS        extra host compiler flags, e.g. "-march=native" for a local build.
+
+Without torch at build time the package is built pure-Python (with a warning); a compile
+error is an error, never a silent pure-Python fallback.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import warnings
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _rel(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extensions():
+    if _flag("SIGN_KERNELS_NO_EXTENSION"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        warnings.warn("sign_kernels: torch is not importable at build time; building without compiled kernels")
+        return [], {}
+
+    os.environ.setdefault("MAX_JOBS", str(min(8, os.cpu_count() or 1)))
+    host_flags = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno"]
+    host_flags += os.environ.get("SIGN_KERNELS_CPU_FLAGS", "").split()
+    sources = _rel("csrc/cpu/*.cpp") + ["csrc/torch/cpu_ops.cpp", "csrc/torch/module.cpp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+
+    with_cuda = (
+        not _flag("SIGN_KERNELS_SKIP_CUDA")
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+    )
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        cuda_sources = _rel("csrc/cuda/*.cu") + _rel("csrc/torch/*.cu")
+        ext = cpp_extension.CUDAExtension(
+            "sign_kernels._C",
+            sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("SIGN_KERNELS_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": host_flags,
+                # NOTE: [no contraction] in csrc/core/sign_math.h: no FMA, bit-identical to CPU/Triton.
+                "nvcc": ["-O3", "--fmad=false", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+        )
+    else:
+        if torch.version.cuda is not None and not _flag("SIGN_KERNELS_SKIP_CUDA"):
+            print("sign_kernels: torch has CUDA but nvcc was not found; building the CPU kernels only", file=sys.stderr)
+        ext = cpp_extension.CppExtension(
+            "sign_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": host_flags}
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    packages=find_packages(include=["sign_kernels", "sign_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,210 @@
+"""Tiger (Su 2023, "Tight-fisted Optimizer"), with parameter roles for PyTorch models."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from ..backends.reference import ROLE_ELEMENTWISE, ROLE_EMBEDDING, ROLE_GAIN, ROLE_MATRIX
+from ._base import SignOptimizer, _check_lr, _check_nonneg, _check_unit
+
+ROLES = {
+    "elementwise": ROLE_ELEMENTWISE,
+    "gain": ROLE_GAIN,
+    "embedding": ROLE_EMBEDDING,
+    "matrix": ROLE_MATRIX,
+}
+
+_NORM_TYPES = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,
+    nn.RMSNorm,
+)
+_EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
+_NORM_WORDS = ("norm", "ln", "bn")
+_EMBED_WORDS = ("embed", "wte", "wpe", "tok_emb", "pos_emb")
+
+
+def role_of(p: torch.Tensor, name: Optional[str] = None) -> str:
+    """The default role of a parameter (used when its param group names none).
+
+    By name, when the optimizer was given named parameters: a name ending in ``bias`` is
+    element-wise; a 0/1-d ``weight``/``scale``/``gamma`` whose name mentions a norm
+    (``norm``, ``ln``, ``bn``) is a norm gain; a 2-d+ tensor whose name mentions an embedding
+    (``embed``, ``wte``, ``wpe``, ``tok_emb``, ``pos_emb``) is an embedding table.
+    Otherwise, and for plain parameters: ``ndim <= 1`` is element-wise, anything else a matrix.
+    For exact roles use :func:`tiger_param_groups`, which reads module types.
+    """
+    if name is not None:
+        lowered = name.lower()
+        leaf = lowered.rsplit(".", 1)[-1]
+        if leaf.endswith("bias"):
+            return "elementwise"
+        if p.ndim <= 1 and leaf in ("weight", "scale", "gamma", "g") and any(w in lowered for w in _NORM_WORDS):
+            return "gain"
+        if p.ndim >= 2 and any(w in lowered for w in _EMBED_WORDS):
+            return "embedding"
+    return "elementwise" if p.ndim <= 1 else "matrix"
+
+
+def tiger_param_groups(
+    model: nn.Module,
+    lr: Optional[float] = None,
+    weight_decay: Optional[float] = None,
+) -> List[Dict[str, Any]]:
+    """Param groups for :class:`Tiger`, one per role, classified by module type.
+
+    * weights of normalisation layers (LayerNorm, RMSNorm, GroupNorm, BatchNorm, ...): ``gain``
+      (element-wise lr, no decay, NaN guard shrinks towards 1);
+    * every bias, and the shift of a normalisation layer: ``elementwise``;
+    * weights of ``nn.Embedding``/``nn.EmbeddingBag``: ``embedding`` (lr scaled by each row's RMS);
+    * other parameters: :func:`role_of` (``ndim <= 1`` element-wise, else ``matrix``).
+
+    Shared (tied) parameters appear once. ``lr``/``weight_decay``, when given, are set on every
+    group; groups carry ``param_names``. Empty groups are left out.
+    """
+    groups: Dict[str, Dict[str, list]] = {r: {"params": [], "param_names": []} for r in ROLES}
+    seen = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(module, _NORM_TYPES):
+                role = "gain" if p_name == "weight" else "elementwise"
+            elif isinstance(module, _EMBEDDING_TYPES) and p_name == "weight":
+                role = "embedding"
+            elif p_name.endswith("bias"):
+                role = "elementwise"
+            else:
+                role = role_of(p)
+            groups[role]["params"].append(p)
+            groups[role]["param_names"].append(full)
+    out = []
+    for role, g in groups.items():
+        if not g["params"]:
+            continue
+        group: Dict[str, Any] = {"params": g["params"], "param_names": g["param_names"], "role": role}
+        if lr is not None:
+            group["lr"] = lr
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay
+        out.append(group)
+    return out
+
+
+class Tiger(SignOptimizer):
+    r"""Tiger: the sign of an EMA momentum, with gradient accumulation inside the momentum.
+
+    One ``step()`` per micro-batch; :math:`t` counts calls from 0, :math:`k` = ``grad_accum_steps``:
+
+    .. math::
+        b_1 &= \beta \text{ if } t \bmod k = 0 \text{ else } 1 \\
+        m &\leftarrow b_1 m + \tfrac{1-\beta}{k} g \\
+        \theta &\leftarrow \theta - \eta_p (\mathrm{sign}(m) + \lambda_p \theta)
+            \quad \text{when } (t+1) \bmod k = 0
+
+    ``lr`` is relative; each parameter's role sets :math:`\eta_p, \lambda_p`:
+
+    * ``elementwise`` (biases, norm shifts) and ``gain`` (norm weights): :math:`0.5\eta`, no decay;
+    * ``embedding``: :math:`\eta \cdot \mathrm{RMS}` of each row (over the last dim), decay :math:`\lambda`;
+    * ``matrix``: :math:`\eta \cdot \mathrm{RMS}(\theta_{t-1})` of the whole tensor, decay :math:`\lambda`.
+
+    NaN guard, per tensor: if its gradient holds a NaN, ``exp_avg`` is kept and
+    :math:`\theta \leftarrow (\theta - c) s + c` with :math:`s` = ``shrink_ratio`` and :math:`c`
+    the init centre (1 for ``gain``, else 0).
+
+    Roles: a param group's ``role`` key sets the role of all its params; otherwise each param
+    gets :func:`role_of` (by name when the optimizer was given ``model.named_parameters()``,
+    else by ndim). :func:`tiger_param_groups` classifies a model by module type.
+
+    Args:
+        params: parameters, named parameters or param groups (``tiger_param_groups(model)``).
+        lr: relative learning rate :math:`\eta` (float or 0-dim tensor).
+        beta: momentum :math:`\beta` in [0, 1).
+        weight_decay: :math:`\lambda \ge 0` (matrices and embeddings only).
+        grad_accum_steps: :math:`k \ge 1` micro-batches per parameter update.
+        shrink_ratio: :math:`s \in (0, 1]` of the NaN guard.
+        backend, momentum_dtype, stochastic_rounding, seed: as in :class:`Lion`.
+    """
+
+    _op_name = "tiger_"
+    _state_key = "exp_avg"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        beta: float = 0.965,
+        weight_decay: float = 0.01,
+        *,
+        grad_accum_steps: int = 1,
+        shrink_ratio: float = 0.99,
+        backend: str = "auto",
+        momentum_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
+    ):
+        defaults = dict(
+            lr=lr,
+            beta=beta,
+            weight_decay=weight_decay,
+            grad_accum_steps=grad_accum_steps,
+            shrink_ratio=shrink_ratio,
+            role=None,
+            backend=backend,
+            momentum_dtype=momentum_dtype,
+            stochastic_rounding=stochastic_rounding,
+            seed=seed,
+        )
+        self._role_cache: Dict[int, tuple] = {}
+        super().__init__(params, defaults)
+
+    def _validate_hparams(self, group, where: str) -> None:
+        _check_lr(group["lr"], where)
+        _check_unit("beta", group["beta"], where)
+        _check_nonneg("weight_decay", group["weight_decay"], where)
+        k = group["grad_accum_steps"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"{where}: grad_accum_steps must be an int >= 1, got {k!r}")
+        s = group["shrink_ratio"]
+        if not isinstance(s, (int, float)) or not (0.0 < s <= 1.0):
+            raise ValueError(f"{where}: shrink_ratio must be in (0, 1], got {s!r}")
+        role = group.get("role")
+        if role is not None and role not in ROLES:
+            raise ValueError(f"{where}: role must be None or one of {tuple(ROLES)}, got {role!r}")
+        if role == "embedding":
+            for i, p in enumerate(group["params"]):
+                if p.ndim < 2:
+                    raise ValueError(f"{where}: param {i} has role 'embedding' but {p.ndim} dims; embedding tables are 2-d+")
+
+    def _roles(self, group) -> tuple:
+        """Role codes of the group's params, in order (cached while the group is unchanged)."""
+        key = (group.get("role"), tuple(id(p) for p in group["params"]))
+        cached = self._role_cache.get(id(group))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if group.get("role") is not None:
+            roles = tuple(ROLES[group["role"]] for _ in group["params"])
+        else:
+            names = group.get("param_names") or [None] * len(group["params"])
+            roles = tuple(ROLES[role_of(p, n)] for p, n in zip(group["params"], names))
+        self._role_cache[id(group)] = (key, roles)
+        return roles
+
+    def _op_args(self, group, bucket, lr, lr_t):
+        roles = self._roles(group)
+        return (
+            [roles[j] for j in bucket.positions],
+            lr,
+            lr_t,
+            float(group["beta"]),
+            float(group["weight_decay"]),
+            int(group["grad_accum_steps"]),
+            float(group["shrink_ratio"]),
+        )
