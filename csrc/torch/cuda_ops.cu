@@ -1,0 +1,228 @@
+// cuda_ops.cu -- the CUDA implementations of torch.ops.sign_kernels.{lion_,tiger_,simba_}.
+//
+// A thin layer over the framework-free core (csrc/cuda/launch.h): check the lists
+// (common.h, shared with the CPU binding, plus the CUDA-only rules below), turn them into
+// pointer arrays, take the current stream, call the core. The schemas are declared once,
+// in sign_kernels/_ops.py; the argument order here is theirs.
+//
+// NOTE: [device scalars]
+// steps, lr_t, grad_scale and found_inf are read by the kernels on the device: no host
+// synchronisation, and a captured CUDA graph replays with the current values. lr_t,
+// grad_scale and found_inf may also be CPU scalars (read here, at no sync cost); device
+// ones must be on the params' device, and are converted to fp32 when they are not (a
+// 1-element temporary, stream-ordered by the caching allocator).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream is this one, without cuBLAS/cuSPARSE headers
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../core/sign_math.h"
+#include "../cuda/launch.h"
+#include "common.h"
+
+namespace sign_kernels {
+namespace {
+
+using binding::check_lists;
+using binding::check_scalar;
+namespace core = sign_kernels::cuda;
+
+core::DType core_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return core::DType::kFloat32;
+    case at::kBFloat16: return core::DType::kBFloat16;
+    case at::kHalf: return core::DType::kFloat16;
+    default: return core::DType::kInt16;  // check_lists admits nothing else
+  }
+}
+
+// Pointer arrays of one call (the core takes raw pointers). Holds the CUDA-only checks:
+// the steps must live on the params' device, as 1-element int64 tensors.
+struct DeviceLists {
+  std::vector<void*> params, states;
+  std::vector<const void*> grads;
+  std::vector<int64_t> numels, seeds;
+  std::vector<const int64_t*> steps;
+  core::TensorList list;
+
+  DeviceLists(const char* op, at::TensorList p, at::TensorList g, at::TensorList s, at::TensorList st,
+              c10::IntArrayRef sd, const binding::ListInfo& info) {
+    const size_t n = p.size();
+    params.resize(n);
+    states.resize(n);
+    grads.resize(n);
+    numels.resize(n);
+    seeds.resize(n);
+    steps.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      TORCH_CHECK(st[i].device() == p[i].device(), op, ": steps[", i, "] is on ", st[i].device(),
+                  "; the CUDA kernels read the step on the device, so it must be on ", p[i].device(),
+                  " (the optimizers keep it there)");
+      params[i] = p[i].data_ptr();
+      grads[i] = g[i].data_ptr();
+      states[i] = s[i].data_ptr();
+      numels[i] = p[i].numel();
+      seeds[i] = sd[i];
+      steps[i] = st[i].data_ptr<int64_t>();
+    }
+    list.count = static_cast<int64_t>(n);
+    list.params = params.data();
+    list.grads = grads.data();
+    list.states = states.data();
+    list.numels = numels.data();
+    list.steps = steps.data();
+    list.seeds = seeds.data();
+    list.param_dtype = core_dtype(info.param);
+    list.grad_dtype = core_dtype(info.grad);
+    list.state_dtype = core_dtype(info.state);
+  }
+};
+
+// A scalar argument as the kernels take it: a device fp32 pointer, or a host value.
+struct Scalar {
+  at::Tensor device;  // keeps a converted copy alive for the call
+  bool on_host = false;
+  float host = 0.0f;
+  const float* ptr() const { return device.defined() ? device.data_ptr<float>() : nullptr; }
+};
+
+Scalar scalar_arg(const char* op, const char* name, const c10::optional<at::Tensor>& t, c10::Device device) {
+  Scalar s;
+  if (!t.has_value()) return s;
+  check_scalar(op, name, t, device, false);
+  if (t->device().is_cpu()) {
+    s.on_host = true;
+    s.host = t->item<float>();
+    return s;
+  }
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), ", the params on ", device,
+              " (device scalars must be on the params' device; CPU scalars are read on the host)");
+  s.device = t->scalar_type() == at::kFloat ? *t : t->to(at::kFloat);
+  return s;
+}
+
+// Fills the shared arguments; returns false when a CPU found_inf is set (nothing to do).
+// Scalars hold the device copies referenced by `c` and must outlive the launch call.
+bool common_args(const char* op, core::Common& c, std::vector<Scalar>& keep, double lr,
+                 const c10::optional<at::Tensor>& lr_t, const c10::optional<at::Tensor>& grad_scale,
+                 const c10::optional<at::Tensor>& found_inf, bool stochastic_rounding, c10::Device device) {
+  keep.reserve(4);  // the references below must survive the push_back of a staged scale
+  keep.push_back(scalar_arg(op, "lr_t", lr_t, device));
+  keep.push_back(scalar_arg(op, "grad_scale", grad_scale, device));
+  keep.push_back(scalar_arg(op, "found_inf", found_inf, device));
+  const Scalar& l = keep[0];
+  const Scalar& gs = keep[1];
+  const Scalar& fi = keep[2];
+  if (fi.on_host && fi.host != 0.0f) return false;  // NaN != 0 too, as on the device
+  c.lr = l.on_host ? l.host : static_cast<float>(lr);
+  c.lr_ptr = l.ptr();
+  if (gs.on_host) {
+    // A host scale still goes through the kernels' exact division: stage it on the device.
+    keep.push_back(Scalar{at::full({}, gs.host, at::TensorOptions().dtype(at::kFloat).device(device))});
+    c.grad_scale = keep.back().ptr();
+  } else {
+    c.grad_scale = gs.ptr();
+  }
+  c.found_inf = fi.ptr();
+  c.stochastic_rounding = stochastic_rounding;
+  return true;
+}
+
+cudaStream_t current_stream(c10::Device device) {
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+}
+
+void check_launch(const char* op, cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList steps,
+               double lr, const c10::optional<at::Tensor>& lr_t, double beta1, double beta2, double weight_decay,
+               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+               c10::IntArrayRef seeds, bool stochastic_rounding) {
+  const auto info = check_lists("lion_", params, grads, exp_avgs, steps, seeds, c10::kCUDA, false);
+  if (params.empty()) return;
+  const c10::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  core::LionArgs a;
+  std::vector<Scalar> keep;
+  if (!common_args("lion_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, device)) return;
+  a.beta1 = static_cast<float>(beta1);
+  a.beta2 = static_cast<float>(beta2);
+  a.weight_decay = static_cast<float>(weight_decay);
+  DeviceLists d("lion_", params, grads, exp_avgs, steps, seeds, info);
+  check_launch("lion_", core::lion(d.list, a, current_stream(device)));
+}
+
+void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList steps,
+                c10::IntArrayRef roles, double lr, const c10::optional<at::Tensor>& lr_t, double beta,
+                double weight_decay, int64_t grad_accum_steps, double shrink_ratio,
+                const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+                c10::IntArrayRef seeds, bool stochastic_rounding) {
+  const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCUDA, false);
+  TORCH_CHECK(roles.size() == params.size(), "tiger_: roles must have one entry per param, got ", roles.size(),
+              " for ", params.size());
+  TORCH_CHECK(grad_accum_steps >= 1, "tiger_: grad_accum_steps must be >= 1, got ", grad_accum_steps);
+  std::vector<int64_t> rows(roles.size());
+  for (size_t i = 0; i < roles.size(); ++i) {
+    TORCH_CHECK(roles[i] >= kRoleElementwise && roles[i] <= kRoleMatrix, "tiger_: roles[", i,
+                "] must be 0 (elementwise), 1 (gain), 2 (embedding) or 3 (matrix), got ", roles[i]);
+    TORCH_CHECK(roles[i] != kRoleEmbedding || params[i].dim() >= 2, "tiger_: roles[", i,
+                "] is embedding but the param has ", params[i].dim(), " dims");
+    rows[i] = params[i].dim() > 0 ? params[i].size(-1) : 1;
+  }
+  if (params.empty()) return;
+  const c10::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  core::TigerArgs a;
+  std::vector<Scalar> keep;
+  if (!common_args("tiger_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, device)) return;
+  a.beta = static_cast<float>(beta);
+  a.weight_decay = static_cast<float>(weight_decay);
+  a.shrink_ratio = static_cast<float>(shrink_ratio);
+  a.grad_accum_steps = grad_accum_steps;
+  a.roles = roles.data();
+  a.row_sizes = rows.data();
+  DeviceLists d("tiger_", params, grads, exp_avgs, steps, seeds, info);
+  a.workspace_bytes = core::tiger_workspace_bytes(d.list, a);
+  TORCH_CHECK(a.workspace_bytes > 0, "tiger_: invalid tensor shapes for the given roles");
+  // Scratch from the caching allocator: stream-ordered, and graph-private under capture.
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(a.workspace_bytes)},
+                                         at::TensorOptions().dtype(at::kByte).device(device));
+  a.workspace = workspace.data_ptr();
+  check_launch("tiger_", core::tiger(d.list, a, current_stream(device)));
+}
+
+void simba_cuda(at::TensorList params, at::TensorList grads, at::TensorList sign_counts, at::TensorList steps,
+                double lr, const c10::optional<at::Tensor>& lr_t, int64_t window_size, int64_t threshold_count,
+                double weight_decay, const c10::optional<at::Tensor>& grad_scale,
+                const c10::optional<at::Tensor>& found_inf, c10::IntArrayRef seeds, bool stochastic_rounding) {
+  const auto info = check_lists("simba_", params, grads, sign_counts, steps, seeds, c10::kCUDA, true);
+  TORCH_CHECK(window_size >= 1 && window_size <= 32767, "simba_: window_size must be in [1, 32767], got ",
+              window_size);
+  TORCH_CHECK(threshold_count >= 0 && threshold_count <= window_size,
+              "simba_: threshold_count must be in [0, window_size], got ", threshold_count);
+  if (params.empty()) return;
+  const c10::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  core::SimbaArgs a;
+  std::vector<Scalar> keep;
+  if (!common_args("simba_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, device)) return;
+  a.window_size = static_cast<int32_t>(window_size);
+  a.threshold_count = static_cast<int32_t>(threshold_count);
+  a.weight_decay = static_cast<float>(weight_decay);
+  DeviceLists d("simba_", params, grads, sign_counts, steps, seeds, info);
+  check_launch("simba_", core::simba(d.list, a, current_stream(device)));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sign_kernels, CUDA, m) {
+  m.impl("lion_", &lion_cuda);
+  m.impl("tiger_", &tiger_cuda);
+  m.impl("simba_", &simba_cuda);
+}
+
+}  // namespace sign_kernels
