@@ -60,10 +60,14 @@ The window logic (b1 = β on the first micro-step, θ written on the last) is co
 tensor from its device step t and k.
 
 Fixed configurations (no autotuning of in-place kernels): see NOTE: [fixed configs] in
-``_launch``. GPU path: BLOCK 2048, 4 warps; aligned-address hints only when every θ, g and
-state address is 16-byte aligned. Untested on a GPU in the session that wrote it (CI runs the
-interpreter); run ``tests/test_triton.py`` on a GPU machine with ``TRITON_INTERPRET=0``
-support before relying on it.
+``_launch``: BLOCK 2048 with 4 warps for the update, 16x256 tiles for Tiger's statistics;
+aligned-address hints only when every θ, g and state address is 16-byte aligned. The
+interpreter uses the same tiles (``SIGN_KERNELS_TRITON_INTERP_BLOCK`` overrides its BLOCK).
+
+Status: the CI tests (``tests/test_triton.py``) run the interpreter. The compiled GPU path
+(same kernels, plus ``tl.multiple_of`` hints and ``enable_fp_fusion=False``) had no GPU to run
+on when it was written: run ``TRITON_INTERPRET=0 pytest tests/test_triton.py`` on a CUDA
+machine before relying on it.
 """
 
 from __future__ import annotations

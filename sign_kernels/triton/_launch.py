@@ -6,6 +6,7 @@ Imported lazily by ``sign_kernels.triton`` (it imports triton through ``_kernels
 from __future__ import annotations
 
 import collections
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -30,15 +31,14 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # columns per iteration (4096 elements, 32 per thread): 256 columns fit a 768-wide embedding
 # row in three iterations without masked lanes, and matrices are cut into virtual rows of 256
 # elements so the same tile covers them.
-# Interpreter (TRITON_INTERPRET=1): numpy cost is per program and per op, not per lane, so
-# programs are made 8x bigger; the results are the same since the tile shape does not enter
-# the per-element math (only the order of Tiger's fp64 sum of squares).
+# Interpreter (TRITON_INTERPRET=1): numpy executes every lane of a program, masked or not, so
+# the cost is about programs x BLOCK; the GPU tile is kept (tests use small, odd-sized tensors,
+# where a bigger BLOCK would mostly process masked lanes). Set SIGN_KERNELS_TRITON_INTERP_BLOCK
+# to a larger power of two (e.g. 16384) to run big tensors faster under the interpreter.
+BLOCK, NUM_WARPS = 2048, 4
+STAT_ROWS, STAT_COLS, STAT_WARPS = 16, 256, 4
 if K.INTERPRETED:
-    BLOCK, NUM_WARPS = 16384, 4
-    STAT_ROWS, STAT_COLS, STAT_WARPS = 16, 1024, 4
-else:
-    BLOCK, NUM_WARPS = 2048, 4
-    STAT_ROWS, STAT_COLS, STAT_WARPS = 16, 256, 4
+    BLOCK = int(os.environ.get("SIGN_KERNELS_TRITON_INTERP_BLOCK", BLOCK))
 FINISH_BLOCK, FINISH_WARPS = 1024, 4
 _PLAN_CACHE_SIZE = 32
 ROLE_EMBEDDING = 2
