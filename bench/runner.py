@@ -69,8 +69,9 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
+def _free(device: torch.device, collect: bool = True) -> None:
+    if collect:  # a full collection costs ~0.3 s with torch loaded: only for big buffers
+        gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -117,7 +118,7 @@ def run_one(c: Contender, ws: Optional[Workspace], pset: ParamSet, ds: DtypeSett
             row["status"] = f"error: {type(exc).__name__}: {msg}"
             traceback.print_exc(file=sys.stderr)
         del opt
-        _free(device)
+        _free(device, pset.n_elements > 2**24)
         return row
     held = accounting.measured_state_bytes(opt)
     model = None if c.measured_state else accounting.state_bytes(c.algo, pset.numels, ds)
@@ -133,7 +134,7 @@ def run_one(c: Contender, ws: Optional[Workspace], pset: ParamSet, ds: DtypeSett
         state_bytes_model=model, state_bytes_held=held, launches=launches,
     )
     del opt
-    _free(device)
+    _free(device, pset.n_elements > 2**24)
     return row
 
 
@@ -191,7 +192,7 @@ def run(cfg: Config) -> Dict:
                     rows.append(run_one(c, ws, pset, ds, device, cfg))
                     bar.update()
                 del ws
-                _free(device)
+                _free(device, pset.n_elements > 2**24)
             bar.set_description(f"{pset.name} ceiling")
             after = measure_ceiling(ref_bytes, device, cfg.ceiling_reps)
             ceilings[pset.name] = dict(

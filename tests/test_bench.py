@@ -1,0 +1,229 @@
+"""The benchmark harness (bench/): byte accounting, parameter sets, result schema, skips.
+
+Small sizes, a few seconds; no timing assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` lives at the repo root
+
+from bench import accounting, cli, contenders, paramsets, runner  # noqa: E402
+from bench.accounting import DTYPE_SETTINGS  # noqa: E402
+from bench.timing import Timing, Workspace  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def _sign_kernels_reference_ok() -> bool:
+    return contenders.sign_kernels_backends().get("reference", "missing") is None
+
+
+# ---- byte accounting ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "algo, dtype, expected",
+    [
+        ("lion", "fp32", 20), ("lion", "bf16", 10), ("lion", "bf16-fp32m", 14),
+        ("tiger", "fp32", 20), ("tiger", "bf16", 10), ("tiger", "bf16-fp32m", 14),
+        ("simba", "fp32", 16), ("simba", "bf16", 10),
+        ("adamw", "fp32", 28), ("adamw", "bf16", 14),
+    ],
+)
+def test_bytes_per_element(algo, dtype, expected):
+    assert accounting.bytes_per_element(algo, DTYPE_SETTINGS[dtype]) == expected
+
+
+def test_step_bytes_sum_over_tensors():
+    ds = DTYPE_SETTINGS["fp32"]
+    assert accounting.step_bytes("lion", [3, 5], ds) == 20 * 8
+    assert accounting.state_bytes("simba", [3, 5], ds) == 2 * 8
+    # the generic form: 2 reads/writes of params, 1 read of grads, read+write of all state
+    assert accounting.step_bytes_from_state([10], DTYPE_SETTINGS["bf16"], 40) == 10 * 6 + 80
+
+
+def _held_state(make, ds_name, pset):
+    ds = DTYPE_SETTINGS[ds_name]
+    ws = Workspace(pset, ds, CPU, "mix", seed=1)
+    opt = make(ws.params, ds)
+    opt.step()
+    return accounting.measured_state_bytes(opt)
+
+
+TINY_SET = paramsets.ParamSet("t", (("w", (4, 8)), ("b", (8,)), ("x", (5,))))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("key", ["adamw-fused", "adamw-foreach"])
+def test_adamw_state_model_matches_held_state(key, dtype):
+    c = next(c for c in contenders.all_contenders(CPU) if c.key == key)
+    assert _held_state(c.make, dtype, TINY_SET) == accounting.state_bytes("adamw", TINY_SET.numels, DTYPE_SETTINGS[dtype])
+
+
+@pytest.mark.skipif(not _sign_kernels_reference_ok(), reason="sign_kernels reference backend not usable")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16-fp32m"])
+@pytest.mark.parametrize("algo", ["lion", "tiger", "simba"])
+def test_our_state_model_matches_held_state(algo, dtype):
+    c = next(c for c in contenders.all_contenders(CPU, "reference") if c.algo == algo and c.group == "ours")
+    if not c.supports(dtype):
+        pytest.skip(f"{algo} has no {dtype} setting")
+    held = _held_state(c.make, dtype, TINY_SET)
+    assert held == accounting.state_bytes(algo, TINY_SET.numels, DTYPE_SETTINGS[dtype])
+
+
+@pytest.mark.parametrize("key", [k for k in contenders.PEER_KEYS])
+def test_peer_state_model_matches_held_state_when_installed(key):
+    c = next(c for c in contenders.all_contenders(CPU) if c.key == key)
+    reason = c.unavailable(CPU)
+    if reason:
+        pytest.skip(reason)
+    if c.measured_state:
+        pytest.skip("bytes come from the held state")
+    assert _held_state(c.make, "fp32", TINY_SET) == accounting.state_bytes(c.algo, TINY_SET.numels, DTYPE_SETTINGS["fp32"])
+
+
+# ---- parameter sets ----------------------------------------------------------------------------
+
+
+def test_gpt2_small_layout():
+    p = paramsets.gpt2_small()
+    assert p.n_tensors == 148
+    assert p.n_elements == 124_439_808
+    assert dict(p.tensors)["wte.weight"] == (50257, 768)
+
+
+def test_llama_and_tiny_and_flat():
+    l1 = paramsets.llama("1B")
+    assert l1.n_tensors == 1 + 22 * 9 + 2
+    assert 1.0e9 < l1.n_elements < 1.2e9
+    assert 100e6 < paramsets.llama("125M").n_elements < 140e6
+    assert paramsets.tiny(4096).n_tensors == 4096
+    assert paramsets.tiny(4096).n_elements == 4096 * 768
+    assert paramsets.flat(paramsets.parse_size("32M")).n_elements == 32 * 2**20
+    assert paramsets.parse_size("1G") == 2**30 and paramsets.parse_size("4096") == 4096
+
+
+def test_workspace_gradients_fresh_and_nonzero():
+    ws = Workspace(TINY_SET, DTYPE_SETTINGS["fp32"], CPU, "mix", seed=0)
+    g0 = ws.grad_flat.clone()
+    assert (g0 != 0).all()
+    ws.refill()
+    assert not torch.equal(g0, ws.grad_flat)
+    for p in ws.params:
+        assert p.grad is not None and p.grad.shape == p.shape and p.grad.is_contiguous()
+        assert (p.grad.data_ptr() - ws.grad_flat.data_ptr()) % 256 == 0
+
+
+def test_percentiles():
+    t = Timing([float(x) for x in range(1, 12)])
+    assert t.median == 6 and t.percentile(10) == 2 and t.percentile(90) == 10
+
+
+def test_ratio_uses_fused_adamw_at_same_param_dtype():
+    def row(key, dtype, ms):
+        return dict(key=key, param_set="s", dtype=dtype, ms_median=ms, gbps=1.0)
+
+    rows = [row("adamw-fused", "fp32", 2.0), row("adamw-fused", "bf16", 1.0),
+            row("lion[cpu]", "fp32", 1.0), row("lion[cpu]", "bf16-fp32m", 1.5)]
+    runner.attach_ratios(rows, {"s": {"ceiling_gbps": 4.0}})
+    assert [r["ratio_vs_fused_adamw"] for r in rows] == [1.0, 1.0, 0.5, 1.5]
+    assert rows[2]["fraction"] == 0.25
+
+
+# ---- skipping ----------------------------------------------------------------------------------
+
+
+def test_missing_peer_is_skipped_not_an_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # import of it now fails: "not installed"
+    assert contenders.module_missing("lion_pytorch") == "lion_pytorch not installed"
+    rc = cli.main(["--param-sets", "flat", "--size", "4K", "--steps", "2", "--warmup", "1",
+                   "--contenders", "lion-pytorch,adamw-fused", "--out", str(tmp_path),
+                   "--name", "r", "--no-plot", "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    peer = next(r for r in rows if r["key"] == "peer:lion-pytorch")
+    assert peer["status"] == "skipped: lion_pytorch not installed"
+    assert peer["ms_median"] is None
+
+
+def test_failing_peer_is_skipped_with_reason():
+    def make(params, ds):
+        raise RuntimeError("no kernel for this device")
+
+    c = contenders.Contender("peer:broken", "broken Lion", "lion", "torch", make, "peer")
+    ds = DTYPE_SETTINGS["fp32"]
+    ws = Workspace(TINY_SET, ds, CPU)
+    row = runner.run_one(c, ws, TINY_SET, ds, CPU, runner.Config(steps=1, warmup=0))
+    assert row["status"] == "skipped: failed on cpu: RuntimeError: no kernel for this device"
+
+
+def test_unknown_contender_name_raises():
+    with pytest.raises(ValueError, match="unknown contender"):
+        contenders.select(CPU, "no-such-optimizer")
+
+
+def test_baseline_always_selected():
+    keys = [c.key for c in contenders.select(CPU, "adamw-foreach")]
+    assert keys == ["adamw-foreach", "adamw-fused"]
+
+
+# ---- the result file ---------------------------------------------------------------------------
+
+ROW_KEYS = {
+    "contender", "backend", "dtype", "param_set", "n_tensors", "n_elements", "ms_median", "ms_p10",
+    "ms_p90", "gbps", "ceiling_gbps", "fraction", "ratio_vs_fused_adamw", "state_bytes_per_param",
+    "launches", "bytes_per_step", "status",
+}
+ENV_KEYS = {"device", "device_name", "cpu_model", "threads", "torch", "triton", "cuda", "git_sha", "date"}
+
+
+def test_result_file_schema(tmp_path, capsys):
+    rc = cli.main(["--param-sets", "flat,tiny", "--size", "4K", "--tiny-count", "8", "--steps", "2",
+                   "--warmup", "1", "--contenders", "ours,adamw", "--dtypes", "fp32,bf16",
+                   "--out", str(tmp_path), "--name", "run", "--no-progress", "--device", "cpu",
+                   "--threads", "1"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "flat-4K" in table and "tiny-8x768" in table
+    data = json.loads((tmp_path / "run.json").read_text())
+    assert data["schema_version"] == 1
+    assert ENV_KEYS <= set(data["env"])
+    assert data["env"]["threads"] == 1
+    assert set(data["ceilings"]) == {"flat-4K", "tiny-8x768"}
+    for c in data["ceilings"].values():
+        assert c["ceiling_gbps"] > 0
+    rows = data["rows"]
+    assert rows and all(ROW_KEYS <= set(r) for r in rows)
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert {r["key"] for r in timed} >= {"adamw-fused", "adamw-foreach"}
+    for r in timed:
+        assert r["ms_median"] > 0 and r["ms_p10"] <= r["ms_median"] <= r["ms_p90"]
+        assert r["ratio_vs_fused_adamw"] is not None and r["fraction"] is not None
+        assert r["launches"] is None  # CPU: nothing to count
+        assert r["bytes_per_step"] == accounting.step_bytes(r["algo"], [4096] if r["param_set"] == "flat-4K" else [768] * 8, DTYPE_SETTINGS[r["dtype"]])
+    for r in rows:
+        assert r["status"] == "ok" or r["status"].startswith("skipped: ")
+    if _sign_kernels_reference_ok():
+        assert {"lion", "tiger", "simba"} <= {r["algo"] for r in timed}
+    assert (tmp_path / "run.png").stat().st_size > 0
+
+
+def test_default_stem_is_device_slug_and_date():
+    env = dict(device="cpu", device_name="x", cpu_model="AMD EPYC 7B13", threads=2, date="2025-01-02T03:04:05+00:00")
+    assert cli.report.default_stem(env) == "cpu-amd-epyc-7b13-2t-2025-01-02"
+    env = dict(env, device="cuda:0", device_name="NVIDIA H100 80GB HBM3")
+    assert cli.report.default_stem(env) == "nvidia-h100-80gb-hbm3-2025-01-02"
+
+
+def test_plain_timing_child_runs():
+    from bench import check_timing
+
+    cfg = runner.Config(device="cpu", flat_size=4096, steps=2, warmup=1, threads=1)
+    assert check_timing.plain_time("adamw-fused", "flat", "fp32", cfg) > 0
