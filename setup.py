@@ -51,7 +51,7 @@ def extensions():
         return [], {}
 
     os.environ.setdefault("MAX_JOBS", str(min(8, os.cpu_count() or 1)))
-    host_flags = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno"]
+    host_flags = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     host_flags += os.environ.get("SIGN_KERNELS_CPU_FLAGS", "").split()
     sources = _rel("csrc/cpu/*.cpp") + ["csrc/torch/cpu_ops.cpp", "csrc/torch/module.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -243,15 +243,17 @@ SK_HD SimbaScalars simba_scalars(float lr, float wd, int32_t window, int32_t thr
 }
 
 SK_HD void simba_update(float& p, int16_t& cnt, float g, const SimbaScalars& s) {
+  // Written as selects and min/max, without branches, so the CPU loop vectorizes.
   const int32_t c = cnt;
-  const float sg = sign_of(g);
-  const int32_t mag = c < 0 ? -c : c;
-  const float u = mag > s.threshold ? static_cast<float>((c > 0) - (c < 0)) : sg;
+  const int32_t sg = static_cast<int32_t>(g > 0.0f) - static_cast<int32_t>(g < 0.0f);
+  const int32_t sc = static_cast<int32_t>(c > 0) - static_cast<int32_t>(c < 0);
+  const bool use_count = (c > s.threshold) | (c < -s.threshold);  // |s| > T
+  const float u = static_cast<float>(use_count ? sc : sg);
   p = p * s.decay;
   p = p - s.lr * u;
-  int32_t n = c + static_cast<int32_t>(sg);
-  n = n > s.window ? s.window : n;
-  n = n < -s.window ? -s.window : n;
+  int32_t n = c + sg;
+  n = n < s.window ? n : s.window;
+  n = n > -s.window ? n : -s.window;
   cnt = static_cast<int16_t>(n);
 }
 

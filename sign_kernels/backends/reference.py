@@ -127,6 +127,8 @@ def tiger_(
         return
     k = int(grad_accum_steps)
     for p, g, m, step, role, seed in zip(params, grads, exp_avgs, steps, roles, seeds):
+        if p.numel() == 0:
+            continue
         dt, dev = _opmath(p.dtype), p.device
         t = int(step)
         elementwise = role in (ROLE_ELEMENTWISE, ROLE_GAIN)
