@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     a("--backends", default=None, help="best (default), all (default with --full), or a comma list")
     a("--steps", type=int, default=None, help="timed steps per row (default 20 CPU, 100 CUDA)")
     a("--warmup", type=int, default=None, help="untimed steps first (default 3 CPU, 10 CUDA)")
+    a("--row-budget", type=float, default=30.0,
+      help="seconds: a row stops timing after this long, with at least 5 steps (0: no limit)")
     a("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     a("--nvtx", action="store_true", help="wrap every step in an NVTX range (CUDA; for nsys)")
     a("--grad-mode", choices=("auto", "fresh", "mix"), default="auto",
@@ -72,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> runner.Config:
         backends=pick(args.backends, "best", "all"),
         steps=args.steps if args.steps is not None else (100 if cuda else 20),
         warmup=args.warmup if args.warmup is not None else (10 if cuda else 3),
+        row_budget_s=args.row_budget or None,
         threads=args.threads,
         nvtx=args.nvtx,
         grad_mode=args.grad_mode,

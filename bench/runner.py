@@ -30,6 +30,7 @@ class Config:
     backends: str = "best"
     steps: int = 20
     warmup: int = 3
+    row_budget_s: Optional[float] = 30.0  # stop a row's timed steps after this long (>= 5 steps)
     threads: Optional[int] = None
     nvtx: bool = False
     grad_mode: str = "auto"
@@ -108,7 +109,7 @@ def run_one(c: Contender, ws: Optional[Workspace], pset: ParamSet, ds: DtypeSett
         opt = c.make(ws.params, ds)
         label = f"{c.key} {ds.name} {pset.name}"
         timing = time_steps(opt.step, ws.refill, device, warmup=cfg.warmup, steps=cfg.steps,
-                            nvtx=cfg.nvtx, label=label)
+                            nvtx=cfg.nvtx, label=label, budget_s=cfg.row_budget_s)
         launches = count_launches(opt.step, ws.refill, device) if cfg.launches else None
     except Exception as exc:  # reported in the row; ours/AdamW also fail the run (cli)
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
@@ -127,7 +128,7 @@ def run_one(c: Contender, ws: Optional[Workspace], pset: ParamSet, ds: DtypeSett
     if model is not None and held != model:
         row["note"] = f"state held {held} B, byte model {model} B"
     row.update(
-        state_dtype=_state_dtypes(opt), ms_median=timing.median, ms_p10=timing.percentile(10),
+        steps=len(timing.ms), state_dtype=_state_dtypes(opt), ms_median=timing.median, ms_p10=timing.percentile(10),
         ms_p90=timing.percentile(90), ms_min=min(timing.ms), bytes_per_step=nbytes,
         gbps=accounting.gbps(nbytes, timing.median),
         state_bytes_per_param=state_total / pset.n_elements,

@@ -124,10 +124,22 @@ class Timing:
         return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+MIN_STEPS = 5
+
+
 def time_steps(step: Callable[[], object], refill: Callable[[], None], device: torch.device, *,
-               warmup: int, steps: int, nvtx: bool = False, label: str = "step") -> Timing:
-    """Per-step times in ms of `step`, each after a `refill` (NOTE: [timed region])."""
+               warmup: int, steps: int, nvtx: bool = False, label: str = "step",
+               budget_s: Optional[float] = None) -> Timing:
+    """Per-step times in ms of `step`, each after a `refill` (NOTE: [timed region]).
+
+    With `budget_s`, timing stops after the step that crosses that many wall-clock
+    seconds (at least MIN_STEPS steps): slow contenders cannot stall a sweep."""
     nvtx = nvtx and device.type == "cuda"
+    deadline = None if budget_s is None else time.perf_counter() + budget_s
+
+    def over(i: int) -> bool:
+        return deadline is not None and i + 1 >= MIN_STEPS and time.perf_counter() > deadline
+
     for i in range(warmup):
         refill()
         with nvtx_range(f"{label} warmup {i}", nvtx):
@@ -136,6 +148,7 @@ def time_steps(step: Callable[[], object], refill: Callable[[], None], device: t
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+        done = 0
         for i in range(steps):
             with nvtx_range("grad refill", nvtx):
                 refill()
@@ -144,15 +157,20 @@ def time_steps(step: Callable[[], object], refill: Callable[[], None], device: t
                 starts[i].record()
                 step()
                 ends[i].record()
+            done = i + 1
+            if over(i):
+                break
         torch.cuda.synchronize(device)
-        return Timing([s.elapsed_time(e) for s, e in zip(starts, ends)])
+        return Timing([s.elapsed_time(e) for s, e in zip(starts[:done], ends[:done])])
     ms = []
-    for _ in range(steps):
+    for i in range(steps):
         refill()
         t0 = time.perf_counter()
         step()
         t1 = time.perf_counter()
         ms.append((t1 - t0) * 1e3)
+        if over(i):
+            break
     return Timing(ms)
 
 
