@@ -68,11 +68,16 @@ def extensions():
             "sign_kernels._C",
             sources + cuda_sources,
             include_dirs=include_dirs,
-            define_macros=[("SIGN_KERNELS_WITH_CUDA", "1")],
+            define_macros=[
+                ("SIGN_KERNELS_WITH_CUDA", "1"),
+                ("SIGN_KERNELS_CUDA_ARCHS", os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", "_").replace(" ", "_")),
+            ],
             extra_compile_args={
                 "cxx": host_flags,
                 # NOTE: [no contraction] in csrc/core/sign_math.h: no FMA, bit-identical to CPU/Triton.
-                "nvcc": ["-O3", "--fmad=false", "--expt-relaxed-constexpr", "-lineinfo"],
+                # Never --use_fast_math: fp16 subnormals pass through fp32 subnormals (no FTZ).
+                "nvcc": ["-O3", "--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false",
+                         "--expt-relaxed-constexpr", "-lineinfo"],
             },
         )
     else:

@@ -265,6 +265,8 @@ class SignOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         index = 0
         for gi, group in enumerate(self.param_groups):
+            for key, value in self.defaults.items():  # options a foreign checkpoint lacks
+                group.setdefault(key, value)
             self._validate_group(group, gi)
             for p in group["params"]:
                 src = saved.get(index)
