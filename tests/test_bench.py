@@ -227,3 +227,17 @@ def test_plain_timing_child_runs():
 
     cfg = runner.Config(device="cpu", flat_size=4096, steps=2, warmup=1, threads=1)
     assert check_timing.plain_time("adamw-fused", "flat", "fp32", cfg) > 0
+
+
+def test_merge_split_runs(tmp_path):
+    from bench import merge
+
+    for name, extra in (("a", ["--param-sets", "tiny", "--tiny-count", "4"]),
+                        ("b", ["--param-sets", "flat", "--size", "4K"])):
+        assert cli.main([*extra, "--steps", "2", "--warmup", "1", "--contenders", "adamw",
+                         "--out", str(tmp_path), "--name", name, "--no-plot", "--no-progress",
+                         "--device", "cpu"]) == 0
+    assert merge.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "-o", str(tmp_path / "m")]) == 0
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert {r["param_set"] for r in data["rows"]} == {"tiny-4x768", "flat-4K"}
+    assert set(data["ceilings"]) == {"tiny-4x768", "flat-4K"} and len(data["merged_from"]) == 2
