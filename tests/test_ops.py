@@ -1,0 +1,42 @@
+"""The ops as torch.library sees them: opcheck (schema, fake kernel, autograd registration)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sign_kernels  # noqa: F401  (declares the ops and loads the kernels)
+from conftest import needs_cpu
+
+
+def _lists(n=3, dtype=torch.float32, counters=False):
+    sizes = [5, 64, 1]
+    params = [torch.randn(s, dtype=dtype) for s in sizes[:n]]
+    grads = [torch.randn(s, dtype=dtype) for s in sizes[:n]]
+    state = [torch.zeros(s, dtype=torch.int16 if counters else dtype) for s in sizes[:n]]
+    steps = [torch.tensor(i, dtype=torch.int64) for i in range(n)]
+    return params, grads, state, steps
+
+
+CASES = {
+    "lion_": lambda: (*_lists(), 1e-3, None, 0.9, 0.99, 0.1, None, None, [1, 2, 3], False),
+    "lion_sr_tensor_lr": lambda: (*_lists(dtype=torch.bfloat16), 0.0, torch.tensor(1e-2), 0.9, 0.99, 0.1,
+                                  torch.tensor(4.0), torch.tensor(0.0), [1, 2, 3], True),
+    "tiger_": lambda: (*_lists(), [0, 3, 1], 1e-3, None, 0.965, 0.01, 2, 0.99, None, None, [1, 2, 3], False),
+    "simba_": lambda: (*_lists(counters=True), 1e-3, None, 128, 12, 0.0, None, None, [1, 2, 3], False),
+}
+
+
+@needs_cpu
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_opcheck_cpu(case):
+    name = case if case.endswith("_") else case.split("_")[0] + "_"
+    torch.library.opcheck(getattr(torch.ops.sign_kernels, name).default, CASES[case]())
+
+
+def test_schemas_declare_mutation():
+    for name in ("lion_", "tiger_", "simba_"):
+        schema = getattr(torch.ops.sign_kernels, name).default._schema
+        mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        assert mutated[0] == "params" and len(mutated) == 2, (name, mutated)
+        assert not schema.returns
