@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: installs the package (compiled) and runs the throughput benchmark on
+# whatever device exists here.  bash scripts/bench.sh [python -m bench flags...]
+source "$(dirname "${BASH_SOURCE[0]}")/_install.sh"
+echo "[install] sign_kernels (compiled) with bench extras"
+pip_install --no-build-isolation -e ".[bench]"
+exec "$PY" -m bench "$@"
