@@ -10,14 +10,17 @@ compared with the harness's median for the same row.
     python -m bench.check_timing --param-set flat --size 64M --steps 30
     python -m bench --check                           # the same, after a normal run
 
-The two differ by design in small ways: the plain loop reports a mean (outliers count),
+Harness and plain loop alternate, contender by contender, so that load drifting on a
+shared machine affects both alike. The two differ by design in small ways: the plain loop reports a mean (outliers count),
 the harness a median; the plain loop steps on the same gradient every time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -29,7 +32,7 @@ import torch
 
 from . import paramsets, runner
 from .accounting import DTYPE_SETTINGS
-from .contenders import all_contenders
+from .contenders import all_contenders, select
 from .timing import Workspace, synchronize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,32 +76,44 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"ms_per_step": (t1 - t0) * 1e3 / args.steps}))
 
 
-def check_result(result: Dict, cfg: runner.Config) -> List[Dict]:
-    """Re-time every timed row of the first parameter set in fresh processes; print and
-    return the comparison."""
-    rows = [r for r in result["rows"] if r["ms_median"] is not None]
-    if not rows:
-        print("timing check: no timed rows")
-        return []
-    first = rows[0]["param_set"]
-    spec = next(s for s in cfg.param_sets if paramsets.build(
-        s, flat_size=cfg.flat_size, llama_size=cfg.llama_size, tiny_count=cfg.tiny_count).name == first)
-    out = []
-    print(f"\ntiming check on {first}: harness median vs plain perf_counter mean over "
-          f"{cfg.steps} steps in a fresh process")
+def check(cfg: runner.Config, reps: int = 3) -> List[Dict]:
+    """For each contender of the first parameter set: `reps` rounds of (harness row in this
+    process, plain loop in a fresh process), back to back so that load drifting on a
+    shared machine hits both alike. Compares the median of each; prints and returns."""
+    device = runner.resolve_device(cfg.device)
+    torch.set_num_threads(cfg.threads or runner.default_threads())
+    spec = cfg.param_sets[0]
+    pset = runner.build_param_sets(dataclasses.replace(cfg, param_sets=(spec,)))[0]
+    chosen = select(device, cfg.contenders, cfg.backends)
+    out: List[Dict] = []
+    print(f"\ntiming check on {pset.name}: harness median vs plain perf_counter mean "
+          f"({cfg.steps} steps, fresh process); median of {reps} alternating rounds")
     print(f"{'contender':<28}{'dtype':<12}{'harness ms':>11}{'plain ms':>10}{'diff':>8}")
-    for r in rows:
-        if r["param_set"] != first:
+    for name in cfg.dtypes:
+        ds = DTYPE_SETTINGS[name]
+        here = [c for c in chosen if c.supports(name) and not c.unavailable(device)]
+        if not here:
             continue
-        plain = plain_time(r["key"], spec, r["dtype"], cfg)
-        diff = plain / r["ms_median"] - 1.0
-        out.append(dict(key=r["key"], dtype=r["dtype"], param_set=first,
-                        harness_ms_median=r["ms_median"], plain_ms_mean=plain, rel_diff=diff))
-        print(f"{r['contender'] + ' [' + r['backend'] + ']':<28}{r['dtype']:<12}"
-              f"{r['ms_median']:>11.3f}{plain:>10.3f}{100 * diff:>+7.1f}%")
-    worst = max(abs(o["rel_diff"]) for o in out)
-    print(f"largest disagreement: {100 * worst:.1f}%")
-    result["timing_check"] = out
+        ws = Workspace(pset, ds, device, cfg.grad_mode, cfg.seed)
+        for c in here:
+            harness, plain = [], []
+            for _ in range(reps):
+                row = runner.run_one(c, ws, pset, ds, device, cfg)
+                if row["ms_median"] is None:
+                    break
+                harness.append(row["ms_median"])
+                plain.append(plain_time(c.key, spec, name, cfg))
+            if not harness:
+                continue
+            h, p = statistics.median(harness), statistics.median(plain)
+            out.append(dict(key=c.key, dtype=name, param_set=pset.name, harness_ms=harness,
+                            plain_ms=plain, harness_ms_median=h, plain_ms_median=p,
+                            rel_diff=p / h - 1.0))
+            label = f"{c.label} [{c.backend}]"
+            print(f"{label:<28}{name:<12}{h:>11.3f}{p:>10.3f}{100 * (p / h - 1):>+7.1f}%")
+        del ws
+    if out:
+        print(f"largest disagreement: {100 * max(abs(o['rel_diff']) for o in out):.1f}%")
     return out
 
 
@@ -118,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=runner.default_threads())
     p.add_argument("--grad-mode", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reps", type=int, default=3, help="alternating rounds per contender")
     p.add_argument("--out", type=Path, default=None, help="also write the comparison as JSON here")
     args = p.parse_args(argv)
     if args.child:
@@ -131,11 +147,10 @@ def main(argv=None) -> int:
         warmup=args.warmup, threads=args.threads, grad_mode=args.grad_mode, seed=args.seed,
         launches=False, ceiling_reps=3,
     )
-    result = runner.run(cfg)
-    out = check_result(result, cfg)
+    out = check(cfg, args.reps)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(config=result["config"], check=out), indent=1) + "\n")
+        args.out.write_text(json.dumps(dict(config=dataclasses.asdict(cfg), check=out), indent=1) + "\n")
     return 0
 
 

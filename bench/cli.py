@@ -50,8 +50,8 @@ def parser() -> argparse.ArgumentParser:
     a("--no-progress", action="store_true")
     a("--list", action="store_true", help="list contenders and whether each can run here, then exit")
     a("--check", action="store_true",
-      help="after the run, re-time each timed row of the first param set with plain perf_counter "
-      "in a fresh process and print the agreement (bench/check_timing.py)")
+      help="after the run, re-time the first param set's contenders against plain perf_counter "
+      "loops in fresh processes and print the agreement (bench/check_timing.py)")
     return p
 
 
@@ -112,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check:
         from . import check_timing
 
-        check_timing.check_result(result, cfg)  # adds result["timing_check"]
+        result["timing_check"] = check_timing.check(cfg)
     stem = args.name or report.default_stem(result["env"])
     json_path = args.out / f"{stem}.json"
     report.write_json(result, json_path)
