@@ -8,6 +8,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "../core/sign_math.h"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -84,6 +86,30 @@ inline void check_scalar(const char* op, const char* name, const c10::optional<a
   TORCH_CHECK(t->is_floating_point(), op, ": ", name, " must be floating point, got ", t->scalar_type());
   if (same_device)
     TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), ", the params on ", device);
+}
+
+// Tiger's per-tensor roles; returns each tensor's row size (the last dim; 1 for 0-d).
+inline std::vector<int64_t> check_tiger_roles(const char* op, at::TensorList params, c10::IntArrayRef roles,
+                                              int64_t grad_accum_steps) {
+  TORCH_CHECK(roles.size() == params.size(), op, ": roles must have one entry per param, got ", roles.size(),
+              " for ", params.size());
+  TORCH_CHECK(grad_accum_steps >= 1, op, ": grad_accum_steps must be >= 1, got ", grad_accum_steps);
+  std::vector<int64_t> rows(roles.size());
+  for (size_t i = 0; i < roles.size(); ++i) {
+    TORCH_CHECK(roles[i] >= kRoleElementwise && roles[i] <= kRoleMatrix, op, ": roles[", i,
+                "] must be 0 (elementwise), 1 (gain), 2 (embedding) or 3 (matrix), got ", roles[i]);
+    TORCH_CHECK(roles[i] != kRoleEmbedding || params[i].dim() >= 2, op, ": roles[", i,
+                "] is embedding but the param has ", params[i].dim(), " dims");
+    rows[i] = params[i].dim() > 0 ? params[i].size(-1) : 1;
+  }
+  return rows;
+}
+
+inline void check_simba_window(const char* op, int64_t window_size, int64_t threshold_count) {
+  TORCH_CHECK(window_size >= 1 && window_size <= 32767, op, ": window_size must be in [1, 32767], got ",
+              window_size);
+  TORCH_CHECK(threshold_count >= 0 && threshold_count <= window_size, op,
+              ": threshold_count must be in [0, window_size], got ", threshold_count);
 }
 
 }  // namespace binding

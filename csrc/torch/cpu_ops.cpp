@@ -92,19 +92,8 @@ void tiger_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                c10::IntArrayRef seeds, bool stochastic_rounding) {
   const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCPU, false);
-  TORCH_CHECK(roles.size() == params.size(), "tiger_: roles must have one entry per param, got ", roles.size(),
-              " for ", params.size());
-  TORCH_CHECK(grad_accum_steps >= 1, "tiger_: grad_accum_steps must be >= 1, got ", grad_accum_steps);
-  std::vector<int32_t> role32(roles.size());
-  std::vector<int64_t> rows(roles.size());
-  for (size_t i = 0; i < roles.size(); ++i) {
-    TORCH_CHECK(roles[i] >= kRoleElementwise && roles[i] <= kRoleMatrix, "tiger_: roles[", i,
-                "] must be 0 (elementwise), 1 (gain), 2 (embedding) or 3 (matrix), got ", roles[i]);
-    TORCH_CHECK(roles[i] != kRoleEmbedding || params[i].dim() >= 2, "tiger_: roles[", i,
-                "] is embedding but the param has ", params[i].dim(), " dims");
-    role32[i] = static_cast<int32_t>(roles[i]);
-    rows[i] = params[i].dim() > 0 ? params[i].size(-1) : 1;
-  }
+  const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
+  const std::vector<int32_t> role32(roles.begin(), roles.end());
   cpu::TigerArgs a;
   if (!common_args("tiger_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) return;
   a.beta = static_cast<float>(beta);
@@ -123,10 +112,7 @@ void simba_cpu(at::TensorList params, at::TensorList grads, at::TensorList sign_
                double weight_decay, const c10::optional<at::Tensor>& grad_scale,
                const c10::optional<at::Tensor>& found_inf, c10::IntArrayRef seeds, bool stochastic_rounding) {
   const auto info = check_lists("simba_", params, grads, sign_counts, steps, seeds, c10::kCPU, true);
-  TORCH_CHECK(window_size >= 1 && window_size <= 32767, "simba_: window_size must be in [1, 32767], got ",
-              window_size);
-  TORCH_CHECK(threshold_count >= 0 && threshold_count <= window_size,
-              "simba_: threshold_count must be in [0, window_size], got ", threshold_count);
+  binding::check_simba_window("simba_", window_size, threshold_count);
   cpu::SimbaArgs a;
   if (!common_args("simba_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) return;
   a.window_size = static_cast<int32_t>(window_size);
