@@ -17,12 +17,11 @@
 //    and must not be rewritten before a replay);
 //  * it needs no allocation and no synchronisation, and the framework-free core
 //    stays free of allocators.
-// The price is the 4 KiB kernel-parameter limit: a launch takes up to
-// max_tensors_per_launch<Depth, Meta>() tensors (about 40-70 here) and a call with
-// more tensors is split into several launches. CUDA >= 12.1 allows 32 KiB of
-// arguments on sm_70+, with a recent driver; raising kArgBytes is the upgrade path
-// once the driver floor allows it (8x fewer launches for models with thousands of
-// tensors; CUDA graphs remove the launch cost anyway).
+// The price is the kernel-parameter limit: a launch takes up to
+// max_tensors_per_launch<Depth, Meta>() tensors and a call with more is split into
+// several launches. Built with CUDA >= 12.1 the table uses the 32 KiB parameter space
+// of sm_70+ (needs driver r530+): about 400-480 tensors per launch, so GPT-2 small's
+// 148 tensors are one launch. Older toolkits get 4 KiB: about 40-60 tensors per launch.
 //
 // NOTE: [blocks found by binary search]
 // Unlike a block -> (tensor, chunk) map (which bounds the blocks of one launch), the
@@ -59,7 +58,13 @@ constexpr int kStateIdx = 2;
 constexpr int kBlockThreads = 512;
 constexpr int kILP = 8;                    // elements per thread per iteration
 constexpr int64_t kChunkElems = 1 << 16;   // elements per block (a multiple of kILP)
-constexpr size_t kArgBytes = 4096;         // kernel-parameter limit (NOTE: [chunk table ...])
+// Kernel-parameter limit (NOTE: [chunk table in kernel arguments]): 32764 bytes since
+// CUDA 12.1 on sm_70+ (driver r530 or newer), 4 KiB before.
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
+constexpr size_t kArgBytes = 32764;
+#else
+constexpr size_t kArgBytes = 4096;
+#endif
 constexpr size_t kFunctorArgBytes = 256;   // room kept for the functor's own arguments
 
 static_assert(kChunkElems % kILP == 0, "chunks must start on a pack boundary");
@@ -259,7 +264,7 @@ template <int Depth, typename Meta, typename Functor, typename MetaFn>
 cudaError_t multi_tensor_apply(const TensorLists<Depth>& lists, MetaFn&& meta_of, const Functor& f,
                                cudaStream_t stream) {
   using Table = TensorTable<Depth, Meta>;
-  static_assert(sizeof(Table) + sizeof(Functor) <= kArgBytes, "kernel arguments exceed 4 KiB");
+  static_assert(sizeof(Table) + sizeof(Functor) <= kArgBytes, "kernel arguments exceed the parameter limit");
   static_assert(sizeof(Functor) <= kFunctorArgBytes, "functor arguments exceed their budget");
   static_assert(std::is_trivially_copyable<Functor>::value, "functors are passed by value to the kernel");
   return for_each_table<Depth, Meta>(

@@ -102,8 +102,8 @@ cudaError_t tiger(const TensorList& t, const TigerArgs& a, cudaStream_t stream) 
       // 1 + 2: pre-pass and finalisation, table by table.
       using PreTable = TensorTable<2, TigerMeta>;
       using Pre = TigerPrepassFunctor<P, G>;
-      static_assert(sizeof(PreTable) + sizeof(Pre) <= kArgBytes, "kernel arguments exceed 4 KiB");
-      static_assert(sizeof(PreTable) + sizeof(TigerHyper) <= kArgBytes, "kernel arguments exceed 4 KiB");
+      static_assert(sizeof(PreTable) + sizeof(Pre) <= kArgBytes, "kernel arguments exceed the parameter limit");
+      static_assert(sizeof(PreTable) + sizeof(TigerHyper) <= kArgBytes, "kernel arguments exceed the parameter limit");
       Pre pre;
       pre.h = h;
       cudaError_t err = for_each_table<2, TigerMeta>(pre_lists, meta_of, chunk_of, [&](const PreTable& tl) {
