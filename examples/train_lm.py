@@ -48,12 +48,13 @@ OPTIMIZERS = ("adamw", "lion", "tiger", "simba")
 # SPEC.md's advice: Lion's lr 3-10x smaller than AdamW's and its weight decay 3-10x larger
 # (both optimizers multiply the decay by lr, so Lion's lr*wd stays comparable); Tiger's lr
 # is relative (matrices move by lr*RMS(param) per step) and its decay is applied to matrices
-# only through tiger_param_groups. Simba uses Lion's lr and decay (same sign-update scale).
+# only through tiger_param_groups (Su's 0.01). Simba takes its own sweep's best lr with
+# Lion's decay. The sweep is shorter (150 steps) than the default run (400 steps).
 DEFAULT_HPARAMS: Dict[str, Dict[str, float]] = {
-    "adamw": {"lr": 3e-3, "weight_decay": 0.1},
-    "lion": {"lr": 5e-4, "weight_decay": 0.6},
-    "tiger": {"lr": 1e-2, "weight_decay": 0.01},
-    "simba": {"lr": 5e-4, "weight_decay": 0.6},
+    "adamw": {"lr": 1.5e-3, "weight_decay": 0.1},
+    "lion": {"lr": 5e-4, "weight_decay": 0.3},  # 3x smaller lr, 3x larger decay than AdamW
+    "tiger": {"lr": 4e-2, "weight_decay": 0.01},  # relative lr; see the sweep
+    "simba": {"lr": 1e-3, "weight_decay": 0.3},
 }
 
 # Grid of --sweep: each point is a full (shorter) training run.
@@ -409,13 +410,20 @@ def train_one(name: str, hp: Dict[str, float], args, corpus, *, stop_at: Optiona
 
 
 def describe_backend(opt) -> str:
+    """The executor that ran the step: "torch" for AdamW, else the sign_kernels backend."""
     if opt.__class__.__module__.startswith("torch"):
         return "torch"
-    for attr in ("backend_name", "_backend_name", "resolved_backend"):
-        v = getattr(opt, attr, None)
-        if v is not None:
-            return str(v() if callable(v) else v)
-    return opt.defaults.get("backend", "?")
+    names = set()
+    try:
+        from sign_kernels import backends as skb
+
+        for p, state in opt.state.items():
+            group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+            buf = state.get("exp_avg", state.get("sign_counts"))
+            names.add(skb.choose(group["backend"], p.device, p.dtype, p.dtype, buf.dtype).name)
+    except Exception as exc:  # informational only
+        return f"{opt.defaults.get('backend', '?')} ({exc.__class__.__name__})"
+    return ",".join(sorted(names))
 
 
 # --------------------------------------------------------------------------------------
@@ -530,32 +538,54 @@ def run_compare(args, corpus):
     return runs
 
 
+def parse_points(spec: str) -> List[tuple]:
+    """"lion:3e-4:1.0,tiger:2e-2:0.01" -> [("lion", {"lr": 3e-4, "weight_decay": 1.0}), ...]"""
+    points = []
+    for item in spec.split(","):
+        name, lr, wd = item.strip().split(":")
+        points.append((name.lower(), {"lr": float(lr), "weight_decay": float(wd)}))
+    return points
+
+
 def run_sweep(args, corpus):
+    """Run SWEEP_GRID (or the --sweep-points), merged into <out>/<tag>.json with earlier points
+    of the same setting (same steps, model, batch, dtype), so a grid can be extended."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or "sweep"
-    runs = []
-    names = [n for n in args.optimizers if n in SWEEP_GRID]
-    for name in names:
-        for hp in SWEEP_GRID[name]:
-            print(f"== sweep {name} {hp}", flush=True)
-            r = train_one(name, dict(hp), args, corpus, verbose=False)
-            r.pop("train_losses")
-            print(f"   final val {r['final_val_loss']:.4f}  ({r['train_time_s']:.1f} s)", flush=True)
-            runs.append(r)
-    best = {}
-    for name in names:
-        rs = [r for r in runs if r["optimizer"] == name]
-        best[name] = min(rs, key=lambda r: r["final_val_loss"])
+    if args.sweep_points:
+        points = parse_points(args.sweep_points)
+    else:
+        points = [(n, dict(hp)) for n in args.optimizers if n in SWEEP_GRID for hp in SWEEP_GRID[n]]
     env = environment(args, corpus[2])
-    write_json(out / f"{tag}.json", {"environment": env, "runs": runs,
-                                     "best": {k: v["hparams"] for k, v in best.items()}})
+    setting = {k: env[k] for k in ("steps", "batch_size", "model_size", "dtype", "seed", "corpus")}
+    path = out / f"{tag}.json"
+    runs = []
+    if path.exists():
+        old = json.loads(path.read_text())
+        if {k: old["environment"].get(k) for k in setting} == setting:
+            runs = old["runs"]
+    for name, hp in points:
+        print(f"== sweep {name} {hp}", flush=True)
+        r = train_one(name, hp, args, corpus, verbose=False)
+        losses = r.pop("train_losses")
+        r["train_loss_every_10"] = [sum(losses[i:i + 10]) / len(losses[i:i + 10]) for i in range(0, len(losses), 10)]
+        print(f"   final val {r['final_val_loss']:.4f}  ({r['train_time_s']:.1f} s)", flush=True)
+        runs = [q for q in runs if not (q["optimizer"] == name and q["hparams"] == r["hparams"])] + [r]
+    order = {n: i for i, n in enumerate(OPTIMIZERS)}
+    runs.sort(key=lambda r: (order[r["optimizer"]], r["hparams"]["lr"], r["hparams"]["weight_decay"]))
+    best = {}
+    for r in runs:
+        if r["optimizer"] not in best or r["final_val_loss"] < best[r["optimizer"]]["final_val_loss"]:
+            best[r["optimizer"]] = r
+    write_json(path, {"environment": env, "runs": runs, "best": {k: v["hparams"] for k, v in best.items()}})
     lines = ["| optimizer | lr | weight decay | final val loss |", "|---|---|---|---|"]
     for r in runs:
         mark = " **best**" if r is best[r["optimizer"]] else ""
         lines.append(f"| {r['optimizer']} | {r['hparams']['lr']:g} | {r['hparams']['weight_decay']:g} | "
                      f"{r['final_val_loss']:.4f}{mark} |")
-    header = f"Sweep: {args.model_size} GPT, {args.steps} steps, batch {args.batch_size}, {args.dtype}, {args.device}"
+    header = (f"Sweep: {args.model_size} GPT, {args.steps} steps (cosine, warmup {max(1, args.steps // 10) if args.warmup is None else args.warmup}), "
+              f"batch {args.batch_size}, {args.dtype}, {args.device}, final val loss")
     (out / f"{tag}.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
     print("\n" + header + "\n\n" + "\n".join(lines))
 
@@ -639,6 +669,8 @@ def main(argv=None):
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--tag", default=None, help="output file stem")
     p.add_argument("--sweep", action="store_true", help="run the lr/wd grid (SWEEP_GRID)")
+    p.add_argument("--sweep-points", default=None, metavar="OPT:LR:WD,...",
+                   help="with --sweep: run these points instead of SWEEP_GRID (merged into the sweep JSON)")
     p.add_argument("--resume-check", action="store_true", help="check bit-exact resume in a new process")
     p.add_argument("--resume-at", type=int, default=None, help="step at which to save (default steps/2)")
     p.add_argument("--_continue", default=None, help=argparse.SUPPRESS)
