@@ -73,14 +73,13 @@ def _check_nonneg(name: str, value: Any, where: str) -> None:
 class _Bucket:
     """The tensors of one op call: same device, param dtype, grad dtype, state dtype."""
 
-    __slots__ = ("backend", "params", "grads", "indices", "positions")
+    __slots__ = ("backend", "params", "grads", "positions")
 
     def __init__(self, backend):
         self.backend = backend
         self.params: List[torch.Tensor] = []
         self.grads: List[torch.Tensor] = []
-        self.indices: List[int] = []  # position of the param in the optimizer (for SR seeds)
-        self.positions: List[int] = []  # position in its group (for per-param options)
+        self.positions: List[int] = []  # position of each param in its group
 
 
 class SignOptimizer(Optimizer):
@@ -96,7 +95,7 @@ class SignOptimizer(Optimizer):
         if defaults["backend"] not in _backends.CHOICES:
             raise ValueError(f"backend must be one of {_backends.CHOICES}, got {defaults['backend']!r}")
         defaults["momentum_dtype"] = normalize_momentum_dtype(defaults.get("momentum_dtype"))
-        self._seed_cache: Dict[Tuple[int, int], int] = {}
+        self._seed_cache: Dict[int, Tuple[tuple, List[int]]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -106,7 +105,8 @@ class SignOptimizer(Optimizer):
     def _validate_hparams(self, group: Dict[str, Any], where: str) -> None:
         raise NotImplementedError
 
-    def _validate_group(self, group: Dict[str, Any], group_index: int) -> None:
+    def _validate_group(self, group: Dict[str, Any], group_index: int, params: bool = True) -> None:
+        """Check a group's options (every step) and its params (when added or loaded)."""
         where = self._where(group_index)
         if group["backend"] not in _backends.CHOICES:
             raise ValueError(f"{where}: backend must be one of {_backends.CHOICES}, got {group['backend']!r}")
@@ -114,6 +114,8 @@ class SignOptimizer(Optimizer):
         if not isinstance(group.get("seed", 0), int):
             raise ValueError(f"{where}: seed must be an int, got {group['seed']!r}")
         self._validate_hparams(group, where)
+        if not params:
+            return
         for i, p in enumerate(group["params"]):
             if not p.is_floating_point():
                 raise ValueError(f"{where}: param {i} has dtype {p.dtype}; parameters must be floating point")
@@ -139,20 +141,22 @@ class SignOptimizer(Optimizer):
         state[self._state_key] = torch.zeros(p.shape, dtype=self._state_dtype(group, p), device=p.device)
         state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
 
-    def _seed(self, seed: int, index: int) -> int:
-        key = (seed, index)
-        value = self._seed_cache.get(key)
-        if value is None:
-            value = self._seed_cache[key] = _rng.tensor_seed(seed, index)
-        return value
+    def _group_seeds(self, group: Dict[str, Any], offset: int) -> List[int]:
+        """SR seeds of the group's params (cached while seed, offset and size hold)."""
+        key = (group["seed"], offset, len(group["params"]))
+        cached = self._seed_cache.get(id(group))
+        if cached is None or cached[0] != key:
+            seeds = [_rng.tensor_seed(group["seed"], offset + j) for j in range(len(group["params"]))]
+            cached = self._seed_cache[id(group)] = (key, seeds)
+        return cached[1]
 
     # ------------------------------------------------------------------ the step
-    def _plan(self) -> List[Tuple[Dict[str, Any], List[_Bucket]]]:
+    def _plan(self) -> List[Tuple[Dict[str, Any], int, List[_Bucket]]]:
         """Validate everything and group the tensors; writes nothing."""
         plan = []
         offset = 0
         for gi, group in enumerate(self.param_groups):
-            self._validate_group(group, gi)
+            self._validate_group(group, gi, params=False)
             where = self._where(gi)
             buckets: Dict[tuple, _Bucket] = {}
             for j, p in enumerate(group["params"]):
@@ -181,9 +185,8 @@ class SignOptimizer(Optimizer):
                     bucket = buckets[key] = _Bucket(backend)
                 bucket.params.append(p)
                 bucket.grads.append(g)
-                bucket.indices.append(offset + j)
                 bucket.positions.append(j)
-            plan.append((group, list(buckets.values())))
+            plan.append((group, offset, list(buckets.values())))
             offset += len(group["params"])
         return plan
 
@@ -202,12 +205,13 @@ class SignOptimizer(Optimizer):
         found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
 
         plan = self._plan()
-        for group, buckets in plan:
+        for group, offset, buckets in plan:
+            seeds = self._group_seeds(group, offset)
             for bucket in buckets:
-                self._run_bucket(group, bucket, grad_scale, found_inf)
+                self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], grad_scale, found_inf)
         return loss
 
-    def _run_bucket(self, group, bucket: _Bucket, grad_scale, found_inf) -> None:
+    def _run_bucket(self, group, bucket: _Bucket, seeds: List[int], grad_scale, found_inf) -> None:
         states = []
         for p in bucket.params:
             state = self.state[p]
@@ -217,7 +221,6 @@ class SignOptimizer(Optimizer):
         device = bucket.params[0].device
         bufs = [s[self._state_key] for s in states]
         steps = [s["step"] for s in states]
-        seeds = [self._seed(group["seed"], i) for i in bucket.indices]
         gs = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
         fi = found_inf.to(device, non_blocking=True) if found_inf is not None else None
 
