@@ -131,8 +131,8 @@ def table(result: Dict) -> str:
     for pset, dtype in order:
         group = [r for r in rows if (r["param_set"], r["dtype"]) == (pset, dtype)]
         r0 = group[0]
-        ceil = result["ceilings"].get(pset, {})
-        b = ceil.get("before", {})
+        ceil = result["ceilings"].get(f"{pset}/{dtype}", {})
+        b = ceil
         lines += ["", f"{pset} ({r0['n_tensors']} tensors, {r0['n_elements'] / 1e6:.1f}M elements), "
                       f"{dtype}; ceiling {_f(ceil.get('ceiling_gbps'), '.1f')} GB/s "
                       f"(mul_ {_f(b.get('mul_gbps'), '.1f')}, copy {_f(b.get('copy_gbps'), '.1f')})",

@@ -15,7 +15,7 @@ from . import accounting, contenders as contenders_mod, paramsets
 from .accounting import DTYPE_SETTINGS, DtypeSetting
 from .contenders import Contender
 from .paramsets import ParamSet
-from .timing import Workspace, count_launches, measure_ceiling, time_steps
+from .timing import Workspace, count_launches, time_steps
 
 
 @dataclass
@@ -150,7 +150,7 @@ def attach_ratios(rows: List[Dict], ceilings: Dict[str, Dict]) -> None:
     for r in rows:
         if r["ms_median"] is None:
             continue
-        ceil = ceilings.get(r["param_set"], {}).get("ceiling_gbps")
+        ceil = ceilings.get(f"{r['param_set']}/{r['dtype']}", {}).get("ceiling_gbps")
         r["ceiling_gbps"] = ceil
         r["fraction"] = r["gbps"] / ceil if ceil else None
         b = base.get((r["param_set"], baseline_dtype(r["dtype"])))
@@ -187,21 +187,15 @@ def run(cfg: Config) -> Dict:
                     bar.set_description(f"{pset.name} {ds.name} {c.key}")
                     rows.append(run_one(c, ws, pset, ds, device, cfg))
                     bar.update()
+                if ws is not None:
+                    # NOTE: [ceiling] in the same run, after the contenders, over the same
+                    # (already touched) memory they used: separate big buffers allocated and
+                    # freed around the steps changed the steps' speed by up to 3x on the CPU
+                    # VM this was developed on.
+                    bar.set_description(f"{pset.name} {ds.name} ceiling")
+                    ceilings[f"{pset.name}/{ds.name}"] = ws.ceiling(cfg.ceiling_reps)
                 del ws
                 _free(device, pset.n_elements > 2**24)
-        # NOTE: [ceiling] measured in the same run, after every contender (allocating and
-        # freeing the big buffers first slowed the next steps by up to 3x on the CPU VM
-        # this was developed on), twice per set, over passes that move as many bytes as
-        # one fp32 Lion step on that set.
-        for pset in psets:
-            bar.set_description(f"{pset.name} ceiling")
-            ref_bytes = accounting.step_bytes("lion", pset.numels, fp32)
-            first = measure_ceiling(ref_bytes, device, cfg.ceiling_reps)
-            second = measure_ceiling(ref_bytes, device, cfg.ceiling_reps)
-            ceilings[pset.name] = dict(
-                bytes=first["bytes"], before=first, after=second,
-                ceiling_gbps=max(first["ceiling_gbps"], second["ceiling_gbps"]),
-            )
     finally:
         bar.close()
     attach_ratios(rows, ceilings)

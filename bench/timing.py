@@ -82,6 +82,31 @@ class Workspace:
                 alpha = self._rng.uniform(0.25, 4.0) * self._rng.choice((-1.0, 1.0))
                 torch.add(self.pool[0], self.pool[1], alpha=alpha, out=self.grad_flat)
 
+    def ceiling(self, reps: int = 10) -> Dict[str, float]:
+        """Bandwidth ceiling over this workspace's own gradient buffers (NOTE: [ceiling]):
+        ``mul``: in-place ``mul_(1)`` over the gradient buffer and the pools (viewed as
+        int32: the bytes are moved, no float special cases); ``copy``: pool -> gradient
+        buffer on CPU, gradient buffer -> a same-size buffer on CUDA (device-to-device)."""
+        bufs = [self.grad_flat] + list(self.pool or ())
+        views = [b.view(torch.int32) for b in bufs]
+        moved_mul = 2 * sum(b.numel() * b.element_size() for b in bufs)
+        src = self.pool[0] if self.pool is not None else self.grad_flat
+        dst = self.grad_flat if self.pool is not None else torch.empty_like(self.grad_flat)
+        moved_copy = 2 * src.numel() * src.element_size()
+
+        def run(fn) -> float:
+            first = time_steps(fn, lambda: None, self.device, warmup=1, steps=1).median
+            n_reps = min(1000, max(reps, int(200.0 / max(first, 1e-3))))
+            return time_steps(fn, lambda: None, self.device, warmup=1, steps=n_reps).median
+
+        out = {"bytes_mul": moved_mul, "bytes_copy": moved_copy}
+        out["mul_gbps"] = moved_mul / (run(lambda: [v.mul_(1) for v in views]) * 1e-3) / 1e9
+        out["copy_gbps"] = moved_copy / (run(lambda: dst.copy_(src)) * 1e-3) / 1e9
+        out["ceiling_gbps"] = max(out["mul_gbps"], out["copy_gbps"])
+        del dst
+        self.refill()
+        return out
+
     def nbytes(self) -> int:
         t = sum(p.numel() * p.element_size() for p in self.params)
         t += self.grad_flat.numel() * self.grad_flat.element_size()
@@ -172,35 +197,6 @@ def time_steps(step: Callable[[], object], refill: Callable[[], None], device: t
         if over(i):
             break
     return Timing(ms)
-
-
-def measure_ceiling(nbytes: int, device: torch.device, reps: int = 10) -> Dict[str, float]:
-    """Achievable bandwidth (GB/s) for passes that move `nbytes` in total.
-
-    * ``mul``: in-place ``x.mul_(1.0)`` over an fp32 buffer of nbytes/2 (read + write
-      the same buffer, like an optimizer's in-place update);
-    * ``copy``: ``dst.copy_(src)``, each nbytes/2 (a device-to-device copy on CUDA).
-
-    ``ceiling`` is the faster of the two; each is the median of at least `reps` timed passes
-    (more for small buffers) after a warm pass.
-    """
-    n = max(1, nbytes // 8)  # fp32 elements in a buffer of nbytes/2
-    moved = 8 * n
-    out: Dict[str, float] = {"bytes": moved}
-    x = torch.ones(n, dtype=torch.float32, device=device)
-    y = torch.zeros(n, dtype=torch.float32, device=device)
-
-    def run(fn) -> float:
-        # small buffers: more passes, so the median is not one timer tick (>= ~0.2 s in all)
-        first = time_steps(fn, lambda: None, device, warmup=1, steps=1).median
-        n_reps = min(1000, max(reps, int(200.0 / max(first, 1e-3))))
-        return time_steps(fn, lambda: None, device, warmup=1, steps=n_reps).median
-
-    out["mul_gbps"] = moved / (run(lambda: x.mul_(1.0)) * 1e-3) / 1e9
-    out["copy_gbps"] = moved / (run(lambda: y.copy_(x)) * 1e-3) / 1e9
-    del x, y
-    out["ceiling_gbps"] = max(out["mul_gbps"], out["copy_gbps"])
-    return out
 
 
 _LAUNCH_EVENTS = {

@@ -132,7 +132,7 @@ def test_ratio_uses_fused_adamw_at_same_param_dtype():
 
     rows = [row("adamw-fused", "fp32", 2.0), row("adamw-fused", "bf16", 1.0),
             row("lion[cpu]", "fp32", 1.0), row("lion[cpu]", "bf16-fp32m", 1.5)]
-    runner.attach_ratios(rows, {"s": {"ceiling_gbps": 4.0}})
+    runner.attach_ratios(rows, {"s/fp32": {"ceiling_gbps": 4.0}})
     assert [r["ratio_vs_fused_adamw"] for r in rows] == [1.0, 1.0, 0.5, 1.5]
     assert rows[2]["fraction"] == 0.25
 
@@ -196,7 +196,7 @@ def test_result_file_schema(tmp_path, capsys):
     assert data["schema_version"] == 1
     assert ENV_KEYS <= set(data["env"])
     assert data["env"]["threads"] == 1
-    assert set(data["ceilings"]) == {"flat-4K", "tiny-8x768"}
+    assert set(data["ceilings"]) == {f"{s}/{d}" for s in ("flat-4K", "tiny-8x768") for d in ("fp32", "bf16")}
     for c in data["ceilings"].values():
         assert c["ceiling_gbps"] > 0
     rows = data["rows"]
@@ -240,4 +240,4 @@ def test_merge_split_runs(tmp_path):
     assert merge.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "-o", str(tmp_path / "m")]) == 0
     data = json.loads((tmp_path / "m.json").read_text())
     assert {r["param_set"] for r in data["rows"]} == {"tiny-4x768", "flat-4K"}
-    assert set(data["ceilings"]) == {"tiny-4x768", "flat-4K"} and len(data["merged_from"]) == 2
+    assert set(data["ceilings"]) == {"tiny-4x768/fp32", "flat-4K/fp32"} and len(data["merged_from"]) == 2
