@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     a("--backends", default=None, help="best (default), all (default with --full), or a comma list")
     a("--steps", type=int, default=None, help="timed steps per row (default 20 CPU, 100 CUDA)")
     a("--warmup", type=int, default=None, help="untimed steps first (default 3 CPU, 10 CUDA)")
-    a("--row-budget", type=float, default=30.0,
+    a("--row-budget", type=float, default=10.0,
       help="seconds: a row stops timing after this long, with at least 5 steps (0: no limit)")
     a("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     a("--nvtx", action="store_true", help="wrap every step in an NVTX range (CUDA; for nsys)")

@@ -30,7 +30,7 @@ class Config:
     backends: str = "best"
     steps: int = 20
     warmup: int = 3
-    row_budget_s: Optional[float] = 30.0  # stop a row's timed steps after this long (>= 5 steps)
+    row_budget_s: Optional[float] = 10.0  # stop a row's timed steps after this long (>= 5 steps)
     threads: Optional[int] = None
     nvtx: bool = False
     grad_mode: str = "auto"
