@@ -254,6 +254,13 @@ def build_optimizer(name: str, model: nn.Module, hp: Dict[str, float], args) -> 
         return sk.Lion(decay_groups(model, wd), lr=lr, betas=betas, weight_decay=wd, **common)
     if name == "tiger":
         groups = sk.tiger_param_groups(model)
+        if "elementwise_lr" in hp:
+            # Tiger's element-wise params (biases, norm gains/shifts) move by 0.5*lr in absolute
+            # terms, the others by lr*RMS: with 0.02-std init matrices one lr cannot suit both
+            # (see README), so these groups get their own lr (SPEC: explicit per-group override).
+            for g in groups:
+                if g["role"] in ("elementwise", "gain"):
+                    g["lr"] = hp["elementwise_lr"]
         return sk.Tiger(groups, lr=lr, beta=hp.get("beta", 0.965), weight_decay=wd, **common)
     if name == "simba":
         return sk.Simba(
@@ -524,7 +531,20 @@ def run_compare(args, corpus):
         print(f"== {name}: final val {r['final_val_loss']:.4f}, {r['train_time_s']:.1f} s", flush=True)
         runs.append(r)
     env = environment(args, corpus[2])
-    write_json(out / f"{tag}.json", {"environment": env, "runs": runs})
+    path = out / f"{tag}.json"
+    if args.merge and path.exists():
+        # keep the other optimizers' runs of an earlier invocation with the same setting
+        old = json.loads(path.read_text())
+        same = {k: v for k, v in old["environment"].items() if k not in ("threads",)} == {
+            k: v for k, v in env.items() if k not in ("threads",)}
+        if same:
+            mine = {r["optimizer"] for r in runs}
+            kept = [r for r in old["runs"] if r["optimizer"] not in mine]
+            order = {n: i for i, n in enumerate(OPTIMIZERS)}
+            runs = sorted(kept + runs, key=lambda r: order[r["optimizer"]])
+        else:
+            print(f"--merge: {path} has another setting; overwriting it")
+    write_json(path, {"environment": env, "runs": runs})
     table = results_table(runs)
     header = (
         f"{args.model_size} GPT ({runs[0]['param_count']:,} params), {args.steps} steps, batch "
@@ -539,11 +559,15 @@ def run_compare(args, corpus):
 
 
 def parse_points(spec: str) -> List[tuple]:
-    """"lion:3e-4:1.0,tiger:2e-2:0.01" -> [("lion", {"lr": 3e-4, "weight_decay": 1.0}), ...]"""
+    """"lion:3e-4:1.0,tiger:4e-2:0.01:elementwise_lr=2e-3" -> [(name, hparams dict), ...]"""
     points = []
     for item in spec.split(","):
-        name, lr, wd = item.strip().split(":")
-        points.append((name.lower(), {"lr": float(lr), "weight_decay": float(wd)}))
+        name, lr, wd, *extra = item.strip().split(":")
+        hp = {"lr": float(lr), "weight_decay": float(wd)}
+        for kv in extra:  # e.g. tiger:4e-2:0.01:elementwise_lr=2e-3
+            k, v = kv.split("=")
+            hp[k] = float(v)
+        points.append((name.lower(), hp))
     return points
 
 
@@ -573,17 +597,19 @@ def run_sweep(args, corpus):
         print(f"   final val {r['final_val_loss']:.4f}  ({r['train_time_s']:.1f} s)", flush=True)
         runs = [q for q in runs if not (q["optimizer"] == name and q["hparams"] == r["hparams"])] + [r]
     order = {n: i for i, n in enumerate(OPTIMIZERS)}
-    runs.sort(key=lambda r: (order[r["optimizer"]], r["hparams"]["lr"], r["hparams"]["weight_decay"]))
+    runs.sort(key=lambda r: (order[r["optimizer"]], r["hparams"].get("elementwise_lr", 0), r["hparams"]["lr"],
+                             r["hparams"]["weight_decay"]))
     best = {}
     for r in runs:
         if r["optimizer"] not in best or r["final_val_loss"] < best[r["optimizer"]]["final_val_loss"]:
             best[r["optimizer"]] = r
     write_json(path, {"environment": env, "runs": runs, "best": {k: v["hparams"] for k, v in best.items()}})
-    lines = ["| optimizer | lr | weight decay | final val loss |", "|---|---|---|---|"]
+    lines = ["| optimizer | lr | weight decay | other | final val loss |", "|---|---|---|---|---|"]
     for r in runs:
         mark = " **best**" if r is best[r["optimizer"]] else ""
+        other = ", ".join(f"{k}={v:g}" for k, v in r["hparams"].items() if k not in ("lr", "weight_decay"))
         lines.append(f"| {r['optimizer']} | {r['hparams']['lr']:g} | {r['hparams']['weight_decay']:g} | "
-                     f"{r['final_val_loss']:.4f}{mark} |")
+                     f"{other or '-'} | {r['final_val_loss']:.4f}{mark} |")
     header = (f"Sweep: {args.model_size} GPT, {args.steps} steps (cosine, warmup {max(1, args.steps // 10) if args.warmup is None else args.warmup}), "
               f"batch {args.batch_size}, {args.dtype}, {args.device}, final val loss")
     (out / f"{tag}.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
@@ -669,6 +695,8 @@ def main(argv=None):
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--tag", default=None, help="output file stem")
     p.add_argument("--sweep", action="store_true", help="run the lr/wd grid (SWEEP_GRID)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other optimizers' runs already in <out>/<tag>.json (same setting)")
     p.add_argument("--sweep-points", default=None, metavar="OPT:LR:WD,...",
                    help="with --sweep: run these points instead of SWEEP_GRID (merged into the sweep JSON)")
     p.add_argument("--resume-check", action="store_true", help="check bit-exact resume in a new process")
