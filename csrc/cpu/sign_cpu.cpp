@@ -115,72 +115,129 @@ constexpr const char* kBadDtypes =
     "unsupported dtype combination: params float32/bfloat16/float16, grads the param dtype or "
     "float32, state the param dtype, float32 or bfloat16 (Simba: int16 counters)";
 
-SK_HD float load_grad(float g, const Common& c) { return c.has_grad_scale ? g / c.grad_scale : g; }
+// NOTE: [flags hoisted out of the loops]
+// Whether g is unscaled and whether bf16 writes round stochastically are decided once
+// per chunk: each loop is compiled for one combination, so a loop without a grad scale
+// has no division and a loop without SR computes no hash. (Left as runtime selects, the
+// vectorizer computes both sides for every element: a division and two integer hashes
+// per element, which made the loops compute-bound.)
+template <class P, class S = P>
+constexpr bool kCanRoundStochastically = std::is_same<P, bf16_t>::value || std::is_same<S, bf16_t>::value;
+
+template <bool kCanSR, class F>
+void with_flags(const Common& c, F&& f) {
+  auto with_sr = [&](auto scale) {
+    if constexpr (kCanSR) {
+      if (c.stochastic_rounding) return f(scale, std::true_type{});
+    }
+    f(scale, std::false_type{});
+  };
+  if (c.has_grad_scale) {
+    with_sr(std::true_type{});
+  } else {
+    with_sr(std::false_type{});
+  }
+}
+
+template <class Scale>
+SK_HD float unscale(float g, float grad_scale) { return Scale::value ? g / grad_scale : g; }
 
 // ------------------------------------------------------------------ Lion
 template <class P, class G, class S>
 void lion_chunk(P* __restrict p, const G* __restrict g, S* __restrict m, int64_t begin, int64_t end,
                 const LionScalars s, const Common c, uint32_t key_p, uint32_t key_m) {
-  const bool sr = c.stochastic_rounding;
+  with_flags<kCanRoundStochastically<P, S>>(c, [&](auto scale, auto sr) {
+    using Scale = decltype(scale);
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    float pv = to_f32(p[i]);
-    float mv = to_f32(m[i]);
-    const float gv = load_grad(to_f32(g[i]), c);
-    lion_update(pv, mv, gv, s);
-    store(p + i, pv, key_p, i, sr);
-    store(m + i, mv, key_m, i, sr);
-  }
+    for (int64_t i = begin; i < end; ++i) {
+      float pv = to_f32(p[i]);
+      float mv = to_f32(m[i]);
+      lion_update(pv, mv, unscale<Scale>(to_f32(g[i]), c.grad_scale), s);
+      store(p + i, pv, key_p, i, sr.value);
+      store(m + i, mv, key_m, i, sr.value);
+    }
+  });
 }
 
 // ------------------------------------------------------------------ Simba
 template <class P, class G>
 void simba_chunk(P* __restrict p, const G* __restrict g, int16_t* __restrict cnt, int64_t begin, int64_t end,
                  const SimbaScalars s, const Common c, uint32_t key_p) {
-  const bool sr = c.stochastic_rounding;
+  with_flags<kCanRoundStochastically<P>>(c, [&](auto scale, auto sr) {
+    using Scale = decltype(scale);
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    float pv = to_f32(p[i]);
-    int16_t cv = cnt[i];
-    simba_update(pv, cv, load_grad(to_f32(g[i]), c), s);
-    store(p + i, pv, key_p, i, sr);
-    cnt[i] = cv;
-  }
+    for (int64_t i = begin; i < end; ++i) {
+      float pv = to_f32(p[i]);
+      int16_t cv = cnt[i];
+      simba_update(pv, cv, unscale<Scale>(to_f32(g[i]), c.grad_scale), s);
+      store(p + i, pv, key_p, i, sr.value);
+      cnt[i] = cv;
+    }
+  });
 }
 
 // ------------------------------------------------------------------ Tiger
 template <class P, class G, class S>
 void tiger_chunk(P* __restrict p, const G* __restrict g, S* __restrict m, int64_t begin, int64_t end,
                  float lr_p, const TigerScalars s, const Common c, uint32_t key_p, uint32_t key_m) {
-  const bool sr = c.stochastic_rounding;
-  if (s.update) {
+  with_flags<kCanRoundStochastically<P, S>>(c, [&](auto scale, auto sr) {
+    using Scale = decltype(scale);
+    if (s.update) {
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      float pv = to_f32(p[i]);
-      float mv = to_f32(m[i]);
-      tiger_update(pv, mv, load_grad(to_f32(g[i]), c), lr_p, s);
-      store(p + i, pv, key_p, i, sr);
-      store(m + i, mv, key_m, i, sr);
-    }
-  } else {  // accumulation micro-step: p is neither read nor written
+      for (int64_t i = begin; i < end; ++i) {
+        float pv = to_f32(p[i]);
+        float mv = to_f32(m[i]);
+        tiger_update(pv, mv, unscale<Scale>(to_f32(g[i]), c.grad_scale), lr_p, s);
+        store(p + i, pv, key_p, i, sr.value);
+        store(m + i, mv, key_m, i, sr.value);
+      }
+    } else {  // accumulation micro-step: p is neither read nor written
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      float pv = 0.0f;
-      float mv = to_f32(m[i]);
-      tiger_update(pv, mv, load_grad(to_f32(g[i]), c), lr_p, s);
-      store(m + i, mv, key_m, i, sr);
+      for (int64_t i = begin; i < end; ++i) {
+        float pv = 0.0f;
+        float mv = to_f32(m[i]);
+        tiger_update(pv, mv, unscale<Scale>(to_f32(g[i]), c.grad_scale), lr_p, s);
+        store(m + i, mv, key_m, i, sr.value);
+      }
     }
-  }
+  });
 }
 
 template <class P>
 void tiger_shrink_chunk(P* __restrict p, int64_t begin, int64_t end, const TigerScalars s, bool sr, uint32_t key_p) {
+  auto loop = [&](auto sr_flag) {
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    float pv = to_f32(p[i]);
-    tiger_shrink(pv, s);
-    store(p + i, pv, key_p, i, sr);
+    for (int64_t i = begin; i < end; ++i) {
+      float pv = to_f32(p[i]);
+      tiger_shrink(pv, s);
+      store(p + i, pv, key_p, i, sr_flag.value);
+    }
+  };
+  if (kCanRoundStochastically<P> && sr) {
+    loop(std::true_type{});
+  } else {
+    loop(std::false_type{});
   }
+}
+
+// True when the scaled gradient g / grad_scale holds a NaN in [begin, end).
+template <class G>
+bool has_nan(const G* __restrict g, int64_t begin, int64_t end, const Common& c) {
+  int nan = 0;
+  auto loop = [&](auto scale) {
+    using Scale = decltype(scale);
+#pragma omp simd reduction(| : nan)
+    for (int64_t e = begin; e < end; ++e) {
+      const float gv = unscale<Scale>(to_f32(g[e]), c.grad_scale);
+      nan |= static_cast<int>(gv != gv);
+    }
+  };
+  if (c.has_grad_scale) {
+    loop(std::true_type{});
+  } else {
+    loop(std::false_type{});
+  }
+  return nan != 0;
 }
 
 // Per-chunk partial results of Tiger's pre-pass, combined in chunk order so the
@@ -251,13 +308,7 @@ const char* tiger_step(const TensorList& t, const TigerArgs& a) {
         row_sumsq[i].assign(t.numels[i] / a.row_sizes[i], 0.0);
     for_each_chunk(chunks, [&](const Chunk& ch) {
       const int64_t i = ch.tensor;
-      const G* g = static_cast<const G*>(t.grads[i]);
-      int nan = 0;
-#pragma omp simd reduction(| : nan)
-      for (int64_t e = ch.begin; e < ch.end; ++e) {
-        const float gv = load_grad(to_f32(g[e]), c);
-        nan |= static_cast<int>(gv != gv);
-      }
+      const int nan = has_nan(static_cast<const G*>(t.grads[i]), ch.begin, ch.end, c);
       double sumsq = 0.0;
       const P* p = static_cast<const P*>(t.params[i]);
       if (sc[i].update && a.roles[i] == kRoleMatrix) {

@@ -88,7 +88,8 @@ static T from_f32(float v) {
 }
 
 template <class P, class G, class S>
-static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int threads) {
+static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int threads, bool sr = true,
+                     bool scaled = false) {
   const std::vector<int64_t> sizes = {0, 1, 7, 4097, cpu::kChunkElems - 1, cpu::kChunkElems + 3, 2 * cpu::kChunkElems};
   const int64_t n = static_cast<int64_t>(sizes.size());
   std::mt19937 rng(42);
@@ -133,7 +134,10 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
   t.state_dtype = sd;
   cpu::Common c;
   c.lr = 0.01f;
-  c.stochastic_rounding = true;
+  c.stochastic_rounding = sr;
+  c.has_grad_scale = scaled;
+  c.grad_scale = 3.0f;
+  auto grad = [&](const G& v) { return scaled ? to_f32(v) / c.grad_scale : to_f32(v); };
   omp_set_num_threads(threads);
   const char* err = nullptr;
   constexpr bool kCounters = std::is_same<S, int16_t>::value;
@@ -147,9 +151,9 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
     for (int64_t i = 0; i < n; ++i)
       for (int64_t e = 0; e < sizes[i]; ++e) {
         float pv = to_f32(p_ref[i][e]), mv = to_f32(s_ref[i][e]);
-        lion_update(pv, mv, to_f32(g[i][e]), sc);
-        store(&p_ref[i][e], pv, sr_key(seeds[i], steps[i], 0), e, true);
-        store(&s_ref[i][e], mv, sr_key(seeds[i], steps[i], 1), e, true);
+        lion_update(pv, mv, grad(g[i][e]), sc);
+        store(&p_ref[i][e], pv, sr_key(seeds[i], steps[i], 0), e, sr);
+        store(&s_ref[i][e], mv, sr_key(seeds[i], steps[i], 1), e, sr);
       }
   } else if (algo == 1) {
     cpu::TigerArgs a;
@@ -170,9 +174,9 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
         std::vector<float> upd(hi - lo);
         for (int64_t e = lo; e < hi; ++e) {
           float pv = to_f32(p_ref[i][e]), mv = to_f32(s_ref[i][e]);
-          tiger_update(pv, mv, to_f32(g[i][e]), lr_p, sc);
-          if (sc.update) store(&p_ref[i][e], pv, sr_key(seeds[i], steps[i], 0), e, true);
-          store(&s_ref[i][e], mv, sr_key(seeds[i], steps[i], 1), e, true);
+          tiger_update(pv, mv, grad(g[i][e]), lr_p, sc);
+          if (sc.update) store(&p_ref[i][e], pv, sr_key(seeds[i], steps[i], 0), e, sr);
+          store(&s_ref[i][e], mv, sr_key(seeds[i], steps[i], 1), e, sr);
         }
         if (roles[i] != kRoleEmbedding) break;
       }
@@ -191,8 +195,8 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
         float pv = to_f32(p_ref[i][e]);
         int16_t cv;
         std::memcpy(&cv, &s_ref[i][e], 2);
-        simba_update(pv, cv, to_f32(g[i][e]), sc);
-        store(&p_ref[i][e], pv, sr_key(seeds[i], steps[i], 0), e, true);
+        simba_update(pv, cv, grad(g[i][e]), sc);
+        store(&p_ref[i][e], pv, sr_key(seeds[i], steps[i], 0), e, sr);
         std::memcpy(&s_ref[i][e], &cv, 2);
       }
   }
@@ -222,6 +226,14 @@ static void test_executor() {
     run_case<bf16_t, bf16_t, int16_t>(D::kBFloat16, D::kBFloat16, D::kInt16, 2, threads);
     run_case<fp16_t, float, int16_t>(D::kFloat16, D::kFloat32, D::kInt16, 2, threads);
   }
+  // Without stochastic rounding, and with a gradient scale (the loops are compiled per flag).
+  for (int algo : {0, 1}) {
+    run_case<bf16_t, float, bf16_t>(D::kBFloat16, D::kFloat32, D::kBFloat16, algo, 2, false, true);
+    run_case<float, float, float>(D::kFloat32, D::kFloat32, D::kFloat32, algo, 2, false, true);
+    run_case<bf16_t, bf16_t, float>(D::kBFloat16, D::kBFloat16, D::kFloat32, algo, 2, true, true);
+  }
+  run_case<bf16_t, float, int16_t>(D::kBFloat16, D::kFloat32, D::kInt16, 2, 2, false, true);
+  run_case<bf16_t, bf16_t, int16_t>(D::kBFloat16, D::kBFloat16, D::kInt16, 2, 2, false, false);
   // An unsupported combination is refused and writes nothing.
   float p = 1.0f, g = 1.0f;
   fp16_t m{0};
