@@ -56,8 +56,9 @@ DEFAULT_HPARAMS: Dict[str, Dict[str, float]] = {
     # (0.95, 0.98): with 400 steps a 50-step momentum is stale (see README, sweep400_lion.json)
     "lion": {"lr": 5e-4, "weight_decay": 0.3, "beta1": 0.9, "beta2": 0.95},
     # relative lr for matrices/embeddings; biases and norm params get their own lr
-    # (0.5 * 2e-3 = 1e-3 per step, Su's range) instead of 0.5 * 2e-2
-    "tiger": {"lr": 2e-2, "weight_decay": 0.01, "elementwise_lr": 2e-3},
+    # (0.5 * 2e-3 = 1e-3 per step, Su's range) instead of 0.5 * 2e-2; beta 0.9 instead of
+    # 0.965 for the same reason as Lion's betas (see README, sweep400_tiger.json)
+    "tiger": {"lr": 2e-2, "weight_decay": 0.01, "elementwise_lr": 2e-3, "beta": 0.9},
     "simba": {"lr": 1e-3, "weight_decay": 0.3},
 }
 
