@@ -68,6 +68,15 @@ const char* simba_step(const TensorList& t, const SimbaArgs& a);
 using ParallelFor = void (*)(int64_t n, void* ctx, void (*body)(void* ctx, int64_t begin, int64_t end));
 void set_parallel_for(ParallelFor fn);
 
+// The instruction set the kernels run with: "avx2" where the CPU has it, else
+// "baseline" (the compiler's default target). SIGN_KERNELS_CPU_ISA=baseline forces the
+// baseline (tests run both).
+const char* isa();
+
+namespace detail {
+extern ParallelFor g_parallel_for;
+}  // namespace detail
+
 // Elements per work chunk (a multiple of 64 so chunk starts stay 256-byte aligned).
 constexpr int64_t kChunkElems = 1 << 16;
 

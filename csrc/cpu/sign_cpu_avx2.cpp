@@ -1,0 +1,25 @@
+// The CPU kernels compiled for AVX2 (x86-64 only), chosen at run time by sign_cpu.cpp.
+//
+// The standard headers and sign_math.h are included first, for the default target;
+// only the kernels below the pragma are compiled for AVX2, and sign_math.h's
+// always-inline functions are inlined into them (default -> avx2 inlining is allowed).
+// No FMA is enabled: NOTE: [no contraction] in sign_math.h.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../core/sign_math.h"
+#include "sign_cpu.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define SK_CPU_ISA avx2
+#include "sign_cpu_kernels.inc"
+#pragma GCC pop_options
+#define SK_HAVE_AVX2_KERNELS 1
+#endif
