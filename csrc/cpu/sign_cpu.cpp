@@ -26,6 +26,7 @@ SK_DECLARE_VARIANT(baseline)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SK_HAVE_AVX2_KERNELS 1
 SK_DECLARE_VARIANT(avx2)
+SK_DECLARE_VARIANT(avx512)
 #endif
 #undef SK_DECLARE_VARIANT
 
@@ -36,25 +37,42 @@ ParallelFor g_parallel_for = nullptr;
 void set_parallel_for(ParallelFor fn) { detail::g_parallel_for = fn; }
 
 namespace {
-bool use_avx2() {
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+// The best variant this CPU runs, or the one SIGN_KERNELS_CPU_ISA names (if supported).
+Isa detect() {
 #ifdef SK_HAVE_AVX2_KERNELS
-  static const bool yes = [] {
-    const char* forced = std::getenv("SIGN_KERNELS_CPU_ISA");
-    if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
-  return yes;
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") != 0;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const char* forced = std::getenv("SIGN_KERNELS_CPU_ISA");
+  if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return Isa::kBaseline;
+  if (forced != nullptr && std::strcmp(forced, "avx2") == 0 && avx2) return Isa::kAvx2;
+  return avx512 ? Isa::kAvx512 : (avx2 ? Isa::kAvx2 : Isa::kBaseline);
 #else
-  return false;
+  return Isa::kBaseline;
 #endif
+}
+
+Isa current() {
+  static const Isa isa = detect();
+  return isa;
 }
 }  // namespace
 
-const char* isa() { return use_avx2() ? "avx2" : "baseline"; }
+const char* isa() {
+  switch (current()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
 
 #ifdef SK_HAVE_AVX2_KERNELS
-#define SK_DISPATCH(fn, t, a) (use_avx2() ? avx2::fn(t, a) : baseline::fn(t, a))
+#define SK_DISPATCH(fn, t, a)                                             \
+  (current() == Isa::kAvx512 ? avx512::fn(t, a)                           \
+                             : current() == Isa::kAvx2 ? avx2::fn(t, a) : baseline::fn(t, a))
 #else
 #define SK_DISPATCH(fn, t, a) baseline::fn(t, a)
 #endif

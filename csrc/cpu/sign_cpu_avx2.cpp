@@ -21,5 +21,4 @@
 #define SK_CPU_ISA avx2
 #include "sign_cpu_kernels.inc"
 #pragma GCC pop_options
-#define SK_HAVE_AVX2_KERNELS 1
 #endif

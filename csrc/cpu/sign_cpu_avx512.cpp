@@ -1,0 +1,25 @@
+// The CPU kernels compiled for AVX-512 (F, BW, VL, DQ; 512-bit vectors), x86-64 only,
+// chosen at run time by sign_cpu.cpp.
+//
+// The standard headers and sign_math.h are included first, for the default target;
+// only the kernels below the pragma are compiled for AVX-512, and sign_math.h's
+// always-inline functions are inlined into them (default -> avx512 inlining is allowed).
+// No FMA is enabled: NOTE: [no contraction] in sign_math.h.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../core/sign_math.h"
+#include "sign_cpu.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+#define SK_CPU_ISA avx512
+#include "sign_cpu_kernels.inc"
+#pragma GCC pop_options
+#endif
