@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import pytest
 import torch
 
 import sign_kernels
-from sign_kernels.backends import reference
 
 AVAILABLE = sign_kernels.available_backends()
 # Backends of the optimizer tests here (Triton and CUDA have their own test files).

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-import sign_kernels
 from sign_kernels import Tiger, role_of, tiger_param_groups
 from conftest import LOCAL_BACKENDS
 

@@ -94,10 +94,7 @@ struct LionFunctor {
 };
 
 // ------------------------------------------------------------------ Simba
-struct SimbaMeta {
-  const int64_t* step;
-  uint32_t seed;
-};
+using SimbaMeta = LionMeta;  // the same per-tensor record: step pointer and SR seed
 
 template <typename P, typename G>
 struct SimbaFunctor {

@@ -14,7 +14,6 @@ No math lives here (SPEC.md is implemented by the backends). One ``step()``:
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch

@@ -8,7 +8,7 @@ from __future__ import annotations
 import collections
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
