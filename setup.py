@@ -40,6 +40,26 @@ def _rel(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _openmp_flags(torch) -> list[str]:
+    """-fopenmp when torch's intra-op parallelism is OpenMP (its Linux wheels), else nothing.
+
+    NOTE: [OpenMP in the binding] The CPU op runs on torch's thread pool through
+    at::parallel_for, whose OpenMP implementation is inline in ATen's headers and guarded
+    by `#ifdef _OPENMP`: compiled without -fopenmp, at::parallel_for quietly runs the
+    whole range on the calling thread. (The first builds did exactly that: the CPU op
+    took the same time with 1 and 2 threads.) Linking with -fopenmp adds a dependency on
+    libgomp.so.1, which the dynamic loader resolves to the libgomp torch already loaded
+    (same soname), so there is one OpenMP runtime in the process.
+    `sign_kernels._C.cpu_threads_used()` reports what a build really does; a test checks it.
+    """
+    if not torch._C.has_openmp or sys.platform != "linux":
+        if torch._C.has_openmp:
+            print("sign_kernels: not adding -fopenmp on this platform; the CPU kernels run on one thread",
+                  file=sys.stderr)
+        return []
+    return ["-fopenmp"]
+
+
 def extensions():
     if _flag("SIGN_KERNELS_NO_EXTENSION"):
         return [], {}
@@ -52,7 +72,9 @@ def extensions():
 
     os.environ.setdefault("MAX_JOBS", str(min(8, os.cpu_count() or 1)))
     host_flags = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-    host_flags += os.environ.get("SIGN_KERNELS_CPU_FLAGS", "").split()
+    omp_flags = _openmp_flags(torch)
+    host_flags += omp_flags + os.environ.get("SIGN_KERNELS_CPU_FLAGS", "").split()
+    link_flags = list(omp_flags)
     sources = _rel("csrc/cpu/*.cpp") + ["csrc/torch/cpu_ops.cpp", "csrc/torch/module.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
 
@@ -79,12 +101,14 @@ def extensions():
                 "nvcc": ["-O3", "--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false",
                          "--expt-relaxed-constexpr", "-lineinfo"],
             },
+            extra_link_args=link_flags,
         )
     else:
         if torch.version.cuda is not None and not _flag("SIGN_KERNELS_SKIP_CUDA"):
             print("sign_kernels: torch has CUDA but nvcc was not found; building the CPU kernels only", file=sys.stderr)
         ext = cpp_extension.CppExtension(
-            "sign_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": host_flags}
+            "sign_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": host_flags},
+            extra_link_args=link_flags,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 

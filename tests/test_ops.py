@@ -40,3 +40,22 @@ def test_schemas_declare_mutation():
         mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
         assert mutated[0] == "params" and len(mutated) == 2, (name, mutated)
         assert not schema.returns
+
+
+@needs_cpu
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_op_runs_on_torch_threads(threads):
+    # The op's parallel loop is at::parallel_for; compiled without torch's OpenMP it runs
+    # serially and nothing else notices (NOTE: [OpenMP in the binding] in setup.py).
+    import os
+
+    from sign_kernels import _C
+
+    want = min(threads, os.cpu_count() or 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert _C.cpu_threads_used(64) == want
+        assert _C.cpu_threads_used(1) == 1
+    finally:
+        torch.set_num_threads(before)

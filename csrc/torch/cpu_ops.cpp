@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <mutex>
+#include <set>
+#include <thread>
 #include <vector>
 
 #include "../core/sign_math.h"
@@ -131,6 +134,21 @@ void torch_parallel_for(int64_t n, void* ctx, void (*body)(void*, int64_t, int64
 const bool kParallelHooked = (cpu::set_parallel_for(&torch_parallel_for), true);
 
 }  // namespace
+
+// The number of distinct threads that run `items` work items through the kernels'
+// parallel hook: torch.get_num_threads() (capped by items) when the binding was compiled
+// with torch's parallel backend, 1 when at::parallel_for was compiled serial
+// (NOTE: [OpenMP in the binding] in setup.py).
+int64_t cpu_threads_used(int64_t items) {
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  auto body = [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mu);
+    ids.insert(std::this_thread::get_id());
+  };
+  torch_parallel_for(items, &body, [](void* ctx, int64_t b, int64_t e) { (*static_cast<decltype(body)*>(ctx))(b, e); });
+  return static_cast<int64_t>(ids.size());
+}
 
 TORCH_LIBRARY_IMPL(sign_kernels, CPU, m) {
   m.impl("lion_", &lion_cpu);
