@@ -38,6 +38,10 @@ def parser() -> argparse.ArgumentParser:
     a("--warmup", type=int, default=None, help="untimed steps first (default 3 CPU, 10 CUDA)")
     a("--row-budget", type=float, default=10.0,
       help="seconds: a row stops timing after this long, with at least 5 steps (0: no limit)")
+    a("--schedule", choices=("auto", "interleaved", "sequential"), default="auto",
+      help="interleaved: every contender and the ceiling take one step per round, ratios are "
+      "medians of per-round ratios; sequential: one contender after another. auto: interleaved "
+      "on CPU, sequential on CUDA (see NOTES.md)")
     a("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     a("--nvtx", action="store_true", help="wrap every step in an NVTX range (CUDA; for nsys)")
     a("--grad-mode", choices=("auto", "fresh", "mix"), default="auto",
@@ -81,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> runner.Config:
         seed=args.seed,
         launches=not args.no_launches,
         progress=not args.no_progress,
+        schedule=args.schedule,
     )
 
 

@@ -120,6 +120,9 @@ def table(result: Dict) -> str:
         "ms = median [p10, p90]; x AdamW = time / fused AdamW's (same param dtype); "
         "% ceil = GB/s / measured ceiling",
     ]
+    if result["config"].get("schedule") == "interleaved":
+        lines.append("schedule: interleaved (one step of every contender and of the ceiling passes per "
+                     "round); x AdamW and % ceil are medians of per-round ratios")
     head = (f"{'contender':<26}{'backend':<10}{'ms p50':>9} {'[p10, p90]':<20}{'GB/s':>7}"
             f"{'% ceil':>8}{'x AdamW':>9}{'B/elem':>8}{'state B/p':>10}{'launch':>8}")
     order = []

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import sys
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -15,7 +17,7 @@ from . import accounting, contenders as contenders_mod, paramsets
 from .accounting import DTYPE_SETTINGS, DtypeSetting
 from .contenders import Contender
 from .paramsets import ParamSet
-from .timing import Workspace, count_launches, time_steps
+from .timing import MIN_STEPS, Timing, Workspace, count_launches, synchronize, time_steps
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Config:
     ceiling_reps: int = 10
     launches: bool = True
     progress: bool = True
+    schedule: str = "auto"  # interleaved | sequential | auto (interleaved on CPU, sequential on CUDA)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,6 +50,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False here")
     return device
+
+
+def resolve_schedule(name: str, device: torch.device) -> str:
+    """NOTE: [interleaved schedule]"""
+    if name == "auto":
+        return "sequential" if device.type == "cuda" else "interleaved"
+    if name not in ("interleaved", "sequential"):
+        raise ValueError(f"schedule must be interleaved, sequential or auto, not {name!r}")
+    return name
 
 
 def default_threads() -> int:
@@ -86,9 +98,8 @@ def _state_dtypes(opt: torch.optim.Optimizer) -> str:
     return "+".join(sorted(names)) or "-"
 
 
-def run_one(c: Contender, ws: Optional[Workspace], pset: ParamSet, ds: DtypeSetting,
-            device: torch.device, cfg: Config) -> Dict:
-    row: Dict = dict(
+def _new_row(c: Contender, pset: ParamSet, ds: DtypeSetting, cfg: Config) -> Dict:
+    return dict(
         contender=c.label, key=c.key, algo=c.algo, backend=c.backend, group=c.group,
         dtype=ds.name, param_dtype=str(ds.param).replace("torch.", ""),
         grad_dtype=str(ds.grad).replace("torch.", ""), state_dtype=None,
@@ -97,8 +108,43 @@ def run_one(c: Contender, ws: Optional[Workspace], pset: ParamSet, ds: DtypeSett
         ms_median=None, ms_p10=None, ms_p90=None, ms_min=None, bytes_per_step=None,
         gbps=None, ceiling_gbps=None, fraction=None, ratio_vs_fused_adamw=None,
         state_bytes_per_param=None, state_bytes_model=None, state_bytes_held=None,
-        launches=None, note=c.notes or None,
+        launches=None, note=c.notes or None, ms=None,
     )
+
+
+def _error_row(row: Dict, c: Contender, exc: BaseException, device: torch.device) -> None:
+    """Peers that fail are skipped with the reason; ours and AdamW failing is an error (cli)."""
+    msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    if c.group == "peer":
+        row["status"] = f"skipped: failed on {device.type}: {type(exc).__name__}: {msg}"
+    else:
+        row["status"] = f"error: {type(exc).__name__}: {msg}"
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+
+
+def _finish_row(row: Dict, c: Contender, opt: torch.optim.Optimizer, pset: ParamSet, ds: DtypeSetting,
+                ms: List[float], launches: Optional[int]) -> None:
+    """Times, bytes and state of a timed row (ratios come later: attach_ratios)."""
+    timing = Timing(ms)
+    held = accounting.measured_state_bytes(opt)
+    model = None if c.measured_state else accounting.state_bytes(c.algo, pset.numels, ds)
+    state_total = held if model is None else model
+    nbytes = accounting.step_bytes_from_state(pset.numels, ds, state_total)
+    if model is not None and held != model:
+        row["note"] = f"state held {held} B, byte model {model} B"
+    row.update(
+        steps=len(ms), state_dtype=_state_dtypes(opt), ms_median=timing.median, ms_p10=timing.percentile(10),
+        ms_p90=timing.percentile(90), ms_min=min(ms), bytes_per_step=nbytes,
+        gbps=accounting.gbps(nbytes, timing.median),
+        state_bytes_per_param=state_total / pset.n_elements,
+        state_bytes_model=model, state_bytes_held=held, launches=launches, ms=[round(x, 4) for x in ms],
+    )
+
+
+def run_one(c: Contender, ws: Optional[Workspace], pset: ParamSet, ds: DtypeSetting,
+            device: torch.device, cfg: Config) -> Dict:
+    """Sequential schedule: this contender's warm-up and timed steps, all in a row."""
+    row = _new_row(c, pset, ds, cfg)
     reason = c.unavailable(device)
     if reason:
         row["status"] = f"skipped: {reason}"
@@ -112,31 +158,104 @@ def run_one(c: Contender, ws: Optional[Workspace], pset: ParamSet, ds: DtypeSett
                             nvtx=cfg.nvtx, label=label, budget_s=cfg.row_budget_s)
         launches = count_launches(opt.step, ws.refill, device) if cfg.launches else None
     except Exception as exc:  # reported in the row; ours/AdamW also fail the run (cli)
-        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        if c.group == "peer":
-            row["status"] = f"skipped: failed on {device.type}: {type(exc).__name__}: {msg}"
-        else:
-            row["status"] = f"error: {type(exc).__name__}: {msg}"
-            traceback.print_exc(file=sys.stderr)
+        _error_row(row, c, exc, device)
         del opt
         _free(device, pset.n_elements > 2**24)
         return row
-    held = accounting.measured_state_bytes(opt)
-    model = None if c.measured_state else accounting.state_bytes(c.algo, pset.numels, ds)
-    state_total = held if model is None else model
-    nbytes = accounting.step_bytes_from_state(pset.numels, ds, state_total)
-    if model is not None and held != model:
-        row["note"] = f"state held {held} B, byte model {model} B"
-    row.update(
-        steps=len(timing.ms), state_dtype=_state_dtypes(opt), ms_median=timing.median, ms_p10=timing.percentile(10),
-        ms_p90=timing.percentile(90), ms_min=min(timing.ms), bytes_per_step=nbytes,
-        gbps=accounting.gbps(nbytes, timing.median),
-        state_bytes_per_param=state_total / pset.n_elements,
-        state_bytes_model=model, state_bytes_held=held, launches=launches,
-    )
+    _finish_row(row, c, opt, pset, ds, timing.ms, launches)
     del opt
     _free(device, pset.n_elements > 2**24)
     return row
+
+
+def run_interleaved(here: Sequence[Contender], ws: Workspace, pset: ParamSet, ds: DtypeSetting,
+                    device: torch.device, cfg: Config) -> Tuple[List[Dict], Dict[str, float]]:
+    """Interleaved schedule: every contender and the two ceiling passes take one step per
+    round, in an order rotated each round, so all of them meet the same machine state.
+
+    NOTE: [interleaved schedule] On the shared 2-core VM this was developed on, memory
+    bandwidth moved between ~50 and ~90 GB/s from one second to the next; timed one after
+    the other, two contenders could be compared across different regimes and the ratios
+    swung by 30 %. Interleaved, each round holds one step of everything, and the ratios
+    (x AdamW, % ceiling) are medians of per-round ratios: paired measurements. Needs every
+    contender's state at once (on the CPU that is a few GB for GPT-2), hence "auto" uses
+    it on the CPU and the sequential schedule on CUDA, where events time steps stably.
+    """
+    rows = [_new_row(c, pset, ds, cfg) for c in here]
+    members: List[Tuple[int, Callable[[], object]]] = []  # (row index or -1/-2 ceiling, step)
+    opts: Dict[int, torch.optim.Optimizer] = {}
+    for i, c in enumerate(here):
+        reason = c.unavailable(device)
+        if reason:
+            rows[i]["status"] = f"skipped: {reason}"
+            continue
+        try:
+            opts[i] = c.make(ws.params, ds)
+        except Exception as exc:
+            _error_row(rows[i], c, exc, device)
+            continue
+        members.append((i, opts[i].step))
+    mul_fn, copy_fn, moved_mul, moved_copy = ws.ceiling_passes()
+    members += [(-1, mul_fn), (-2, copy_fn)]
+    cuda = device.type == "cuda"
+    ms: Dict[int, List[float]] = {k: [] for k, _ in members}
+    deadline = None if cfg.row_budget_s is None else time.perf_counter() + cfg.row_budget_s * len(members)
+
+    def one_round(r: int, timed: bool) -> None:
+        order = members[r % len(members):] + members[:r % len(members)]
+        for k, fn in order:
+            if k >= 0 and rows[k]["status"] != "ok":
+                continue
+            ws.refill()
+            synchronize(device)
+            try:
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    dt = start.elapsed_time(end)
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    dt = (time.perf_counter() - t0) * 1e3
+            except Exception as exc:
+                if k < 0:
+                    raise
+                _error_row(rows[k], here[k], exc, device)
+                continue
+            if timed:
+                ms[k].append(dt)
+
+    for r in range(cfg.warmup):
+        one_round(r, timed=False)
+    for r in range(cfg.steps):
+        one_round(r, timed=True)
+        if deadline is not None and r + 1 >= MIN_STEPS and time.perf_counter() > deadline:
+            break
+    n_rounds = len(ms[-1])
+    ceiling_per_round = [max(moved_mul / (a * 1e-3), moved_copy / (b * 1e-3)) / 1e9
+                         for a, b in zip(ms[-1], ms[-2])]
+    ceilings = {
+        "bytes_mul": moved_mul, "bytes_copy": moved_copy,
+        "mul_gbps": moved_mul / (Timing(ms[-1]).median * 1e-3) / 1e9,
+        "copy_gbps": moved_copy / (Timing(ms[-2]).median * 1e-3) / 1e9,
+        "ceiling_gbps": statistics.median(ceiling_per_round),
+        "rounds": n_rounds, "ceiling_gbps_per_round": [round(x, 3) for x in ceiling_per_round],
+    }
+    for i, opt in opts.items():
+        row = rows[i]
+        if row["status"] != "ok" or len(ms[i]) != n_rounds:
+            if row["status"] == "ok":
+                row["status"] = "error: fewer timed steps than rounds"
+            continue
+        launches = count_launches(opt.step, ws.refill, device) if cfg.launches else None
+        _finish_row(row, here[i], opt, pset, ds, ms[i], launches)
+        row["fraction_per_round"] = [round(row["bytes_per_step"] / (t * 1e-3) / 1e9 / c, 4)
+                                     for t, c in zip(ms[i], ceiling_per_round)]
+    del opts
+    return rows, ceilings
 
 
 def baseline_dtype(ds_name: str) -> str:
@@ -145,16 +264,27 @@ def baseline_dtype(ds_name: str) -> str:
 
 
 def attach_ratios(rows: List[Dict], ceilings: Dict[str, Dict]) -> None:
-    base = {(r["param_set"], r["dtype"]): r["ms_median"] for r in rows
+    """x AdamW and % ceiling of every timed row. Where the row and its reference were timed
+    in the same rounds (interleaved schedule), the ratio is the median of the per-round
+    ratios (`paired`); otherwise it is the ratio of the medians."""
+    base = {(r["param_set"], r["dtype"]): r for r in rows
             if r["key"] == contenders_mod.BASELINE and r["ms_median"]}
     for r in rows:
         if r["ms_median"] is None:
             continue
         ceil = ceilings.get(f"{r['param_set']}/{r['dtype']}", {}).get("ceiling_gbps")
         r["ceiling_gbps"] = ceil
-        r["fraction"] = r["gbps"] / ceil if ceil else None
+        per_round = r.pop("fraction_per_round", None)
+        r["fraction"] = statistics.median(per_round) if per_round else (r["gbps"] / ceil if ceil else None)
         b = base.get((r["param_set"], baseline_dtype(r["dtype"])))
-        r["ratio_vs_fused_adamw"] = r["ms_median"] / b if b else None
+        r["ratio_paired"] = bool(per_round) and b is not None and b["dtype"] == r["dtype"]
+        if b is None:
+            r["ratio_vs_fused_adamw"] = None
+        elif r["ratio_paired"] and r["ms"] and b["ms"] and len(r["ms"]) == len(b["ms"]):
+            r["ratio_vs_fused_adamw"] = statistics.median(x / y for x, y in zip(r["ms"], b["ms"]))
+        else:
+            r["ratio_paired"] = False
+            r["ratio_vs_fused_adamw"] = r["ms_median"] / b["ms_median"]
 
 
 def build_param_sets(cfg: Config) -> List[ParamSet]:
@@ -165,6 +295,7 @@ def build_param_sets(cfg: Config) -> List[ParamSet]:
 def run(cfg: Config) -> Dict:
     """Run the sweep; returns {"config", "device", "rows", "ceilings"} (no environment)."""
     device = resolve_device(cfg.device)
+    schedule = resolve_schedule(cfg.schedule, device)
     torch.set_num_threads(cfg.threads or default_threads())
     for d in cfg.dtypes:
         if d not in DTYPE_SETTINGS:
@@ -183,6 +314,14 @@ def run(cfg: Config) -> Dict:
                 here = [c for c in chosen if c.supports(ds.name)]
                 runnable = [c for c in here if not c.unavailable(device)]
                 ws = Workspace(pset, ds, device, cfg.grad_mode, cfg.seed) if runnable else None
+                if ws is not None and schedule == "interleaved":
+                    bar.set_description(f"{pset.name} {ds.name} (interleaved)")
+                    got, ceilings[f"{pset.name}/{ds.name}"] = run_interleaved(here, ws, pset, ds, device, cfg)
+                    rows += got
+                    bar.update(len(here))
+                    del ws
+                    _free(device, pset.n_elements > 2**24)
+                    continue
                 for c in here:
                     bar.set_description(f"{pset.name} {ds.name} {c.key}")
                     rows.append(run_one(c, ws, pset, ds, device, cfg))
@@ -199,4 +338,6 @@ def run(cfg: Config) -> Dict:
     finally:
         bar.close()
     attach_ratios(rows, ceilings)
-    return dict(config=asdict(cfg), device=str(device), rows=rows, ceilings=ceilings)
+    config = asdict(cfg)
+    config["schedule"] = schedule
+    return dict(config=config, device=str(device), rows=rows, ceilings=ceilings)

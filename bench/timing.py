@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -82,11 +82,12 @@ class Workspace:
                 alpha = self._rng.uniform(0.25, 4.0) * self._rng.choice((-1.0, 1.0))
                 torch.add(self.pool[0], self.pool[1], alpha=alpha, out=self.grad_flat)
 
-    def ceiling(self, reps: int = 10) -> Dict[str, float]:
-        """Bandwidth ceiling over this workspace's own gradient buffers (NOTE: [ceiling]):
-        ``mul``: in-place ``mul_(1)`` over the gradient buffer and the pools (viewed as
-        int32: the bytes are moved, no float special cases); ``copy``: pool -> gradient
-        buffer on CPU, gradient buffer -> a same-size buffer on CUDA (device-to-device)."""
+    def ceiling_passes(self) -> Tuple[Callable[[], object], Callable[[], object], int, int]:
+        """The two bandwidth-ceiling passes over this workspace's own gradient buffers
+        (NOTE: [ceiling]) and the bytes each moves: ``mul``, in-place ``mul_(1)`` over the
+        gradient buffer and the pools (viewed as int32: the bytes are moved, no float special
+        cases); ``copy``, pool -> gradient buffer on CPU, gradient buffer -> a same-size
+        buffer on CUDA (device-to-device). Both leave the gradients to be refilled."""
         bufs = [self.grad_flat] + list(self.pool or ())
         views = [b.view(torch.int32) for b in bufs]
         moved_mul = 2 * sum(b.numel() * b.element_size() for b in bufs)
@@ -94,16 +95,27 @@ class Workspace:
         dst = self.grad_flat if self.pool is not None else torch.empty_like(self.grad_flat)
         moved_copy = 2 * src.numel() * src.element_size()
 
+        def mul() -> None:
+            for v in views:
+                v.mul_(1)
+
+        return mul, lambda: dst.copy_(src), moved_mul, moved_copy
+
+    def ceiling(self, reps: int = 10) -> Dict[str, float]:
+        """Both ceiling passes timed on their own (sequential schedule): GB/s of each, and
+        the larger as ``ceiling_gbps``."""
+        mul, copy, moved_mul, moved_copy = self.ceiling_passes()
+
         def run(fn) -> float:
             first = time_steps(fn, lambda: None, self.device, warmup=1, steps=1).median
             n_reps = min(1000, max(reps, int(200.0 / max(first, 1e-3))))
             return time_steps(fn, lambda: None, self.device, warmup=1, steps=n_reps).median
 
         out = {"bytes_mul": moved_mul, "bytes_copy": moved_copy}
-        out["mul_gbps"] = moved_mul / (run(lambda: [v.mul_(1) for v in views]) * 1e-3) / 1e9
-        out["copy_gbps"] = moved_copy / (run(lambda: dst.copy_(src)) * 1e-3) / 1e9
+        out["mul_gbps"] = moved_mul / (run(mul) * 1e-3) / 1e9
+        out["copy_gbps"] = moved_copy / (run(copy) * 1e-3) / 1e9
         out["ceiling_gbps"] = max(out["mul_gbps"], out["copy_gbps"])
-        del dst
+        del mul, copy
         self.refill()
         return out
 

@@ -6,6 +6,7 @@ Small sizes, a few seconds; no timing assertions.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -241,3 +242,60 @@ def test_merge_split_runs(tmp_path):
     data = json.loads((tmp_path / "m.json").read_text())
     assert {r["param_set"] for r in data["rows"]} == {"tiny-4x768", "flat-4K"}
     assert set(data["ceilings"]) == {"tiny-4x768/fp32", "flat-4K/fp32"} and len(data["merged_from"]) == 2
+
+
+# ---- schedules ---------------------------------------------------------------------------------
+
+
+def _run(tmp_path, *extra):
+    rc = cli.main(["--param-sets", "flat", "--size", "4K", "--steps", "6", "--warmup", "1",
+                   "--contenders", "ours,adamw", "--out", str(tmp_path), "--name", "s", "--no-plot",
+                   "--no-progress", "--device", "cpu", "--threads", "1", *extra])
+    assert rc == 0
+    return json.loads((tmp_path / "s.json").read_text())
+
+
+def test_interleaved_schedule_pairs_every_row_with_the_same_rounds(tmp_path):
+    data = _run(tmp_path, "--schedule", "interleaved")
+    assert data["config"]["schedule"] == "interleaved"
+    ceil = data["ceilings"]["flat-4K/fp32"]
+    rounds = ceil["rounds"]
+    assert 5 <= rounds <= 6 and len(ceil["ceiling_gbps_per_round"]) == rounds
+    assert ceil["ceiling_gbps"] == pytest.approx(statistics.median(ceil["ceiling_gbps_per_round"]), rel=1e-3)
+    timed = [r for r in data["rows"] if r["status"] == "ok"]
+    base = next(r for r in timed if r["key"] == "adamw-fused")
+    assert base["ratio_vs_fused_adamw"] == 1.0
+    for r in timed:
+        assert len(r["ms"]) == rounds and r["ratio_paired"]
+        want = statistics.median(a / b for a, b in zip(r["ms"], base["ms"]))
+        assert r["ratio_vs_fused_adamw"] == pytest.approx(want)
+        per_round = [r["bytes_per_step"] / (t * 1e-3) / 1e9 / c for t, c in zip(r["ms"], ceil["ceiling_gbps_per_round"])]
+        assert r["fraction"] == pytest.approx(statistics.median(per_round), rel=1e-3)
+
+
+def test_sequential_schedule_uses_ratio_of_medians(tmp_path):
+    data = _run(tmp_path, "--schedule", "sequential")
+    assert data["config"]["schedule"] == "sequential"
+    timed = [r for r in data["rows"] if r["status"] == "ok"]
+    base = next(r for r in timed if r["key"] == "adamw-fused")
+    for r in timed:
+        assert not r["ratio_paired"]
+        assert r["ratio_vs_fused_adamw"] == pytest.approx(r["ms_median"] / base["ms_median"])
+
+
+def test_paired_ratio_is_median_of_round_ratios_not_ratio_of_medians():
+    # Pairs: (1 vs 2), (30 vs 6), (5 vs 60): median round ratio 0.5, ratio of medians 5/6.
+    rows = [dict(key="adamw-fused", param_set="s", dtype="fp32", ms_median=6.0, gbps=1.0, ms=[2.0, 6.0, 60.0],
+                 fraction_per_round=[1.0, 1.0, 1.0]),
+            dict(key="lion[cpu]", param_set="s", dtype="fp32", ms_median=5.0, gbps=1.0, ms=[1.0, 30.0, 5.0],
+                 fraction_per_round=[0.5, 0.9, 0.7])]
+    runner.attach_ratios(rows, {"s/fp32": {"ceiling_gbps": 4.0}})
+    assert rows[1]["ratio_vs_fused_adamw"] == 0.5 and rows[1]["ratio_paired"]
+    assert rows[1]["fraction"] == 0.7
+
+
+def test_schedule_auto_is_interleaved_on_cpu_sequential_on_cuda():
+    assert runner.resolve_schedule("auto", CPU) == "interleaved"
+    assert runner.resolve_schedule("auto", torch.device("cuda")) == "sequential"
+    with pytest.raises(ValueError, match="schedule"):
+        runner.resolve_schedule("random", CPU)
