@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
 import sys
 import warnings
 
@@ -52,10 +53,17 @@ def _openmp_flags(torch) -> list[str]:
     (same soname), so there is one OpenMP runtime in the process.
     `sign_kernels._C.cpu_threads_used()` reports what a build really does; a test checks it.
     """
-    if not torch._C.has_openmp or sys.platform != "linux":
-        if torch._C.has_openmp:
-            print("sign_kernels: not adding -fopenmp on this platform; the CPU kernels run on one thread",
-                  file=sys.stderr)
+    if not torch._C.has_openmp:
+        return []
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    if sys.platform != "linux" or "clang" in version.lower():
+        # clang's -fopenmp brings libomp, a second OpenMP runtime beside torch's libgomp.
+        print(f"sign_kernels: not adding -fopenmp ({sys.platform}, {cxx}); the CPU kernels will run on one "
+              "thread (sign_kernels._C.cpu_threads_used() reports it)", file=sys.stderr)
         return []
     return ["-fopenmp"]
 
