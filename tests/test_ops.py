@@ -63,7 +63,7 @@ def test_cpu_op_runs_on_torch_threads(threads):
 
 def _threaded_run(make_opt, threads: int, steps: int = 3):
     torch.manual_seed(0)
-    shapes = [(300, 700), (70_000,), (5,), (1000, 64), (129, 513)]
+    shapes = [(300, 700), (70_000,), (5,), (1000, 64), (129, 513), (3000, 64), (2, 70_000)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -93,7 +93,8 @@ def test_cpu_results_do_not_depend_on_thread_count(algo):
             return Lion(params, lr=1e-2, weight_decay=0.1, backend="cpu")
         if algo == "simba":
             return Simba(params, lr=1e-2, window_size=4, threshold=0.5, weight_decay=0.1, backend="cpu")
-        groups = [{"params": params[:3]}, {"params": [params[3]], "role": "embedding"},
+        # Embeddings: rows within one chunk, rows across several chunks, rows longer than a chunk.
+        groups = [{"params": params[:3]}, {"params": [params[3], params[5], params[6]], "role": "embedding"},
                   {"params": [params[4]], "role": "matrix"}]
         return Tiger(groups, lr=1e-2, backend="cpu")
 

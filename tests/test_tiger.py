@@ -85,6 +85,22 @@ def test_per_role_scaling(backend, role):
 
 
 @pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("shape", [(3000, 64), (2, 70_000), (7, 4096)], ids=["rows-across-chunks", "row-longer-than-a-chunk", "rows-in-one-chunk"])
+def test_embedding_rows_at_kernel_chunk_sizes(backend, shape):
+    # The CPU kernel cuts embeddings into chunks of whole rows where a row fits in one
+    # (64K elements) and sums each row inside the update pass; longer rows take a pre-pass.
+    torch.manual_seed(0)
+    theta = torch.randn(shape) * torch.rand(shape[0], 1) * 3
+    g = torch.randn(shape)
+    p = nn.Parameter(theta.clone())
+    opt = Tiger([{"params": [p], "role": "embedding"}], lr=0.1, beta=0.9, weight_decay=0.2, backend=backend)
+    p.grad = g.clone()
+    opt.step()
+    want, _ = _expected_update(theta, torch.zeros_like(theta), g, 0.1, 0.9, 0.2, "embedding")
+    torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
 def test_gradient_accumulation_inside_the_momentum(backend):
     """k = 3: theta moves on calls 3, 6; m = beta*m once per window plus (1-beta)/k * each g."""
     k, beta, lr = 3, 0.8, 0.05
