@@ -154,6 +154,33 @@ def test_simba_counter_rules(backend):
     assert counts.tolist() == [2, -2, 1, 4]  # 4 + 1 clamps at the window
 
 
+@needs_cpu
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad-scaled"])
+@pytest.mark.parametrize("window,threshold", [(8, 0.25), (32767, 0.5)])
+def test_simba_every_counter_value_cpu_equals_reference(window, threshold, scaled):
+    # Every int16 counter (also outside the window, as a foreign checkpoint may hold) meets
+    # every kind of gradient sign (+, -, 0, NaN), in vector-width blocks: the CPU kernels'
+    # 16-bit counter arithmetic must match the reference for all of them.
+    counts0 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).repeat(4)
+    g = torch.cat([torch.full((65536,), v) for v in (0.75, -2.0, 0.0, float("nan"))])
+    out = {}
+    for backend in ("reference", "cpu"):
+        p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, g.numel()))
+        opt = sign_kernels.Simba([p], lr=0.01, window_size=window, threshold=threshold, weight_decay=0.1,
+                                 backend=backend)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        opt.state[p]["sign_counts"].copy_(counts0)
+        p.grad = g.clone()
+        if scaled:  # what GradScaler hands over (_step_supports_amp_scaling): g is divided by it
+            p.grad.mul_(3.0)
+            opt.grad_scale, opt.found_inf = torch.tensor(3.0), torch.tensor(0.0)
+        opt.step()
+        out[backend] = (p.detach().clone(), opt.state[p]["sign_counts"].clone())
+    assert torch.equal(out["cpu"][0], out["reference"][0])
+    assert torch.equal(out["cpu"][1], out["reference"][1])
+
+
 def test_threshold_count():
     from sign_kernels.backends.reference import threshold_count
 

@@ -19,7 +19,10 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+#include <immintrin.h>
 #define SK_CPU_ISA avx512
+#define SK_CPU_SIMBA_AVX512BW 1  // NOTE: [Simba with AVX-512 BW]
 #include "sign_cpu_kernels.inc"
+#undef SK_CPU_SIMBA_AVX512BW
 #pragma GCC pop_options
 #endif
