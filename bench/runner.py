@@ -137,7 +137,7 @@ def _finish_row(row: Dict, c: Contender, opt: torch.optim.Optimizer, pset: Param
         ms_p90=timing.percentile(90), ms_min=min(ms), bytes_per_step=nbytes,
         gbps=accounting.gbps(nbytes, timing.median),
         state_bytes_per_param=state_total / pset.n_elements,
-        state_bytes_model=model, state_bytes_held=held, launches=launches, ms=[round(x, 4) for x in ms],
+        state_bytes_model=model, state_bytes_held=held, launches=launches, ms=list(ms),
     )
 
 
@@ -242,7 +242,7 @@ def run_interleaved(here: Sequence[Contender], ws: Workspace, pset: ParamSet, ds
         "mul_gbps": moved_mul / (Timing(ms[-1]).median * 1e-3) / 1e9,
         "copy_gbps": moved_copy / (Timing(ms[-2]).median * 1e-3) / 1e9,
         "ceiling_gbps": statistics.median(ceiling_per_round),
-        "rounds": n_rounds, "ceiling_gbps_per_round": [round(x, 3) for x in ceiling_per_round],
+        "rounds": n_rounds, "ceiling_gbps_per_round": ceiling_per_round,
     }
     for i, opt in opts.items():
         row = rows[i]
@@ -252,7 +252,7 @@ def run_interleaved(here: Sequence[Contender], ws: Workspace, pset: ParamSet, ds
             continue
         launches = count_launches(opt.step, ws.refill, device) if cfg.launches else None
         _finish_row(row, here[i], opt, pset, ds, ms[i], launches)
-        row["fraction_per_round"] = [round(row["bytes_per_step"] / (t * 1e-3) / 1e9 / c, 4)
+        row["fraction_per_round"] = [row["bytes_per_step"] / (t * 1e-3) / 1e9 / c
                                      for t, c in zip(ms[i], ceiling_per_round)]
     del opts
     return rows, ceilings
