@@ -32,7 +32,9 @@ def parser() -> argparse.ArgumentParser:
     a("--tiny-count", type=int, default=4096, help="number of 768-element tensors in 'tiny'")
     a("--dtypes", help="comma list of fp32, bf16, bf16-fp32m (default fp32)")
     a("--contenders", help="comma list: ours, adamw, peers, all, lion, tiger, simba, adamw-fused, "
-      "adamw-foreach, or a peer (lion-pytorch, optimi-lion, ...; see --list). Default ours,adamw")
+      "adamw-foreach, or a peer (lion-pytorch, optimi-lion, ...; see --list). Default ours,adamw,peers "
+      "(the peers that are installed: bash scripts/bench.sh installs lion-pytorch, torch-optimi and "
+      "pytorch-optimizer)")
     a("--backends", default=None, help="best (default), all (default with --full), or a comma list")
     a("--steps", type=int, default=None, help="timed steps per row (default 20 CPU, 100 CUDA)")
     a("--warmup", type=int, default=None, help="untimed steps first (default 3 CPU, 10 CUDA)")
@@ -74,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> runner.Config:
         llama_size=args.llama_size or ("1B" if cuda else "350M"),
         tiny_count=args.tiny_count,
         dtypes=tuple(pick(args.dtypes, "fp32", "fp32,bf16,bf16-fp32m").split(",")),
-        contenders=pick(args.contenders, "ours,adamw", "all"),
+        contenders=pick(args.contenders, "ours,adamw,peers", "all"),
         backends=pick(args.backends, "best", "all"),
         steps=args.steps if args.steps is not None else (100 if cuda else 20),
         warmup=args.warmup if args.warmup is not None else (10 if cuda else 3),
@@ -113,6 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     env["threads"] = torch.get_num_threads()
     env["loadavg_end"] = report.loadavg()
     result = {"schema_version": report.SCHEMA_VERSION, "env": env, **result}
+    result["warnings"] = report.warnings_for(result)
     print(report.table(result))
     if args.check:
         from . import check_timing
