@@ -95,6 +95,8 @@ class StepInBackwardHandle:
             # First gradient of this backward: check the groups once (nothing is stepped yet)
             # and have the rest flushed when the backward ends.
             self._refresh_index(opt)
+            for gi, group in enumerate(opt.param_groups):  # a bad hyperparameter raises now
+                opt._validate_group(group, gi, params=False)
             self._pending, self._pending_bytes = [], 0
             if task != -1:
                 _engine().queue_callback(self._end_of_backward)
@@ -114,6 +116,10 @@ class StepInBackwardHandle:
         opt = self._opt_ref()
         if opt is not None and not self.removed:
             self._flush(opt)
+            # NOTE: [LR schedulers] torch's schedulers warn when scheduler.step() comes before
+            # any optimizer.step(), through this flag set by their wrapper of step(); a backward
+            # is this mode's step.
+            opt._opt_called = True
 
     def _flush(self, opt: SignOptimizer) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
@@ -166,8 +172,11 @@ def step_in_backward(optimizer: SignOptimizer, *, bucket_cap_mb: float = DEFAULT
     * ``optimizer.step()`` raises while the handle is active, and so does GradScaler's
       ``scaler.step(optimizer)``; a closure, GradScaler and global-norm gradient clipping need
       every gradient before the step and cannot be used (``clip_grad_norm_`` after backward
-      finds no gradients). A bucket that fails validation raises out of backward and leaves
-      its params as they were; buckets stepped before it in that backward stay stepped.
+      finds no gradients).
+    * Errors: the param groups' hyperparameters are checked at the first gradient of each
+      backward, before anything is stepped. A gradient that fails its check (sparse, wrong
+      shape) raises out of backward and leaves its bucket's params as they were; buckets
+      stepped before it in that backward stay stepped.
     * Adding or removing parameters of the optimizer while active raises at the next backward
       (before anything is stepped): remove the handle and call this again.
     * State dicts are those of normal mode. ``handle.remove()`` (or leaving a ``with`` block)
