@@ -78,7 +78,12 @@ def _run_pair(algo, backend, dtype, sr, iters, k=1, cap_mb=0.0, unused=False):
     for i in range(iters):
         before = [p.detach().clone() for p in model.parameters()]
         _loss(ref_model, i).backward()
-        ref_opt.step()
+        try:
+            ref_opt.step()
+        except Exception as exc:  # noqa: BLE001 -- only the Triton interpreter's own failure skips
+            if backend == "triton" and type(exc).__name__ == "InterpreterError":
+                pytest.skip(f"the ordinary step() fails on this Triton interpreter too: {exc!r:.200}")
+            raise
         ref_opt.zero_grad()
         ref_sched.step()
         _loss(model, i).backward()
