@@ -25,7 +25,7 @@ sees no gradients; it is documented, not intercepted.
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -52,7 +52,7 @@ class StepInBackwardHandle:
         self._layout: Optional[tuple] = None
         self._pending: List[Tuple[int, int, torch.Tensor]] = []
         self._pending_bytes = 0
-        self._task: Optional[int] = None  # graph task whose end-of-backward flush is queued
+        self._tasks: Set[int] = set()  # graph tasks whose end-of-backward flush is queued
         self.removed = False
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -91,16 +91,18 @@ class StepInBackwardHandle:
         if opt is None or self.removed or p.grad is None:
             return
         task = torch._C._current_graph_task_id()
-        if task != self._task:
-            # First gradient of this backward: check the groups once (nothing is stepped yet)
-            # and have the rest flushed when the backward ends.
-            self._refresh_index(opt)
-            for gi, group in enumerate(opt.param_groups):  # a bad hyperparameter raises now
-                opt._validate_group(group, gi, params=False)
-            self._pending, self._pending_bytes = [], 0
+        if task not in self._tasks:
+            # First gradient of this backward. Outermost: check the groups once (nothing is
+            # stepped yet) and drop what a backward that raised left pending. A backward nested
+            # in another (reentrant checkpointing) keeps the outer one's pending params.
+            if not self._tasks:
+                self._refresh_index(opt)
+                for gi, group in enumerate(opt.param_groups):  # a bad hyperparameter raises now
+                    opt._validate_group(group, gi, params=False)
+                self._pending, self._pending_bytes = [], 0
             if task != -1:
-                _engine().queue_callback(self._end_of_backward)
-            self._task = task
+                _engine().queue_callback(lambda: self._end_of_backward(task))
+                self._tasks.add(task)
         gi, j = self._index[id(p)]
         self._pending.append((gi, j, p))
         # NOTE: [bucket size by logical numel] numel() of a DTensor is the global one, the same
@@ -108,11 +110,9 @@ class StepInBackwardHandle:
         self._pending_bytes += p.grad.numel() * p.grad.element_size()
         if task == -1 or self._pending_bytes >= self._cap:
             self._flush(opt)
-            if task == -1:
-                self._task = None
 
-    def _end_of_backward(self) -> None:
-        self._task = None
+    def _end_of_backward(self, task: int) -> None:
+        self._tasks.discard(task)
         opt = self._opt_ref()
         if opt is not None and not self.removed:
             self._flush(opt)
@@ -130,7 +130,11 @@ class StepInBackwardHandle:
             select.setdefault(gi, []).append(j)
         for positions in select.values():
             positions.sort()  # the order step() meets them in
-        opt._step_selected(select)
+        try:
+            opt._step_selected(select)
+        except BaseException:
+            self._tasks.clear()  # this backward ends here: its end-of-backward flush never runs
+            raise
         for _, _, p in pending:
             p.grad = None
 

@@ -255,3 +255,30 @@ def test_torch_compile_model():
             handle.remove()
         results.append((model, opt))
     _assert_same(*results[0], *results[1])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing(reentrant):
+    """Checkpointed segments: a reentrant one runs a backward nested in the outer one; the
+    params pending in the outer backward are kept and stepped as in step()."""
+    from torch.utils.checkpoint import checkpoint
+
+    def loss_fn(model, i):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randint(0, 50, (8, 6), generator=g)
+        y = torch.randint(0, 50, (8, 6), generator=g)
+        h = model[0](x)
+        h = checkpoint(lambda t: model[3](model[2](model[1](t))), h, use_reentrant=reentrant)
+        return nn.functional.cross_entropy(model[4](h).reshape(-1, 50), y.reshape(-1))
+
+    ref_model, ref_opt, _ = _make("lion", LOCAL_BACKENDS[-1], torch.float32, False)
+    model, opt, _ = _make("lion", LOCAL_BACKENDS[-1], torch.float32, False)
+    with sign_kernels.step_in_backward(opt, bucket_cap_mb=32.0):
+        for i in range(3):
+            loss_fn(ref_model, i).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            loss_fn(model, i).backward()
+            assert all(p.grad is None for p in model.parameters())
+            _assert_same(ref_model, ref_opt, model, opt)
+    assert not hasattr(opt, "_step_in_backward")  # the with block removed the handle
