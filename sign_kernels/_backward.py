@@ -181,6 +181,10 @@ def step_in_backward(optimizer: SignOptimizer, *, bucket_cap_mb: float = DEFAULT
       backward, before anything is stepped. A gradient that fails its check (sparse, wrong
       shape) raises out of backward and leaves its bucket's params as they were; buckets
       stepped before it in that backward stay stepped.
+    * Reentrant activation checkpointing (``use_reentrant=True``) runs nested backwards; they
+      are handled, but a param whose gradient is accumulated in two of them (used inside and
+      outside a checkpointed segment) would be stepped twice: use ``use_reentrant=False``.
+      After an exception out of backward, call ``optimizer.zero_grad()`` before the next one.
     * Adding or removing parameters of the optimizer while active raises at the next backward
       (before anything is stepped): remove the handle and call this again.
     * State dicts are those of normal mode. ``handle.remove()`` (or leaving a ``with`` block)
