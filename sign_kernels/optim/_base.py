@@ -267,15 +267,24 @@ class SignOptimizer(Optimizer):
         return t
 
     # ------------------------------------------------------------------ the step
-    def _plan(self) -> List[Tuple[Dict[str, Any], int, List[_Bucket]]]:
-        """Validate everything and group the tensors; writes nothing."""
+    def _plan(self, select: Optional[Dict[int, List[int]]] = None) -> List[Tuple[Dict[str, Any], int, List[_Bucket]]]:
+        """Validate everything and group the tensors; writes nothing.
+
+        ``select`` ({group index: positions}, step_in_backward's buckets) restricts the plan to
+        those params; offsets, and so the SR seeds, stay those of the whole optimizer.
+        """
         plan = []
         offset = 0
         for gi, group in enumerate(self.param_groups):
+            if select is not None and gi not in select:
+                offset += len(group["params"])
+                continue
             self._validate_group(group, gi, params=False)
             where = self._where(gi)
             buckets: Dict[tuple, _Bucket] = {}
-            for j, p in enumerate(group["params"]):
+            positions = range(len(group["params"])) if select is None else select[gi]
+            for j in positions:
+                p = group["params"][j]
                 g = p.grad
                 if g is None:
                     continue
@@ -313,6 +322,9 @@ class SignOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (one fused op call per device/dtype bucket)."""
+        handle = getattr(self, "_step_in_backward", None)
+        if handle is not None:
+            raise RuntimeError(handle.refusal("step()"))
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -326,6 +338,18 @@ class SignOptimizer(Optimizer):
             for bucket in buckets:
                 self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], grad_scale, found_inf)
         return loss
+
+    @torch.no_grad()
+    def _step_selected(self, select: Dict[int, List[int]]) -> None:
+        """step() on some params only ({group index: positions}); step_in_backward's path.
+
+        Same plan, op calls, seeds and hyperparameters as step() gives those params. No
+        GradScaler here: its inf check needs every gradient (see step_in_backward).
+        """
+        for group, offset, buckets in self._plan(select):
+            seeds = self._group_seeds(group, offset)
+            for bucket in buckets:
+                self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], None, None)
 
     def _run_bucket(self, group, bucket: _Bucket, seeds: List[int], grad_scale, found_inf) -> None:
         states = []
