@@ -177,6 +177,14 @@ def _st(ptr, offs, x, mask, key, hi, lo0, DT: tl.constexpr, SR: tl.constexpr):
 
 
 @triton.jit
+def _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    g = _ld(g_ptr, offs, mask, G_DT)
+    if HAS_SCALE:
+        g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
+    return g
+
+
+@triton.jit
 def _sign(x):
     # NOTE: [sign]: +1, -1, and 0 for ±0 and NaN.
     return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
@@ -196,11 +204,9 @@ def _update_block(
     seed = tl.load(row + F_SEED).to(tl.uint32)
     wd = tl.cast(weight_decay, tl.float32)
     p = _ld(p_ptr, offs, mask, P_DT)
-    g = _ld(g_ptr, offs, mask, G_DT)
-    if HAS_SCALE:
-        g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
 
     if ALGO == ALGO_LION:
+        g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
         b1 = tl.cast(beta1, tl.float32)
         b2 = tl.cast(beta2, tl.float32)
         m = _ld(m_ptr, offs, mask, M_DT)
@@ -224,6 +230,7 @@ def _update_block(
         else:
             b1 = tl.where(step % kk == 0, beta, 1.0)
             coef = tl.math.div_rn(1.0 - beta, kk.to(tl.float32))
+            g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
             m = _ld(m_ptr, offs, mask, M_DT)
             m_new = b1 * m + coef * g
             if ((step + 1) % kk) == 0:
@@ -249,6 +256,7 @@ def _update_block(
                 _st(p_ptr, offs, p_upd, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
             _st(m_ptr, offs, m_new, mask, _sr_key(seed, step, SALT_STATE), hi, lo0, M_DT, SR)
     else:
+        g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
         cnt = _load(m_ptr + offs, mask).to(tl.int32)
         win = tl.cast(window, tl.int32)
         sg = _sign(g)
