@@ -278,7 +278,7 @@ struct TigerPrepassFunctor {
 
 // Finalisation: one block per tensor of a pre-pass table.
 template <typename Table>
-__global__ void __launch_bounds__(kBlockThreads) tiger_finalize_kernel(const SK_GRID_CONSTANT Table tl,
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) tiger_finalize_kernel(const SK_GRID_CONSTANT Table tl,
                                                                        const SK_GRID_CONSTANT TigerHyper h) {
   if (h.common.skip()) return;
   const int t = blockIdx.x;
