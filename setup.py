@@ -16,8 +16,8 @@ Environment variables:
                                 nvcc is a wrapper script: nvcc --dryrun reports its TOP directory).
   SIGN_KERNELS_CPU_FLAGS        extra host compiler flags, e.g. "-march=native" for a local build.
 
-Without torch at build time the package is built pure-Python (with a warning); a compile
-error is an error, never a silent pure-Python fallback.
+Without torch at build time the build stops and says so (SIGN_KERNELS_NO_EXTENSION=1 for a
+pure-Python install); a compile error is an error, never a silent pure-Python fallback.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import re
 import shutil
 import subprocess
 import sys
-import warnings
 
 from setuptools import find_packages, setup
 
@@ -116,8 +115,15 @@ def extensions():
             _set_cuda_home_from_nvcc()
         from torch.utils import cpp_extension
     except ImportError:
-        warnings.warn("sign_kernels: torch is not importable at build time; building without compiled kernels")
-        return [], {}
+        # NOTE: [no silent pure-Python build] A build without torch would quietly give a package
+        # without its kernels (and pip would then pull the newest torch, gigabytes, as a dependency).
+        raise SystemExit(
+            "sign_kernels: torch is not importable in this environment, and the compiled kernels are "
+            "built against the torch you run. Install torch first (the build your machine needs; e.g. "
+            "`pip install torch`), then `pip install --no-build-isolation .` (without "
+            "--no-build-isolation pip builds in a fresh environment that has no torch). For a pure-Python "
+            "install (reference and Triton backends only) set SIGN_KERNELS_NO_EXTENSION=1."
+        )
 
     os.environ.setdefault("MAX_JOBS", str(min(8, os.cpu_count() or 1)))
     host_flags = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
@@ -126,6 +132,9 @@ def extensions():
     link_flags = list(omp_flags)
     sources = _rel("csrc/cpu/*.cpp") + ["csrc/torch/cpu_ops.cpp", "csrc/torch/module.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # Headers: a rebuild (`python setup.py build_ext --inplace`, what scripts/_install.sh runs)
+    # must not skip the extension when only a header changed; ninja then rebuilds what includes it.
+    depends = [f for pat in ("csrc/*/*.h", "csrc/*/*.cuh", "csrc/*/*.inc") for f in _rel(pat)]
 
     with_cuda = (
         not _flag("SIGN_KERNELS_SKIP_CUDA")
@@ -139,6 +148,7 @@ def extensions():
             "sign_kernels._C",
             sources + cuda_sources,
             include_dirs=include_dirs,
+            depends=depends,
             define_macros=[
                 ("SIGN_KERNELS_WITH_CUDA", "1"),
                 ("SIGN_KERNELS_CUDA_ARCHS", os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", "_").replace(" ", "_")),
@@ -156,7 +166,7 @@ def extensions():
         if torch.version.cuda is not None and not _flag("SIGN_KERNELS_SKIP_CUDA"):
             print("sign_kernels: torch has CUDA but nvcc was not found; building the CPU kernels only", file=sys.stderr)
         ext = cpp_extension.CppExtension(
-            "sign_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": host_flags},
+            "sign_kernels._C", sources, include_dirs=include_dirs, depends=depends, extra_compile_args={"cxx": host_flags},
             extra_link_args=link_flags,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}

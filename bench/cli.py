@@ -111,12 +111,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.nvtx and not cfg.device.startswith("cuda"):
         print("note: --nvtx has no effect on CPU", file=sys.stderr)
     env = report.environment(runner.resolve_device(cfg.device))  # before: load of others
-    result = runner.run(cfg)
+    env["threads"] = cfg.threads or runner.default_threads()
+    head = {"env": env, "config": {"steps": cfg.steps, "warmup": cfg.warmup,
+                                   "schedule": runner.resolve_schedule(cfg.schedule, runner.resolve_device(cfg.device))},
+            "rows": [], "ceilings": {}}
+    head["warnings"] = report.warnings_for(head)  # the load at the start, known now
+    print("\n".join(report.table_header(head)), flush=True)
+    shown = set()
+
+    def show(rows, ceilings, pset, dtype):
+        # each parameter set's rows as soon as they are timed, with the drift warning of its ceiling
+        part = {"env": {**env, "loadavg": None}, "rows": rows, "ceilings": {f"{pset}/{dtype}": ceilings[f"{pset}/{dtype}"]}}
+        lines = report.table_section(part, pset, dtype) + [f"WARNING: {w}" for w in report.warnings_for(part)]
+        print("\n".join(lines), flush=True)
+        shown.add((pset, dtype))
+
+    result = runner.run(cfg, on_section=show)
     env["threads"] = torch.get_num_threads()
     env["loadavg_end"] = report.loadavg()
     result = {"schema_version": report.SCHEMA_VERSION, "env": env, **result}
     result["warnings"] = report.warnings_for(result)
-    print(report.table(result))
+    for pset, dtype in report.sections(result["rows"]):
+        if (pset, dtype) not in shown:
+            print("\n".join(report.table_section(result, pset, dtype)))
+    print("\n".join(report.table_footer(result)))
     if args.check:
         from . import check_timing
 

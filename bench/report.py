@@ -146,11 +146,10 @@ def _ms(x: float) -> str:
     return f"{x:.2f}"
 
 
-def table(result: Dict) -> str:
-    rows: List[Dict] = result["rows"]
+def table_header(result: Dict) -> List[str]:
+    """The lines above the sections: where the run happened and what the columns mean."""
     env = result.get("env", {})
-    warns = result.get("warnings", [])
-    lines = [f"WARNING: {w}" for w in warns]
+    lines = [f"WARNING: {w}" for w in result.get("warnings", [])]
     lines += [
         f"device: {env.get('device_name', result.get('device'))}  threads: {env.get('threads')}  "
         f"torch {env.get('torch')}  git {str(env.get('git_sha'))[:10]}  "
@@ -164,43 +163,58 @@ def table(result: Dict) -> str:
     if result["config"].get("schedule") == "interleaved":
         lines.append("schedule: interleaved (one step of every contender and of the ceiling passes per "
                      "round); x AdamW and % ceil are medians of per-round ratios")
-    head = (f"{'contender':<26}{'backend':<10}{'n':>4}{'ms p50':>9} {'[p10, p90]':<18}{'GB/s':>7}"
-            f"{'% ceil':>8}{'x AdamW':>9}{'B/elem':>8}{'state B/p':>10}{'launch':>8}")
+    return lines
+
+
+_HEAD = (f"{'contender':<26}{'backend':<10}{'n':>4}{'ms p50':>9} {'[p10, p90]':<18}{'GB/s':>7}"
+         f"{'% ceil':>8}{'x AdamW':>9}{'B/elem':>8}{'state B/p':>10}{'launch':>8}")
+_ABOVE = ("* above 100 % of the ceiling: this step moved its bytes faster than the in-place mul_ pass "
+          "(or the copy) that defines the ceiling. On CPUs time follows the bytes read more than the "
+          "bytes written, and mul_ reads only half of what it moves (bench/NOTES.md), so a "
+          "read-light step can beat it; it does not mean more than the memory can deliver.")
+
+
+def sections(rows: List[Dict]) -> List[tuple]:
     order = []
     for r in rows:
         k = (r["param_set"], r["dtype"])
         if k not in order:
             order.append(k)
-    skipped = []
-    above = False
-    for pset, dtype in order:
-        group = [r for r in rows if (r["param_set"], r["dtype"]) == (pset, dtype)]
-        r0 = group[0]
-        ceil = result["ceilings"].get(f"{pset}/{dtype}", {})
-        lines += ["", f"{pset} ({r0['n_tensors']} tensors, {r0['n_elements'] / 1e6:.1f}M elements), "
-                      f"{dtype}; ceiling {_f(ceil.get('ceiling_gbps'), '.1f')} GB/s "
-                      f"(mul_ {_f(ceil.get('mul_gbps'), '.1f')}, copy {_f(ceil.get('copy_gbps'), '.1f')})",
-                  head, "-" * len(head)]
-        for r in group:
-            if r["ms_median"] is None:
-                skipped.append(r)
-                continue
-            frac = r["fraction"] and 100 * r["fraction"]
-            mark = "*" if frac and frac > 100 else " "
-            above = above or mark == "*"
-            spread = f"[{_ms(r['ms_p10'])}, {_ms(r['ms_p90'])}]"
-            lines.append(
-                f"{r['contender'][:25]:<26}{r['backend'][:9]:<10}{r['steps']:>4}{_ms(r['ms_median']):>9} {spread:<18}"
-                f"{r['gbps']:>7.1f}{_f(frac, '.0f'):>7}{mark}"
-                f"{_f(r['ratio_vs_fused_adamw'], '.2f'):>9}"
-                f"{r['bytes_per_step'] / r['n_elements']:>8.1f}{r['state_bytes_per_param']:>10.2f}"
-                f"{_f(r['launches'], 'd'):>8}"
-            )
-    if above:
-        lines += ["", "* above 100 % of the ceiling: this step moved its bytes faster than the in-place mul_ pass "
-                      "(or the copy) that defines the ceiling. On CPUs time follows the bytes read more than the "
-                      "bytes written, and mul_ reads only half of what it moves (bench/NOTES.md), so a "
-                      "read-light step can beat it; it does not mean more than the memory can deliver."]
+    return order
+
+
+def table_section(result: Dict, pset: str, dtype: str) -> List[str]:
+    """One parameter set and dtype setting: its ceiling and one line per timed row."""
+    group = [r for r in result["rows"] if (r["param_set"], r["dtype"]) == (pset, dtype)]
+    r0 = group[0]
+    ceil = result["ceilings"].get(f"{pset}/{dtype}", {})
+    lines = ["", f"{pset} ({r0['n_tensors']} tensors, {r0['n_elements'] / 1e6:.1f}M elements), "
+                 f"{dtype}; ceiling {_f(ceil.get('ceiling_gbps'), '.1f')} GB/s "
+                 f"(mul_ {_f(ceil.get('mul_gbps'), '.1f')}, copy {_f(ceil.get('copy_gbps'), '.1f')})",
+             _HEAD, "-" * len(_HEAD)]
+    for r in group:
+        if r["ms_median"] is None:
+            continue
+        frac = r["fraction"] and 100 * r["fraction"]
+        mark = "*" if frac and frac > 100 else " "
+        spread = f"[{_ms(r['ms_p10'])}, {_ms(r['ms_p90'])}]"
+        lines.append(
+            f"{r['contender'][:25]:<26}{r['backend'][:9]:<10}{r['steps']:>4}{_ms(r['ms_median']):>9} {spread:<18}"
+            f"{r['gbps']:>7.1f}{_f(frac, '.0f'):>7}{mark}"
+            f"{_f(r['ratio_vs_fused_adamw'], '.2f'):>9}"
+            f"{r['bytes_per_step'] / r['n_elements']:>8.1f}{r['state_bytes_per_param']:>10.2f}"
+            f"{_f(r['launches'], 'd'):>8}"
+        )
+    return lines
+
+
+def table_footer(result: Dict) -> List[str]:
+    """Footnotes, the rows that were not timed and why, and the warnings again."""
+    rows = result["rows"]
+    lines = []
+    if any(r["ms_median"] is not None and r["fraction"] and r["fraction"] > 1 for r in rows):
+        lines += ["", _ABOVE]
+    skipped = [r for r in rows if r["ms_median"] is None]
     if skipped:
         lines += ["", "not timed:"]
         seen = set()
@@ -210,9 +224,16 @@ def table(result: Dict) -> str:
                 continue
             seen.add(k)
             lines.append(f"  {r['contender']} [{r['backend']}] ({r['dtype']}): {r['status']}")
-    if warns:
-        lines += [""] + [f"WARNING: {w}" for w in warns]
-    return "\n".join(lines)
+    if result.get("warnings"):
+        lines += [""] + [f"WARNING: {w}" for w in result["warnings"]]
+    return lines
+
+
+def table(result: Dict) -> str:
+    lines = table_header(result)
+    for pset, dtype in sections(result["rows"]):
+        lines += table_section(result, pset, dtype)
+    return "\n".join(lines + table_footer(result))
 
 
 # ---- files ------------------------------------------------------------------------------------
