@@ -1,6 +1,6 @@
 """sign_kernels: fused sign-based optimizers (Lion, Tiger, Simba) for PyTorch.
 
-One semantics (SPEC.md), four executors (reference, cpu, cuda, triton), one thin
+One semantics (docs/rules.md), four executors (reference, cpu, cuda, triton), one thin
 ``torch.optim.Optimizer`` layer. ``available_backends()`` says what runs here.
 """
 

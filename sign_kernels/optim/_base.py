@@ -1,6 +1,6 @@
 """What Lion, Tiger and Simba share: validation, lazy state, grouping, one op call per group.
 
-No math lives here (SPEC.md is implemented by the backends). One ``step()``:
+No math lives here (docs/rules.md is implemented by the backends). One ``step()``:
 
 1. validates every group's hyperparameters and every gradient, and resolves the backend of
    every (device, dtypes) bucket -- all before anything is written, so bad input raises and
