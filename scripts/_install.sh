@@ -5,7 +5,11 @@ set -euo pipefail
 PY=${PYTHON:-python3}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+# (the grep drops the warnings of a pip configuration that lists absent local indexes)
+pip_install() {
+  "$PY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 # torch: keep the one installed (a CUDA build on a GPU machine); else the pinned CPU wheel.
 if ! "$PY" -c "import torch" 2>/dev/null; then
