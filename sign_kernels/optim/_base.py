@@ -161,9 +161,8 @@ class SignOptimizer(Optimizer):
     # GradScaler sets ``self.grad_scale``/``self.found_inf`` and calls step(): the kernels
     # unscale and skip on the device, with no host synchronisation.
     _step_supports_amp_scaling = True
-    # Group keys of this optimizer's own hyperparameters (beyond lr, weight_decay and the
-    # options every sign optimizer shares); used to recognise other optimizers' checkpoints.
-    _family: str = ""  # "Lion", "Tiger" or "Simba": whose checkpoints load as our own
+    # "Lion", "Tiger" or "Simba": whose checkpoints load as this optimizer's own (_checkpoint.py).
+    _family: str = ""
 
     def __init__(self, params, defaults: Dict[str, Any]):
         for name, value in TORCH_FLAG_DEFAULTS.items():
