@@ -1,0 +1,139 @@
+// dist_lion.cpp -- CPU kernels of Distributed Lion's fused passes (dist_lion.h).
+//
+// Work is cut into chunks of kChunkElems elements (a multiple of 4, so a chunk never
+// shares a packed byte with another) and spread over the parallel hook of sign_cpu.h
+// (torch's thread pool in the extension). Each chunk is one loop that reads g and m once
+// and writes m and the packed bytes once (pack), or reads the fields and p once and
+// writes p once (apply).
+#include "dist_lion.h"
+
+#include <type_traits>
+#include <vector>
+
+#include "../core/dist_lion_math.h"
+
+namespace sign_kernels {
+namespace cpu {
+namespace {
+
+struct Span {
+  int64_t tensor, begin, end;
+};
+
+std::vector<Span> spans_of(int64_t count, const int64_t* numels) {
+  std::vector<Span> spans;
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t b = 0; b < numels[i]; b += kChunkElems)
+      spans.push_back({i, b, b + kChunkElems < numels[i] ? b + kChunkElems : numels[i]});
+  return spans;
+}
+
+template <class F>
+void run_spans(const std::vector<Span>& spans, F&& f) {
+  auto range = [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) f(spans[k]);
+  };
+  const int64_t n = static_cast<int64_t>(spans.size());
+  if (n <= 1 || detail::g_parallel_for == nullptr) {
+    range(0, n);
+  } else {
+    detail::g_parallel_for(n, &range,
+                           [](void* ctx, int64_t b, int64_t e) { (*static_cast<decltype(range)*>(ctx))(b, e); });
+  }
+}
+
+template <class G, class S>
+void pack_span(const G* __restrict g, S* __restrict m, uint8_t* __restrict out, int64_t begin, int64_t end,
+               const LionScalars s, const DistPackArgs a) {
+  const int64_t full = begin + (end - begin) / 4 * 4;
+  if (a.skip) {
+    for (int64_t b = begin / 4; b < (end + 3) / 4; ++b) out[b] = 0;
+    return;
+  }
+  const float scale = a.grad_scale;
+  const bool has_scale = a.has_grad_scale;
+#pragma omp simd
+  for (int64_t b = begin / 4; b < full / 4; ++b) {
+    uint32_t byte = 0;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = 4 * b + j;
+      float mv = to_f32(m[i]);
+      float gv = to_f32(g[i]);
+      if (has_scale) gv = gv / scale;
+      byte |= dist_lion_pack_one(mv, gv, s) << (2 * j);
+      store(m + i, mv, 0u, i, false);
+    }
+    out[b] = static_cast<uint8_t>(byte);
+  }
+  if (full < end) {  // the last, partial byte: its unused fields are 0
+    uint32_t byte = 0;
+    for (int64_t i = full; i < end; ++i) {
+      float mv = to_f32(m[i]);
+      float gv = to_f32(g[i]);
+      if (has_scale) gv = gv / scale;
+      byte |= dist_lion_pack_one(mv, gv, s) << (2 * (i - full));
+      store(m + i, mv, 0u, i, false);
+    }
+    out[full / 4] = static_cast<uint8_t>(byte);
+  }
+}
+
+template <class P, int kBits>
+void apply_span(P* __restrict p, const uint8_t* __restrict v, int64_t begin, int64_t end, float lr, float decay,
+                float divisor) {
+  constexpr int kPerByte = 8 / kBits;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const int32_t s = dist_lion_field(v[i / kPerByte], i, kBits);
+    store(p + i, dist_lion_apply_one(to_f32(p[i]), s, lr, decay, divisor), 0u, i, false);
+  }
+}
+
+template <class F>
+bool with_float_type(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat32: f(static_cast<float*>(nullptr)); return true;
+    case DType::kBFloat16: f(static_cast<bf16_t*>(nullptr)); return true;
+    case DType::kFloat16: f(static_cast<fp16_t*>(nullptr)); return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+const char* dist_lion_pack(const DistPackList& t, const DistPackArgs& a) {
+  const LionScalars s = lion_scalars(0.0f, a.beta1, a.beta2, 0.0f);
+  const std::vector<Span> spans = spans_of(t.count, t.numels);
+  bool inner = true;
+  const bool outer = with_float_type(t.grad_dtype, [&](auto gtag) {
+    using G = std::remove_pointer_t<decltype(gtag)>;
+    inner = with_float_type(t.state_dtype, [&](auto stag) {
+      using S = std::remove_pointer_t<decltype(stag)>;
+      run_spans(spans, [&](const Span& sp) {
+        pack_span(static_cast<const G*>(t.grads[sp.tensor]), static_cast<S*>(t.exp_avgs[sp.tensor]),
+                  t.packed[sp.tensor], sp.begin, sp.end, s, a);
+      });
+    });
+  });
+  return outer && inner ? nullptr : "dist_lion_pack: grads and momentum must be float32, bfloat16 or float16";
+}
+
+const char* dist_lion_apply(const DistApplyList& t, const DistApplyArgs& a) {
+  if (a.bits != 2 && a.bits != 4 && a.bits != 8) return "dist_lion_apply: bits must be 2, 4 or 8";
+  const float decay = 1.0f - a.lr * a.weight_decay;  // as lion_scalars
+  const std::vector<Span> spans = spans_of(t.count, t.numels);
+  const bool ok = with_float_type(t.param_dtype, [&](auto ptag) {
+    using P = std::remove_pointer_t<decltype(ptag)>;
+    run_spans(spans, [&](const Span& sp) {
+      P* p = static_cast<P*>(t.params[sp.tensor]);
+      const uint8_t* v = t.votes[sp.tensor];
+      if (a.bits == 2) apply_span<P, 2>(p, v, sp.begin, sp.end, a.lr, decay, a.divisor);
+      else if (a.bits == 4) apply_span<P, 4>(p, v, sp.begin, sp.end, a.lr, decay, a.divisor);
+      else apply_span<P, 8>(p, v, sp.begin, sp.end, a.lr, decay, a.divisor);
+    });
+  });
+  return ok ? nullptr : "dist_lion_apply: params must be float32, bfloat16 or float16";
+}
+
+}  // namespace cpu
+}  // namespace sign_kernels
