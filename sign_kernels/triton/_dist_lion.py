@@ -5,7 +5,7 @@ fields]): every product and sum a separate fp32 op, launched with ``enable_fp_fu
 divisions by ``tl.math.div_rn``, 16-bit stores through the bit formulas of ``_kernels``. One
 launch per tensor (the passes run once per exchange bucket; a tensor table as in
 ``_launch`` would save launches on models with many small tensors). Each program covers
-BYTES packed bytes: a [BYTES, fields per byte] tile of elements, read and written once.
+BYTES packed bytes (pack: 4 BYTES elements; apply: a [BYTES, fields per byte] tile), each\nelement read and written once.
 Runs on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
@@ -51,27 +51,29 @@ def dist_lion_pack_kernel(g_ptr, m_ptr, out_ptr, n, beta1, beta2, scale_ptr, fou
                           HAS_FOUND: tl.constexpr, BYTES: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     b = pid * BYTES + tl.arange(0, BYTES).to(tl.int64)
-    j = tl.arange(0, 4)
-    offs = b[:, None] * 4 + j[None, :]
-    mask = offs < n
     bmask = b < (n + 3) // 4
-    g = _load(g_ptr, offs, mask, G_DT)
-    if HAS_SCALE:
-        g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
-    m = _load(m_ptr, offs, mask, M_DT)
     b1 = tl.cast(beta1, tl.float32)
     b2 = tl.cast(beta2, tl.float32)
-    c = b1 * m + (1.0 - b1) * g
-    m_new = b2 * m + (1.0 - b2) * g
-    d = (c > 0).to(tl.int32) - (c < 0).to(tl.int32)  # NOTE: [sign]: NaN -> 0
-    code = (d & 3) << (2 * j[None, :])
     if HAS_FOUND:
         ok = tl.load(found_ptr) == 0
-        code = tl.where(ok, code, 0)
-        mask = mask & ok
-    byte = tl.sum(code, axis=1)  # the fields do not overlap: the sum is their OR
+    byte = tl.zeros([BYTES], dtype=tl.int32)
+    # The four fields of a byte: four interleaved loads of the same cache lines.
+    for j in tl.static_range(4):
+        offs = b * 4 + j
+        mask = offs < n
+        g = _load(g_ptr, offs, mask, G_DT)
+        if HAS_SCALE:
+            g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
+        m = _load(m_ptr, offs, mask, M_DT)
+        c = b1 * m + (1.0 - b1) * g
+        m_new = b2 * m + (1.0 - b2) * g
+        d = (c > 0).to(tl.int32) - (c < 0).to(tl.int32)  # NOTE: [sign]: NaN -> 0
+        if HAS_FOUND:
+            d = tl.where(ok, d, 0)
+            mask = tl.where(ok, mask, False)
+        byte = byte | ((d & 3) << (2 * j))
+        _store(m_ptr, offs, m_new, mask, M_DT)
     tl.store(out_ptr + b, byte.to(tl.uint8), mask=bmask)
-    _store(m_ptr, offs, m_new, mask, M_DT)
 
 
 @triton.jit
@@ -94,7 +96,7 @@ def dist_lion_apply_kernel(p_ptr, v_ptr, n, lr, lr_ptr, weight_decay, divisor, f
     decay = 1.0 - lr_ * tl.cast(weight_decay, tl.float32)
     v = tl.math.div_rn(s.to(tl.float32), tl.cast(divisor, tl.float32))
     if HAS_FOUND:
-        mask = mask & (tl.load(found_ptr) == 0)
+        mask = tl.where(tl.load(found_ptr) == 0, mask, False)
     p = _load(p_ptr, offs, mask, P_DT)
     _store(p_ptr, offs, p * decay - lr_ * v, mask, P_DT)
 
