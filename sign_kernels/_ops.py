@@ -63,6 +63,12 @@ SCHEMAS["dist_lion_apply_"] = (
     "dist_lion_apply_(Tensor(a!)[] params, Tensor[] votes, int bits, int divisor, float lr, Tensor? lr_t, "
     "float weight_decay, Tensor? found_inf) -> ()"
 )
+# The vote on one rank's slice: ``received`` holds N rows of S bytes of 2-bit fields (row k
+# from rank k); ``out`` gets the sign of each field's sum (majority, 2-bit fields) or the sum
+# (``out_bits`` 2, 4 or 8).
+SCHEMAS["dist_lion_vote_"] = (
+    "dist_lion_vote_(Tensor received, Tensor(a!) out, int world_size, int out_bits, bool majority) -> ()"
+)
 
 _lib = torch.library.Library(LIB_NAME, "DEF")
 for _schema in SCHEMAS.values():

@@ -318,12 +318,24 @@ def test_wire_roundtrip_and_vote():
     # Three ranks, four elements: (+1,+1,-1) -> +1, (+1,-1,0) tie -> 0, (0,0,0) -> 0, (-1,-1,0) -> -1.
     d = torch.tensor([[1, 1, 0, -1], [1, -1, 0, -1], [-1, 0, 0, 0]])
     recv = torch.stack([_wire.pack_fields(r, 2) for r in d])
-    out = torch.empty(1, dtype=torch.uint8)
-    _wire.vote(recv, "majority", out)
-    assert _wire.unpack_fields(out, 2).tolist() == [1, 0, 0, -1]
-    out = torch.empty(2, dtype=torch.uint8)
-    _wire.vote(recv, "average", out)
-    assert _wire.unpack_fields(out, 4).tolist() == [1, 0, 0, -2]
+    kernels = [False] + ([True] if _ops.has_kernel("dist_lion_vote_", "CPU") else [])
+    for kernel in kernels:
+        out = torch.empty(1, dtype=torch.uint8)
+        _wire.vote(recv, "majority", out, kernel=kernel)
+        assert _wire.unpack_fields(out, 2).tolist() == [1, 0, 0, -1]
+        out = torch.empty(2, dtype=torch.uint8)
+        _wire.vote(recv, "average", out, kernel=kernel)
+        assert _wire.unpack_fields(out, 4).tolist() == [1, 0, 0, -2]
+    # Random slices: the compiled vote equals the torch one, which equals the definition.
+    for n in (1, 2, 3, 5, 8, 127):
+        d = torch.randint(-1, 2, (n, 4 * 301), generator=g)
+        recv = _wire.pack_fields(d, 2)
+        s = d.sum(0)
+        for mode, bits, want in (("majority", 2, torch.sign(s)), ("average", _wire.sum_bits(n), s)):
+            for kernel in kernels:
+                out = torch.empty(301 * bits // 2, dtype=torch.uint8)
+                _wire.vote(recv, mode, out, kernel=kernel)
+                assert torch.equal(_wire.unpack_fields(out, bits).long(), want), (n, mode, kernel)
 
 
 @pytest.mark.parametrize("backend", local_backends())

@@ -135,5 +135,54 @@ const char* dist_lion_apply(const DistApplyList& t, const DistApplyArgs& a) {
   return ok ? nullptr : "dist_lion_apply: params must be float32, bfloat16 or float16";
 }
 
+namespace {
+
+template <int kOutBits, bool kMajority>
+void vote_range(const uint8_t* __restrict in, int64_t ranks, int64_t slice, uint8_t* __restrict out, int64_t begin,
+                int64_t end) {
+#pragma omp simd
+  for (int64_t b = begin; b < end; ++b) {
+    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t k = 0; k < ranks; ++k) {
+      const uint32_t byte = in[k * slice + b];
+      s0 += dist_lion_field(byte, 0, 2);
+      s1 += dist_lion_field(byte, 1, 2);
+      s2 += dist_lion_field(byte, 2, 2);
+      s3 += dist_lion_field(byte, 3, 2);
+    }
+    if (kMajority) {
+      auto code = [](int32_t s) { return static_cast<uint32_t>((s > 0) - (s < 0)) & 3u; };
+      out[b] = static_cast<uint8_t>(code(s0) | code(s1) << 2 | code(s2) << 4 | code(s3) << 6);
+    } else if (kOutBits == 4) {
+      out[2 * b] = static_cast<uint8_t>((static_cast<uint32_t>(s0) & 15u) | (static_cast<uint32_t>(s1) & 15u) << 4);
+      out[2 * b + 1] = static_cast<uint8_t>((static_cast<uint32_t>(s2) & 15u) | (static_cast<uint32_t>(s3) & 15u) << 4);
+    } else {
+      out[4 * b] = static_cast<uint8_t>(s0);
+      out[4 * b + 1] = static_cast<uint8_t>(s1);
+      out[4 * b + 2] = static_cast<uint8_t>(s2);
+      out[4 * b + 3] = static_cast<uint8_t>(s3);
+    }
+  }
+}
+
+}  // namespace
+
+const char* dist_lion_vote(const uint8_t* received, int64_t ranks, int64_t slice_bytes, uint8_t* out, int out_bits,
+                           bool majority) {
+  if (majority ? out_bits != 2 : (out_bits != 2 && out_bits != 4 && out_bits != 8))
+    return "dist_lion_vote: out_bits must be 2 (majority) or 2, 4, 8 (average)";
+  if (ranks < 1 || ranks > 127) return "dist_lion_vote: ranks must be in [1, 127]";
+  // Work items of 16K bytes (64K fields), as the passes' chunks.
+  const int64_t item = kChunkElems / 4;
+  std::vector<Span> spans;
+  for (int64_t b = 0; b < slice_bytes; b += item) spans.push_back({0, b, b + item < slice_bytes ? b + item : slice_bytes});
+  run_spans(spans, [&](const Span& sp) {
+    if (majority || out_bits == 2) vote_range<2, true>(received, ranks, slice_bytes, out, sp.begin, sp.end);
+    else if (out_bits == 4) vote_range<4, false>(received, ranks, slice_bytes, out, sp.begin, sp.end);
+    else vote_range<8, false>(received, ranks, slice_bytes, out, sp.begin, sp.end);
+  });
+  return nullptr;
+}
+
 }  // namespace cpu
 }  // namespace sign_kernels

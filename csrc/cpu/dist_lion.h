@@ -47,5 +47,11 @@ struct DistApplyArgs {
 const char* dist_lion_pack(const DistPackList& t, const DistPackArgs& a);
 const char* dist_lion_apply(const DistApplyList& t, const DistApplyArgs& a);
 
+// The vote on one slice: `received` holds `ranks` rows of `slice_bytes` bytes of 2-bit
+// fields (row k from rank k); `out` gets, per field, the sign of the sum (majority: 2-bit
+// fields, slice_bytes bytes) or the sum (out_bits = 4 or 8: slice_bytes * out_bits / 2 bytes).
+const char* dist_lion_vote(const uint8_t* received, int64_t ranks, int64_t slice_bytes, uint8_t* out, int out_bits,
+                           bool majority);
+
 }  // namespace cpu
 }  // namespace sign_kernels

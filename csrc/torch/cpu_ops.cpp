@@ -232,9 +232,18 @@ void dist_lion_apply_cpu(at::TensorList params, at::TensorList votes, int64_t bi
   TORCH_CHECK(err == nullptr, "dist_lion_apply_: ", err);
 }
 
+void dist_lion_vote_cpu(const at::Tensor& received, const at::Tensor& out, int64_t world_size, int64_t out_bits,
+                        bool majority) {
+  binding::check_dist_vote("dist_lion_vote_", received, out, world_size, out_bits, majority, c10::kCPU);
+  const char* err = cpu::dist_lion_vote(received.data_ptr<uint8_t>(), world_size, received.numel() / world_size,
+                                        out.data_ptr<uint8_t>(), static_cast<int>(out_bits), majority);
+  TORCH_CHECK(err == nullptr, "dist_lion_vote_: ", err);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sign_kernels, CPU, m) {
+  m.impl("dist_lion_vote_", &dist_lion_vote_cpu);
   m.impl("dist_lion_pack_", &dist_lion_pack_cpu);
   m.impl("dist_lion_apply_", &dist_lion_apply_cpu);
 }

@@ -75,5 +75,22 @@ inline at::ScalarType check_dist_apply(const char* op, at::TensorList params, at
   return dtype;
 }
 
+inline void check_dist_vote(const char* op, const at::Tensor& received, const at::Tensor& out, int64_t world_size,
+                            int64_t out_bits, bool majority, c10::DeviceType device_type) {
+  TORCH_CHECK(world_size >= 1 && world_size <= 127, op, ": world_size must be in [1, 127], got ", world_size);
+  TORCH_CHECK(majority ? out_bits == 2 : (out_bits == 2 || out_bits == 4 || out_bits == 8), op,
+              ": out_bits must be 2 for majority, 2, 4 or 8 for average, got ", out_bits);
+  TORCH_CHECK(received.device().type() == device_type && out.device() == received.device(), op,
+              ": received and out must be ", c10::DeviceTypeName(device_type), " tensors on one device");
+  TORCH_CHECK(received.scalar_type() == at::kByte && out.scalar_type() == at::kByte && received.is_contiguous() &&
+                  out.is_contiguous(),
+              op, ": received and out must be contiguous uint8 tensors");
+  TORCH_CHECK(received.numel() % world_size == 0, op, ": received has ", received.numel(),
+              " bytes, not a multiple of world_size ", world_size);
+  const int64_t slice = received.numel() / world_size;
+  TORCH_CHECK(out.numel() == slice * out_bits / 2, op, ": out must hold ", slice * out_bits / 2, " bytes, got ",
+              out.numel());
+}
+
 }  // namespace binding
 }  // namespace sign_kernels

@@ -20,6 +20,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .. import _ops
+
 
 def sum_bits(world_size: int) -> int:
     """Bits of a field that holds any sum of ``world_size`` values in {-1, 0, +1}."""
@@ -70,15 +72,28 @@ def pack_fields(values: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-def vote(received: torch.Tensor, mode: str, out: torch.Tensor) -> None:
+def vote(received: torch.Tensor, mode: str, out: torch.Tensor, kernel: Optional[bool] = None) -> None:
     """Vote on one slice: ``received`` is [N, S] uint8 (every rank's 2-bit fields of the
     slice), ``out`` gets the result fields: sign of the sum (majority, 2 bits, ties -> 0) or
-    the sum (average, ``sum_bits(N)`` bits)."""
-    s = unpack_fields(received, 2).sum(0, dtype=torch.int8 if received.shape[0] <= 127 else torch.int16)
-    if mode == "majority":
-        out.copy_(pack_fields(torch.sign(s), 2))
-    else:
-        out.copy_(pack_fields(s, sum_bits(received.shape[0])))
+    the sum (average, ``sum_bits(N)`` bits).
+
+    On CPU the compiled op ``dist_lion_vote_`` does it in one pass when it is built
+    (``kernel=None``: when available; True/False force it, for the tests); elsewhere, torch
+    operations on the bytes.
+    """
+    n = received.shape[0]
+    bits = 2 if mode == "majority" else sum_bits(n)
+    if kernel is None:
+        kernel = received.device.type == "cpu" and _ops.has_kernel("dist_lion_vote_", "CPU")
+    if kernel:
+        _ops.op("dist_lion_vote_")(received.reshape(-1), out, n, bits, mode == "majority")
+        return
+    sums = []
+    for j in range(4):  # field j of every byte, sign-extended, summed over the ranks
+        f = ((received >> (2 * j)) & 3).to(torch.int8)
+        sums.append((f - ((f & 2) << 1)).sum(0, dtype=torch.int8))
+    s = torch.stack(sums, dim=1).reshape(-1)
+    out.copy_(pack_fields(torch.sign(s) if mode == "majority" else s, bits))
 
 
 # ---------------------------------------------------------------------- reference passes
