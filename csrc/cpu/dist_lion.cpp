@@ -42,39 +42,44 @@ void run_spans(const std::vector<Span>& spans, F&& f) {
   }
 }
 
+// NOTE: [blocks of fields] Both passes go through a small stack block of one-byte fields, so
+// that the float loop is a plain unit-stride loop the compiler vectorizes like Lion's, and
+// the bit packing/unpacking is a separate byte loop (packing 4 fields inside the float loop
+// made it a strided, scalar loop: ~2.5x slower than Lion's pass on the same bytes).
+constexpr int64_t kBlock = 256;  // elements; chunks start at multiples of kChunkElems, a multiple of it
+
+template <class Scale, class G, class S>
+void pack_block(const G* __restrict g, S* __restrict m, uint8_t* __restrict out, int64_t base, int64_t len,
+                const LionScalars& s, float scale) {
+  uint8_t codes[kBlock];
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) {
+    const int64_t i = base + k;
+    float mv = to_f32(m[i]);
+    float gv = to_f32(g[i]);
+    if (Scale::value) gv = gv / scale;
+    codes[k] = static_cast<uint8_t>(dist_lion_pack_one(mv, gv, s));
+    store(m + i, mv, 0u, i, false);
+  }
+  for (int64_t k = len; k < kBlock; ++k) codes[k] = 0;  // the last, partial byte's unused fields
+  const int64_t nb = (len + 3) / 4;
+#pragma omp simd
+  for (int64_t q = 0; q < nb; ++q)
+    out[base / 4 + q] = static_cast<uint8_t>(codes[4 * q] | codes[4 * q + 1] << 2 | codes[4 * q + 2] << 4 |
+                                             codes[4 * q + 3] << 6);
+}
+
 template <class G, class S>
 void pack_span(const G* __restrict g, S* __restrict m, uint8_t* __restrict out, int64_t begin, int64_t end,
                const LionScalars s, const DistPackArgs a) {
-  const int64_t full = begin + (end - begin) / 4 * 4;
   if (a.skip) {
     for (int64_t b = begin / 4; b < (end + 3) / 4; ++b) out[b] = 0;
     return;
   }
-  const float scale = a.grad_scale;
-  const bool has_scale = a.has_grad_scale;
-#pragma omp simd
-  for (int64_t b = begin / 4; b < full / 4; ++b) {
-    uint32_t byte = 0;
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = 4 * b + j;
-      float mv = to_f32(m[i]);
-      float gv = to_f32(g[i]);
-      if (has_scale) gv = gv / scale;
-      byte |= dist_lion_pack_one(mv, gv, s) << (2 * j);
-      store(m + i, mv, 0u, i, false);
-    }
-    out[b] = static_cast<uint8_t>(byte);
-  }
-  if (full < end) {  // the last, partial byte: its unused fields are 0
-    uint32_t byte = 0;
-    for (int64_t i = full; i < end; ++i) {
-      float mv = to_f32(m[i]);
-      float gv = to_f32(g[i]);
-      if (has_scale) gv = gv / scale;
-      byte |= dist_lion_pack_one(mv, gv, s) << (2 * (i - full));
-      store(m + i, mv, 0u, i, false);
-    }
-    out[full / 4] = static_cast<uint8_t>(byte);
+  for (int64_t base = begin; base < end; base += kBlock) {
+    const int64_t len = end - base < kBlock ? end - base : kBlock;
+    if (a.has_grad_scale) pack_block<std::true_type>(g, m, out, base, len, s, a.grad_scale);
+    else pack_block<std::false_type>(g, m, out, base, len, s, 1.0f);
   }
 }
 
@@ -82,10 +87,17 @@ template <class P, int kBits>
 void apply_span(P* __restrict p, const uint8_t* __restrict v, int64_t begin, int64_t end, float lr, float decay,
                 float divisor) {
   constexpr int kPerByte = 8 / kBits;
+  int8_t fields[kBlock];
+  for (int64_t base = begin; base < end; base += kBlock) {
+    const int64_t len = end - base < kBlock ? end - base : kBlock;
+    const int64_t nb = (len + kPerByte - 1) / kPerByte;
+    for (int64_t q = 0; q < nb; ++q) {
+      const uint32_t byte = v[base / kPerByte + q];
+      for (int j = 0; j < kPerByte; ++j) fields[q * kPerByte + j] = static_cast<int8_t>(dist_lion_field(byte, j, kBits));
+    }
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    const int32_t s = dist_lion_field(v[i / kPerByte], i, kBits);
-    store(p + i, dist_lion_apply_one(to_f32(p[i]), s, lr, decay, divisor), 0u, i, false);
+    for (int64_t k = 0; k < len; ++k)
+      store(p + base + k, dist_lion_apply_one(to_f32(p[base + k]), fields[k], lr, decay, divisor), 0u, base + k, false);
   }
 }
 
