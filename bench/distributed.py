@@ -88,6 +88,7 @@ def _worker(rank: int, world: int, port: int, specs: List[dict], steps: int, war
         grads = [torch.randn(p.shape, generator=ggen) for p in params]
         n = ps.n_elements
         for name in CONTENDERS:
+            opt = lion = adamw = None  # the previous contender's state is freed
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             if name.startswith("dlion"):
@@ -128,7 +129,7 @@ def _worker(rank: int, world: int, port: int, specs: List[dict], steps: int, war
                              bytes_sent_per_rank=sent, fp32_allreduce_bytes=2 * (world - 1) * n * 4 // world))
             del step
             for p in params:
-                p.grad = g = None
+                p.grad = None
             if rank == 0:
                 r = rows[-1]
                 print(f"  {world} ranks {ps.name:12s} {name:22s} median {r['median_s'] * 1e3:8.1f} ms  "
