@@ -7,6 +7,7 @@
 // writes p once (apply).
 #include "dist_lion.h"
 
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -83,18 +84,32 @@ void pack_span(const G* __restrict g, S* __restrict m, uint8_t* __restrict out, 
   }
 }
 
+// The fields of every byte value, as int8 lanes of one word (2-bit: 4 fields in a uint32,
+// 4-bit: 2 in a uint16, 8-bit: the byte itself): unpacking a byte is one table load and one
+// store, where the shift-and-mask loop over the fields of a byte did not vectorize.
+template <int kBits>
+struct FieldTable {
+  using Word = std::conditional_t<kBits == 2, uint32_t, std::conditional_t<kBits == 4, uint16_t, uint8_t>>;
+  Word word[256];
+  FieldTable() {
+    for (uint32_t b = 0; b < 256; ++b) {
+      int8_t f[sizeof(Word)];
+      for (int j = 0; j < static_cast<int>(sizeof(Word)); ++j) f[j] = static_cast<int8_t>(dist_lion_field(b, j, kBits));
+      std::memcpy(&word[b], f, sizeof(Word));
+    }
+  }
+};
+
 template <class P, int kBits>
 void apply_span(P* __restrict p, const uint8_t* __restrict v, int64_t begin, int64_t end, float lr, float decay,
                 float divisor) {
   constexpr int kPerByte = 8 / kBits;
+  static const FieldTable<kBits> table;
   int8_t fields[kBlock];
   for (int64_t base = begin; base < end; base += kBlock) {
     const int64_t len = end - base < kBlock ? end - base : kBlock;
     const int64_t nb = (len + kPerByte - 1) / kPerByte;
-    for (int64_t q = 0; q < nb; ++q) {
-      const uint32_t byte = v[base / kPerByte + q];
-      for (int j = 0; j < kPerByte; ++j) fields[q * kPerByte + j] = static_cast<int8_t>(dist_lion_field(byte, j, kBits));
-    }
+    for (int64_t q = 0; q < nb; ++q) std::memcpy(fields + q * kPerByte, &table.word[v[base / kPerByte + q]], kPerByte);
 #pragma omp simd
     for (int64_t k = 0; k < len; ++k)
       store(p + base + k, dist_lion_apply_one(to_f32(p[base + k]), fields[k], lr, decay, divisor), 0u, base + k, false);
