@@ -388,3 +388,37 @@ def test_opcheck_cpu():
     votes = [torch.randint(0, 256, (5,), dtype=torch.uint8), torch.randint(0, 256, (2,), dtype=torch.uint8)]
     torch.library.opcheck(_ops.op("dist_lion_apply_").default, ([torch.randn(9), torch.randn(4)], votes, 4, 3,
                                                                  0.01, None, 0.1, None))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_passes_match_reference(backend):
+    """The CUDA (compiled) and Triton (compiled) passes write the reference's bits."""
+    if backend == "cuda" and not _ops.has_kernel("dist_lion_pack_", "CUDA"):
+        pytest.skip("sign_kernels._C has no CUDA kernels of dist_lion_pack_")
+    if backend == "triton":
+        if _INTERPRET_AT_START or os.environ.get("TRITON_INTERPRET") == "1":
+            pytest.skip("run with TRITON_INTERPRET=0 for the compiled Triton kernels")
+        from sign_kernels.triton import _dist_lion as tri
+
+        pack, apply = tri.dist_lion_pack_, tri.dist_lion_apply_
+    else:
+        pack, apply = _ops.op("dist_lion_pack_"), _ops.op("dist_lion_apply_")
+    for dtype, mdt in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        gs = [g.to(dtype) for g in grads_of(3, 1, 1, "random", torch.float64)]
+        ms = [torch.randn(g.shape, dtype=torch.float64).to(mdt) for g in gs]
+        outs = [torch.zeros(_wire.nbytes(g.numel(), 2), dtype=torch.uint8) for g in gs]
+        ms_d, outs_d = [m.cuda() for m in ms], [o.cuda() for o in outs]
+        scale = torch.tensor(2.0)
+        _wire.dist_lion_pack_(gs, ms, outs, 0.9, 0.99, scale, None)
+        pack([g.cuda() for g in gs], ms_d, outs_d, 0.9, 0.99, scale.cuda(), None)
+        assert_bits([m.cpu() for m in ms_d], ms, f"{backend} pack exp_avg {dtype}/{mdt}")
+        assert_bits([o.cpu() for o in outs_d], outs, f"{backend} packed {dtype}/{mdt}")
+        for bits, divisor in ((2, 1), (4, 3), (8, 100)):
+            ps = [torch.randn(g.shape, dtype=torch.float64).to(dtype) for g in gs]
+            vs = [torch.randint(0, 256, (_wire.nbytes(p.numel(), bits),), dtype=torch.uint8) for p in ps]
+            ps_d = [p.cuda() for p in ps]
+            lr_t = torch.tensor(0.01)
+            _wire.dist_lion_apply_(ps, vs, bits, divisor, 0.0, lr_t, 0.1, None)
+            apply(ps_d, [v.cuda() for v in vs], bits, divisor, 0.0, lr_t.cuda(), 0.1, torch.zeros((), device="cuda"))
+            assert_bits([p.cpu() for p in ps_d], ps, f"{backend} apply {dtype} bits {bits}")
