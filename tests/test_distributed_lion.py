@@ -422,3 +422,26 @@ def test_gpu_passes_match_reference(backend):
             _wire.dist_lion_apply_(ps, vs, bits, divisor, 0.0, lr_t, 0.1, None)
             apply(ps_d, [v.cuda() for v in vs], bits, divisor, 0.0, lr_t.cuda(), 0.1, torch.zeros((), device="cuda"))
             assert_bits([p.cpu() for p in ps_d], ps, f"{backend} apply {dtype} bits {bits}")
+
+
+def test_grad_scaler_matches_lion():
+    """torch.amp.GradScaler drives DistributedLion as it drives Lion (unscale in the pass, inf skip)."""
+    results = []
+    for cls in (DistributedLion, sign_kernels.Lion):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = cls(model.parameters(), lr=LR, betas=BETAS, weight_decay=WD)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(4):
+            x = torch.randn(5, 8, generator=torch.Generator().manual_seed(step))
+            loss = model(x).square().sum()
+            if step == 2:
+                loss = loss * float("inf")  # an inf gradient: the step is skipped
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        results.append(([p.detach().clone() for p in model.parameters()],
+                        [int(opt.state[p]["step"]) for p in model.parameters()]))
+    assert_bits(results[0][0], results[1][0], "GradScaler: DistributedLion vs Lion")
+    assert results[0][1] == results[1][1] == [3, 3]
