@@ -64,6 +64,11 @@ trap 'rm -rf "$STATUS" "$BENCH_TMP"' EXIT
 NATIVE=$ROOT/build/gpu-native
 NATIVE_TEST=$NATIVE/csrc/cuda/sign_kernels_cuda_test
 
+if ! command -v nvcc >/dev/null && [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]; then
+  export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
+fi
+SANITIZER=$(command -v compute-sanitizer || ls -d "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \
+  /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 HAVE_GPU=0
 if [[ $DRY == 0 ]] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then HAVE_GPU=1; fi
 if [[ $DRY == 0 && $HAVE_GPU == 0 ]]; then
@@ -115,11 +120,23 @@ native_gpu() {
     && cmake --build "$NATIVE" -j "$((NPROC > 6 ? 6 : NPROC))" \
     && ctest --test-dir "$NATIVE" --output-on-failure
 }
+native_nvcc() {
+  # No CMake >= 3.24 on the machine: the native test built by nvcc alone, with CMake's flags
+  # (NOTE: [no contraction]); no static library, so test_cuda_codegen skips.
+  mkdir -p "$NATIVE/csrc/cuda" && cd "$NATIVE/csrc/cuda" || return 1
+  local srcs=("$ROOT"/csrc/cuda/{launch,lion,simba,tiger}.cu "$ROOT"/csrc/cuda/tests/test_kernels.cu)
+  printf '%s\n' "${srcs[@]}" | xargs -P "$((NPROC > 6 ? 6 : NPROC))" -I{} sh -c \
+    'nvcc -c -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a --fmad=false --prec-div=true \
+       --prec-sqrt=true --ftz=false -Xcompiler=-ffp-contract=off -Xcompiler=-fPIC \
+       "-DSIGN_KERNELS_CUDA_ARCHS=90a" -I"$1/csrc" "$2" -o "$(basename "$2" .cu).o"' _ "$ROOT" {} \
+    && nvcc -gencode arch=compute_90a,code=sm_90a ./*.o -o sign_kernels_cuda_test \
+    && { ./sign_kernels_cuda_test; rc=$?; ((rc == 77)) && echo "native test: skipped (exit 77: no device)"; ((rc == 0 || rc == 77)); }
+}
 native_dry() {
   echo "dry run: CTest on build/core (scripts/test.sh's CMake build), no build here"
   ctest --test-dir build/core --output-on-failure
 }
-sanitize() { compute-sanitizer --tool "$1" --error-exitcode 1 --print-limit 20 "$NATIVE_TEST"; }
+sanitize() { "$SANITIZER" --tool "$1" --error-exitcode 1 --print-limit 20 "$NATIVE_TEST"; }
 run_pytest() {
   TRITON_INTERPRET=0 SIGN_KERNELS_CUDA_LIB=$NATIVE/csrc/cuda/libsign_kernels_cuda.a "$PY" -m pytest "$@"
 }
@@ -127,14 +144,16 @@ bench_one() {  # bench_one NAME ARGS...: one parameter set into $BENCH_TMP/NAME.
   local name=$1; shift
   "$PY" -m bench --no-progress --no-plot --out "$BENCH_TMP" --name "$name" "$@"
 }
-export -f build_gpu build_dry native_gpu native_dry sanitize run_pytest bench_one
-export PY NPROC NATIVE NATIVE_TEST BENCH_TMP
+export -f build_gpu build_dry native_gpu native_nvcc native_dry sanitize run_pytest bench_one
+export SANITIZER PY NPROC NATIVE NATIVE_TEST BENCH_TMP ROOT
 
 # ---------------------------------------------------------------- the run
 T0=$SECONDS
 {
   echo "gpu_check $(date -u +%FT%TZ) $([[ $DRY == 1 ]] && echo '(DRY RUN: CPU, plumbing only)')"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet HEAD 2>/dev/null || echo ' +local changes')"
+  if git rev-parse --git-dir >/dev/null 2>&1; then
+    echo "git: $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' + local changes')"
+  else echo "git: not a repository"; fi
   echo "host: $(hostname), $NPROC cores, MAX_JOBS=$MAX_JOBS"
   "$PY" - <<'EOF' 2>&1
 import sys, torch
@@ -172,12 +191,14 @@ pid_a=$!
   if [[ $DRY == 1 ]]; then
     if [[ -f build/core/CTestTestfile.cmake ]]; then stage native "$OUT/native.log" 120 native_dry
     else skip native "dry run: no build/core from scripts/test.sh"; fi
-  else
+  elif cmake --version 2>/dev/null | awk 'NR==1 {split($3, v, "."); exit !(v[1] > 3 || (v[1] == 3 && v[2] >= 24))}'; then
     stage native "$OUT/native.log" 240 native_gpu
+  else
+    stage native "$OUT/native.log" 240 native_nvcc
   fi
   for tool in memcheck racecheck; do
     if [[ $HAVE_GPU == 0 ]]; then skip "$tool" "no GPU"
-    elif ! command -v compute-sanitizer >/dev/null; then skip "$tool" "compute-sanitizer not on PATH"
+    elif [[ -z $SANITIZER ]]; then skip "$tool" "compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda*)"
     elif [[ ! -x $NATIVE_TEST ]]; then skip "$tool" "the native test was not built"
     else stage "$tool" "$OUT/native.log" 150 sanitize "$tool"; fi
   done

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
                                 reason="needs bash and coreutils' timeout")
 
 
-def _run(*args, timeout=60):
-    env = dict(os.environ, PYTHON=sys.executable)
+def _run(*args, timeout=60, **env_extra):
+    env = dict(os.environ, PYTHON=sys.executable, **env_extra)
     return subprocess.run(["bash", str(SCRIPT), *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -48,6 +49,26 @@ def test_without_a_gpu_it_asks_for_dry_run(tmp_path):
     assert r.returncode == 2 and "--dry-run" in r.stderr
 
 
+def _status(summary):
+    status = {}
+    for line in summary.splitlines():
+        name, _, rest = line.partition(" ")
+        if name in STAGES:
+            status[name] = rest.strip()
+    return status
+
+
+def test_the_deadline_cuts_stages_and_fails_the_call(tmp_path):
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    r = _run(out, "--dry-run", timeout=120, GPU_CHECK_DEADLINE_S="10")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    status = _status((out / "summary.txt").read_text())
+    assert status["bench-flat"].startswith("TIMEOUT"), status
+    assert status["bench-merge"] == "skipped (no bench result to merge)"
+    assert time.monotonic() - t0 < 60
+
+
 @pytest.mark.slow
 def test_dry_run_exercises_every_stage(tmp_path):
     out = tmp_path / "out"
@@ -58,11 +79,7 @@ def test_dry_run_exercises_every_stage(tmp_path):
     assert {"summary.txt", "build.log", "pytest.log", "pytest.xml", "bench.log", "bench.json", "bench.png"} <= set(files)
 
     summary = (out / "summary.txt").read_text()
-    status = {}
-    for line in summary.splitlines():
-        name, _, rest = line.partition(" ")
-        if name in STAGES:
-            status[name] = rest.strip()
+    status = _status(summary)
     assert list(status) == STAGES, summary
     assert status["memcheck"] == status["racecheck"] == "skipped (no GPU)"
     for name in ("build", "pytest", "bench-flat", "bench-merge"):
