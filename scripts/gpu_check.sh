@@ -68,7 +68,8 @@ if ! command -v nvcc >/dev/null && [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc 
   export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
 fi
 SANITIZER=$(command -v compute-sanitizer || ls -d "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \
-  /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+  /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
+  /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n 1)
 HAVE_GPU=0
 if [[ $DRY == 0 ]] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then HAVE_GPU=1; fi
 if [[ $DRY == 0 && $HAVE_GPU == 0 ]]; then
@@ -191,14 +192,14 @@ pid_a=$!
   if [[ $DRY == 1 ]]; then
     if [[ -f build/core/CTestTestfile.cmake ]]; then stage native "$OUT/native.log" 120 native_dry
     else skip native "dry run: no build/core from scripts/test.sh"; fi
-  elif cmake --version 2>/dev/null | awk 'NR==1 {split($3, v, "."); exit !(v[1] > 3 || (v[1] == 3 && v[2] >= 24))}'; then
+  elif cmake --version 2>/dev/null | awk 'NR==1 {split($3, v, "."); ok = v[1] > 3 || (v[1] == 3 && v[2] >= 24)} END {exit !ok}'; then
     stage native "$OUT/native.log" 240 native_gpu
   else
     stage native "$OUT/native.log" 240 native_nvcc
   fi
   for tool in memcheck racecheck; do
     if [[ $HAVE_GPU == 0 ]]; then skip "$tool" "no GPU"
-    elif [[ -z $SANITIZER ]]; then skip "$tool" "compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda*)"
+    elif [[ -z $SANITIZER ]]; then skip "$tool" "compute-sanitizer not found in PATH, CUDA_HOME or /usr/local/cuda*"
     elif [[ ! -x $NATIVE_TEST ]]; then skip "$tool" "the native test was not built"
     else stage "$tool" "$OUT/native.log" 150 sanitize "$tool"; fi
   done
