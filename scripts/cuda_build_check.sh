@@ -57,9 +57,10 @@ t1=$SECONDS
 mkdir -p "$OUT"
 say "building sign_kernels._C with CUDA (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) into $OUT"
 # build_py copies the Python package beside the built module, so the check below imports one
-# self-contained package from $OUT/lib and nothing from the source tree.
+# self-contained package from $OUT/lib and nothing from the source tree (egg_info goes to $OUT
+# too: the build writes nothing into the source tree).
 env -u SIGN_KERNELS_SKIP_CUDA -u SIGN_KERNELS_NO_EXTENSION \
-  "$VPY" setup.py -q build_py --build-lib "$OUT/lib" \
+  "$VPY" setup.py -q egg_info --egg-base "$OUT" build_py --build-lib "$OUT/lib" \
   build_ext --build-lib "$OUT/lib" --build-temp "$OUT/temp" >"$OUT.log" 2>&1 \
   || { tail -n 60 "$OUT.log"; die "the CUDA build failed (full log: $OUT.log)"; }
 grep -E "^sign_kernels:" "$OUT.log" || true
