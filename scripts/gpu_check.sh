@@ -1,0 +1,259 @@
+#!/usr/bin/env bash
+# Everything a GPU machine can tell us, in one call (offline, < 8 minutes on a 16-core H100 box):
+#
+#   bash scripts/gpu_check.sh OUTDIR [--dry-run]
+#
+# Stages (each under `timeout`; a failed stage does not stop the later ones):
+#   peers      pip install --no-index --no-deps .whl/*.whl when wheels were carried there (the bench's
+#              peers: lion-pytorch, torch-optimi; the GPU machine has no network)
+#   build      sign_kernels._C with CUDA for the local GPU, in place (setup.py build_ext --inplace),
+#              so that pytest and `python -m bench` from the repo root import it
+#   native     CMake build of the CUDA core + its native test for 90a only (build/gpu-native), CTest
+#   memcheck   compute-sanitizer --tool memcheck on the native CUDA test
+#   racecheck  compute-sanitizer --tool racecheck on the native CUDA test
+#   pytest     tests/test_cuda.py, test_triton.py (TRITON_INTERPRET=0: the compiled kernels),
+#              test_triton_codegen.py, test_cuda_codegen.py (on the native build); junit xml
+#   bench      python -m bench on CUDA: flat 256M, GPT-2, Llama 1B; fp32 and bf16; ours on the cuda
+#              and triton backends, fused and foreach AdamW, the peers that are installed; one
+#              process per parameter set (a set that runs out of time loses only itself), merged
+# build ‖ native run side by side, then pytest ‖ memcheck → racecheck, then the bench alone.
+#
+# OUTDIR gets at most 8 files: summary.txt (each stage's status and seconds, the machine),
+# build.log, native.log (CMake, CTest, both sanitizers), pytest.log, pytest.xml, bench.log,
+# bench.json, bench.png. Exit status: 0 when no stage failed or timed out (skipped is not failed).
+#
+# --dry-run: the same stages and plumbing on a CPU machine, cheaply, so that CI keeps this script
+# working: no build (the CPU module in the tree is imported instead), CTest on build/core when
+# scripts/test.sh left one, the GPU stages 'skipped (no GPU)', pytest on the files that skip without
+# a GPU, and a tiny CPU bench (--size 1M --steps 3).
+#
+# Environment: PYTHON (default python3), GPU_CHECK_DEADLINE_S (default 470: the stages' timeouts
+# are cut so the whole call ends by then), MAX_JOBS (default: the CPU count).
+set -uo pipefail
+
+usage() { echo "usage: $0 OUTDIR [--dry-run]" >&2; exit 2; }
+OUT="" DRY=0
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -*) echo "unknown option: $arg" >&2; usage ;;
+    *) [[ -z $OUT ]] || usage; OUT=$arg ;;
+  esac
+done
+[[ -n $OUT ]] || usage
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+if [[ -n "$(ls -A "$OUT")" ]]; then
+  echo "$OUT is not empty: give a new or empty folder (the call must leave at most 8 files there)" >&2
+  exit 2
+fi
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+NPROC=$(nproc)
+export MAX_JOBS=${MAX_JOBS:-$NPROC}
+DEADLINE_S=${GPU_CHECK_DEADLINE_S:-470}
+DEADLINE=$((SECONDS + DEADLINE_S))
+# NOTE: [phase deadlines] build/tests get the first 64 % of the time at most, so the benchmark
+# (the numbers the GPU call is for) keeps at least a third of it whatever phase 1 does.
+PHASE_END=$((SECONDS + DEADLINE_S * 64 / 100))
+STATUS=$(mktemp -d)   # one file per stage; summary.txt is assembled from them at the end
+BENCH_TMP=$(mktemp -d)
+trap 'rm -rf "$STATUS" "$BENCH_TMP"' EXIT
+NATIVE=$ROOT/build/gpu-native
+NATIVE_TEST=$NATIVE/csrc/cuda/sign_kernels_cuda_test
+
+if ! command -v nvcc >/dev/null && [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]]; then
+  export PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
+fi
+SANITIZER=$(command -v compute-sanitizer || ls -d "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" \
+  /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
+  /usr/local/cuda*/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n 1)
+HAVE_GPU=0
+if [[ $DRY == 0 ]] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then HAVE_GPU=1; fi
+if [[ $DRY == 0 && $HAVE_GPU == 0 ]]; then
+  echo "no GPU found (nvidia-smi -L failed): use --dry-run on a CPU machine" >&2
+  exit 2
+fi
+
+# stage NAME LOG TIMEOUT_S CMD...  runs CMD under timeout, appending to LOG; records status and time.
+stage() {
+  local name=$1 log=$2 limit=$3; shift 3
+  local left=$((PHASE_END - SECONDS)) t0=$SECONDS rc
+  ((limit > left)) && limit=$left
+  if ((limit < 5)); then
+    echo "TIMEOUT (no time left before the deadline)" >"$STATUS/$name"
+    echo "[gpu-check] $name: $(cat "$STATUS/$name")"
+    return 124
+  fi
+  { echo; echo "===== $name: $* (timeout ${limit}s)"; } >>"$log"
+  # functions run in a child bash (export -f below): timeout kills its whole process group
+  timeout -k 15 "$limit" bash -c '"$@"' "$name" "$@" >>"$log" 2>&1
+  rc=$?
+  local dt=$((SECONDS - t0))
+  case $rc in
+    0) echo "ok ${dt}s" ;;
+    124|137) echo "TIMEOUT after ${dt}s (limit ${limit}s)" ;;
+    *) echo "FAILED rc=$rc ${dt}s (see $(basename "$log"))" ;;
+  esac >"$STATUS/$name"
+  echo "[gpu-check] $name: $(cat "$STATUS/$name")"
+  return $rc
+}
+skip() { echo "skipped ($2)" >"$STATUS/$1"; echo "[gpu-check] $1: skipped ($2)"; }
+
+pytest_args=(-q -p no:cacheprovider -rfEs --junitxml "$OUT/pytest.xml")
+"$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 120)
+"$PY" -c "import xdist" 2>/dev/null && pytest_args+=(-n 6)
+
+# ---------------------------------------------------------------- stage commands
+build_gpu() {
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} "$PY" setup.py build_ext --inplace \
+    && "$PY" -c "from sign_kernels import _C; import sys; print('cuda_compiled', _C.cuda_compiled()); sys.exit(0 if _C.cuda_compiled() else 1)"
+}
+build_dry() {
+  echo "dry run: no build; importing the CPU module in the tree"
+  "$PY" -c "from sign_kernels import _C; print(_C.__file__, 'cuda_compiled', _C.cuda_compiled())"
+}
+native_gpu() {
+  cmake -S . -B "$NATIVE" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
+      -DSIGN_KERNELS_CUDA_ARCHITECTURES=90a \
+    && cmake --build "$NATIVE" -j "$((NPROC > 6 ? 6 : NPROC))" \
+    && ctest --test-dir "$NATIVE" --output-on-failure
+}
+native_nvcc() {
+  # No CMake >= 3.24 on the machine: the native test built by nvcc alone, with CMake's flags
+  # (NOTE: [no contraction]); no static library, so test_cuda_codegen skips.
+  mkdir -p "$NATIVE/csrc/cuda" && cd "$NATIVE/csrc/cuda" || return 1
+  local srcs=("$ROOT"/csrc/cuda/{launch,lion,simba,tiger}.cu "$ROOT"/csrc/cuda/tests/test_kernels.cu)
+  printf '%s\n' "${srcs[@]}" | xargs -P "$((NPROC > 6 ? 6 : NPROC))" -I{} sh -c \
+    'nvcc -c -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a --fmad=false --prec-div=true \
+       --prec-sqrt=true --ftz=false -Xcompiler=-ffp-contract=off -Xcompiler=-fPIC \
+       "-DSIGN_KERNELS_CUDA_ARCHS=90a" -I"$1/csrc" "$2" -o "$(basename "$2" .cu).o"' _ "$ROOT" {} \
+    && nvcc -gencode arch=compute_90a,code=sm_90a ./*.o -o sign_kernels_cuda_test \
+    && { ./sign_kernels_cuda_test; rc=$?; ((rc == 77)) && echo "native test: skipped (exit 77: no device)"; ((rc == 0 || rc == 77)); }
+}
+native_dry() {
+  echo "dry run: CTest on build/core (scripts/test.sh's CMake build), no build here"
+  ctest --test-dir build/core --output-on-failure
+}
+sanitize() { "$SANITIZER" --tool "$1" --error-exitcode 1 --print-limit 20 "$NATIVE_TEST"; }
+run_pytest() {
+  TRITON_INTERPRET=0 SIGN_KERNELS_CUDA_LIB=$NATIVE/csrc/cuda/libsign_kernels_cuda.a "$PY" -m pytest "$@"
+}
+bench_one() {  # bench_one NAME ARGS...: one parameter set into $BENCH_TMP/NAME.json
+  local name=$1; shift
+  "$PY" -m bench --no-progress --no-plot --out "$BENCH_TMP" --name "$name" "$@"
+}
+export -f build_gpu build_dry native_gpu native_nvcc native_dry sanitize run_pytest bench_one
+export SANITIZER PY NPROC NATIVE NATIVE_TEST BENCH_TMP ROOT
+
+# ---------------------------------------------------------------- the run
+T0=$SECONDS
+{
+  echo "gpu_check $(date -u +%FT%TZ) $([[ $DRY == 1 ]] && echo '(DRY RUN: CPU, plumbing only)')"
+  if git rev-parse --git-dir >/dev/null 2>&1; then
+    echo "git: $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' + local changes')"
+  else echo "git: not a repository"; fi
+  echo "host: $(hostname), $NPROC cores, MAX_JOBS=$MAX_JOBS"
+  "$PY" - <<'EOF' 2>&1
+import sys, torch
+try:
+    import triton; tv = triton.__version__
+except ImportError as exc:
+    tv = f"none ({exc})"
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| triton", tv)
+EOF
+  if [[ $HAVE_GPU == 1 ]]; then nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
+  else echo "gpu: none"; fi
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2 | head -n 1
+  echo
+} >"$STATUS/.head"
+
+echo "[gpu-check] phase 1: build ‖ native (CMake, CTest, memcheck, racecheck) ‖ then pytest"
+(
+  wheels=(.whl/*.whl)
+  if [[ $DRY == 1 ]]; then skip peers "dry run"
+  elif [[ ! -e ${wheels[0]} ]]; then skip peers "no .whl/*.whl carried"
+  else stage peers "$OUT/build.log" 60 "$PY" -m pip install --no-index --no-deps --quiet "${wheels[@]}"; fi
+  if [[ $DRY == 1 ]]; then stage build "$OUT/build.log" 240 build_dry
+  else stage build "$OUT/build.log" 240 build_gpu; fi
+  if [[ $DRY == 1 ]]; then
+    run_files=(tests/test_cuda.py tests/test_triton.py)  # both skip without a GPU: seconds
+  else
+    run_files=(tests/test_cuda.py tests/test_triton.py tests/test_triton_codegen.py tests/test_cuda_codegen.py)
+  fi
+  # test_cuda_codegen reads the native build's library: wait (a while) for that stage to end.
+  while [[ ! -f $STATUS/native ]] && ((SECONDS < PHASE_END - 90)); do sleep 2; done
+  stage pytest "$OUT/pytest.log" 200 run_pytest "${pytest_args[@]}" "${run_files[@]}"
+) &
+pid_a=$!
+(
+  if [[ $DRY == 1 ]]; then
+    if [[ -f build/core/CTestTestfile.cmake ]]; then stage native "$OUT/native.log" 120 native_dry
+    else skip native "dry run: no build/core from scripts/test.sh"; fi
+  elif cmake --version 2>/dev/null | awk 'NR==1 {split($3, v, "."); ok = v[1] > 3 || (v[1] == 3 && v[2] >= 24)} END {exit !ok}'; then
+    stage native "$OUT/native.log" 240 native_gpu
+  else
+    stage native "$OUT/native.log" 240 native_nvcc
+  fi
+  for tool in memcheck racecheck; do
+    if [[ $HAVE_GPU == 0 ]]; then skip "$tool" "no GPU"
+    elif [[ -z $SANITIZER ]]; then skip "$tool" "compute-sanitizer not found in PATH, CUDA_HOME or /usr/local/cuda*"
+    elif [[ ! -x $NATIVE_TEST ]]; then skip "$tool" "the native test was not built"
+    else stage "$tool" "$OUT/native.log" 150 sanitize "$tool"; fi
+  done
+) &
+pid_b=$!
+wait "$pid_a" "$pid_b"
+
+echo "[gpu-check] phase 2: the benchmark alone"
+PHASE_END=$DEADLINE
+if [[ $DRY == 1 ]]; then
+  sets=(flat)
+  common=(--device cpu --size 1M --steps 3 --warmup 1 --dtypes fp32 --backends cpu
+          --contenders lion --row-budget 2 --no-launches)
+else
+  # NOTE: [gpu bench rows] cuda and triton, not --backends all: the reference backend's rows
+  # (one tensor at a time in plain torch) say nothing the targets need and cost a 1B model's time.
+  sets=(flat gpt2 llama)
+  common=(--device cuda --size 256M --llama-size 1B --dtypes fp32,bf16 --backends cuda,triton
+          --contenders ours,adamw,peers --schedule sequential --row-budget 3)
+fi
+i=0
+for s in "${sets[@]}"; do
+  # each set gets an equal share of what is left (less 20 s for the merge); time unused rolls on
+  share=$(( (DEADLINE - 20 - SECONDS) / (${#sets[@]} - i) )); i=$((i + 1))
+  stage "bench-$s" "$OUT/bench.log" "$share" bench_one "$s" --param-sets "$s" "${common[@]}"
+done
+parts=("$BENCH_TMP"/*.json)
+if [[ -e ${parts[0]} ]]; then
+  stage bench-merge "$OUT/bench.log" 60 "$PY" -m bench.merge "${parts[@]}" -o "$OUT/bench"
+else
+  skip bench-merge "no bench result to merge"
+fi
+
+# ---------------------------------------------------------------- summary
+fails=0
+{
+  cat "$STATUS/.head"
+  for name in peers build native memcheck racecheck pytest "${sets[@]/#/bench-}" bench-merge; do
+    st=$(cat "$STATUS/$name" 2>/dev/null || echo "not run")
+    printf '%-12s %s\n' "$name" "$st"
+    [[ $st == ok* || $st == skipped* ]] || fails=$((fails + 1))
+  done
+  if [[ -f $OUT/pytest.xml ]]; then
+    "$PY" - "$OUT/pytest.xml" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+tot = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+print("pytest: {tests} tests, {failures} failed, {errors} errors, {skipped} skipped".format(**tot))
+EOF
+  fi
+  echo "total $((SECONDS - T0))s; $fails stage(s) failed or timed out"
+} >"$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt"
+n=$(find "$OUT" -type f | wc -l)
+if ((n > 8)); then echo "[gpu-check] $OUT holds $n files (at most 8 allowed)" >&2; exit 1; fi
+((fails == 0))
