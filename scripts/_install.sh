@@ -43,6 +43,7 @@ build_kernels() {
   if [ "$before" = "$after" ]; then
     echo "[build] sign_kernels._C is up to date"
   else
-    echo "[build] sign_kernels._C compiled in $((SECONDS - t0)) s ($("$PY" -c "import sys; sys.path.insert(0, '.'); from sign_kernels import _C; print('CUDA' if _C.cuda_compiled() else 'CPU', 'kernels,', _C.cpu_isa())"))"
+    # ninja recompiles only the objects whose sources changed; an unchanged tree only relinks
+    echo "[build] sign_kernels._C built in $((SECONDS - t0)) s ($("$PY" -c "import sys; sys.path.insert(0, '.'); from sign_kernels import _C; print('CUDA' if _C.cuda_compiled() else 'CPU', 'kernels,', _C.cpu_isa())"))"
   fi
 }
