@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 
 from .. import _rng
 from .. import backends as _backends
+from ..distributed import _dtensor
 
 _MOMENTUM_DTYPES = {
     None: None,
@@ -72,13 +73,16 @@ def _check_nonneg(name: str, value: Any, where: str) -> None:
 class _Bucket:
     """The tensors of one op call: same device, param dtype, grad dtype, state dtype."""
 
-    __slots__ = ("backend", "params", "grads", "positions")
+    __slots__ = ("backend", "params", "grads", "positions", "keys", "sharded", "extra")
 
     def __init__(self, backend):
         self.backend = backend
-        self.params: List[torch.Tensor] = []
+        self.params: List[torch.Tensor] = []  # what the kernels update: local shards of DTensors
         self.grads: List[torch.Tensor] = []
         self.positions: List[int] = []  # position of each param in its group
+        self.keys: List[torch.Tensor] = []  # the params as the optimizer holds them (state keys)
+        self.sharded = False  # holds DTensor params (sign_kernels.distributed._dtensor)
+        self.extra: tuple = ()  # trailing op arguments (Tiger's statistics of sharded tensors)
 
 
 class SignOptimizer(Optimizer):
@@ -137,7 +141,10 @@ class SignOptimizer(Optimizer):
         return group["momentum_dtype"] or p.dtype
 
     def _init_state(self, group: Dict[str, Any], p: torch.Tensor, state: Dict[str, Any]) -> None:
-        state[self._state_key] = torch.zeros(p.shape, dtype=self._state_dtype(group, p), device=p.device)
+        # zeros_like: a DTensor param gets a DTensor state with its placements (1/N per rank).
+        state[self._state_key] = torch.zeros_like(
+            p, dtype=self._state_dtype(group, p), memory_format=torch.contiguous_format, requires_grad=False
+        )
         state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
 
     def _group_seeds(self, group: Dict[str, Any], offset: int) -> List[int]:
@@ -154,6 +161,7 @@ class SignOptimizer(Optimizer):
         """Validate everything and group the tensors; writes nothing."""
         plan = []
         offset = 0
+        dtensor = _dtensor.dtensor_class()  # None until torch.distributed.tensor is imported
         for gi, group in enumerate(self.param_groups):
             self._validate_group(group, gi, params=False)
             where = self._where(gi)
@@ -182,6 +190,10 @@ class SignOptimizer(Optimizer):
                     except _backends.BackendUnavailableError as exc:
                         raise _backends.BackendUnavailableError(f"{where}: param {j}: {exc}") from None
                     bucket = buckets[key] = _Bucket(backend)
+                bucket.keys.append(p)
+                if dtensor is not None and isinstance(p, dtensor):
+                    p, g = _dtensor.local_pair(p, g, dtensor, where, j)
+                    bucket.sharded = True
                 bucket.params.append(p)
                 bucket.grads.append(g)
                 bucket.positions.append(j)
@@ -204,21 +216,28 @@ class SignOptimizer(Optimizer):
         found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
 
         plan = self._plan()
+        if any(b.sharded for _, _, bs in plan for b in bs):
+            self._prepare_sharded(plan, grad_scale)
         for group, offset, buckets in plan:
             seeds = self._group_seeds(group, offset)
             for bucket in buckets:
                 self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], grad_scale, found_inf)
         return loss
 
+    def _prepare_sharded(self, plan, grad_scale: Optional[torch.Tensor]) -> None:
+        """Collectives a sharded step needs before its op calls (none: element-wise math)."""
+
     def _run_bucket(self, group, bucket: _Bucket, seeds: List[int], grad_scale, found_inf) -> None:
         states = []
-        for p in bucket.params:
+        for p in bucket.keys:
             state = self.state[p]
             if not state:
                 self._init_state(group, p, state)
             states.append(state)
         device = bucket.params[0].device
         bufs = [s[self._state_key] for s in states]
+        if bucket.sharded:
+            bufs = _dtensor.local_states(bufs)
         steps = [s["step"] for s in states]
         gs = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
         fi = found_inf.to(device, non_blocking=True) if found_inf is not None else None
@@ -244,7 +263,7 @@ class SignOptimizer(Optimizer):
             lr_f, lr_t = float(lr), None
         fn = bucket.backend.fn(self._op_name)
         fn(params, grads, bufs, steps, *self._op_args(group, bucket, lr_f, lr_t), gs, fi, seeds,
-           bool(group["stochastic_rounding"]))
+           bool(group["stochastic_rounding"]), *bucket.extra)
         if staged is not None:
             for i, p in staged:
                 p.copy_(params[i])

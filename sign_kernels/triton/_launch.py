@@ -74,7 +74,7 @@ def _stats_rows(p: torch.Tensor, role: int) -> tuple[int, int]:
     return STAT_COLS, -(-numel // STAT_COLS)
 
 
-def _build_plan(algo, params, grads, states, steps, roles, seeds, device) -> Plan:
+def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=None) -> Plan:
     n = len(params)
     table = torch.zeros((n, K.NFIELDS.value), dtype=torch.int64)
     blocks, tasks = [], []
@@ -84,8 +84,11 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device) -> Pla
         numel = p.numel()
         role = int(roles[i]) if roles is not None else 0
         row_len, nrows = _stats_rows(p, role) if algo == ALGO_TIGER else (0, 0)
+        # NOTE: [Tiger statistics input]: indices of the given statistics, -1 when none.
+        at_nan, at_sq, stat_n = (given[0][i], given[1][i], given[2][i]) if given is not None else (-1, -1, 0)
         table[i] = torch.tensor([p.data_ptr(), g.data_ptr(), m.data_ptr(), s.data_ptr(), numel,
-                                 int(seeds[i]) & 0xFFFFFFFF, role, row_len, nrows, slot])
+                                 int(seeds[i]) & 0xFFFFFFFF, role, row_len, nrows, slot,
+                                 at_nan, at_sq, stat_n])
         aligned = aligned and all(t.data_ptr() % 16 == 0 for t in (p, g, m))
         if numel:
             starts = torch.arange(0, numel, BLOCK, dtype=torch.int64)
@@ -113,7 +116,7 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device) -> Pla
     return plan
 
 
-def _get_plan(algo, params, grads, states, steps, roles, seeds, device) -> Plan:
+def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=None) -> Plan:
     # NOTE: [plan key] The table holds raw addresses and sizes, so any change of a data_ptr
     # (e.g. grads re-allocated after zero_grad(set_to_none=True) landing elsewhere), a shape,
     # a role or a seed gives a new key and a new table. With the caching allocator the grads
@@ -122,10 +125,11 @@ def _get_plan(algo, params, grads, states, steps, roles, seeds, device) -> Plan:
            tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), s.data_ptr(), tuple(p.shape))
                  for p, g, m, s in zip(params, grads, states, steps)),
            tuple(int(r) for r in roles) if roles is not None else None,
-           tuple(int(x) & 0xFFFFFFFF for x in seeds))
+           tuple(int(x) & 0xFFFFFFFF for x in seeds),
+           given)
     plan = _plans.get(key)
     if plan is None:
-        plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device)
+        plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given)
         _plans[key] = plan
         while len(_plans) > _PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
@@ -189,19 +193,48 @@ def _scalar_tensor(t: Optional[torch.Tensor], device, name: str, op: str):
     return t.detach().reshape(()).to(device)
 
 
+def _check_given(params, roles, device, stats, stats_nan, stats_sumsq, stats_n):
+    """Tiger's given statistics (NOTE: [Tiger statistics input]) as a hashable triple, or None."""
+    parts = (stats, stats_nan, stats_sumsq, stats_n)
+    if all(x is None for x in parts):
+        return None
+    if any(x is None for x in parts):
+        raise ValueError("tiger_: stats, stats_nan, stats_sumsq and stats_n are given together or not at all")
+    if stats.dtype != torch.float64 or stats.dim() != 1 or stats.device != device:
+        raise ValueError(f"tiger_: stats must be a 1-D float64 tensor on {device}, got {stats.dtype} of shape "
+                         f"{tuple(stats.shape)} on {stats.device}")
+    n, length = len(params), stats.numel()
+    given = (tuple(int(x) for x in stats_nan), tuple(int(x) for x in stats_sumsq), tuple(int(x) for x in stats_n))
+    if any(len(lst) != n for lst in given):
+        raise ValueError(f"tiger_: stats_nan, stats_sumsq and stats_n must have one entry per param ({n})")
+    for i, p in enumerate(params):
+        at_nan, at_sq, sn = given[0][i], given[1][i], given[2][i]
+        rows = p.numel() // p.shape[-1] if int(roles[i]) == ROLE_EMBEDDING and p.dim() and p.shape[-1] else 1
+        if not -1 <= at_nan < length:
+            raise ValueError(f"tiger_: stats_nan[{i}] = {at_nan} is neither -1 nor an index of stats (numel {length})")
+        if at_sq < -1 or (at_sq >= 0 and at_sq + rows > length):
+            raise ValueError(f"tiger_: stats_sumsq[{i}] = {at_sq} is neither -1 nor the start of {rows} entries "
+                             f"of stats (numel {length})")
+        if at_sq >= 0 and sn < 1:
+            raise ValueError(f"tiger_: stats_n[{i}] must be >= 1 where stats_sumsq[{i}] is given, got {sn}")
+    return given
+
+
 def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weight_decay=0.0,
         beta1=0.0, beta2=0.0, shrink=1.0, k=1, window=0, threshold=0, grad_scale=None,
-        found_inf=None, stochastic_rounding=False) -> None:
+        found_inf=None, stochastic_rounding=False, stats=None, stats_nan=None, stats_sumsq=None,
+        stats_n=None) -> None:
     if len(params) == 0:
         return
     op = _ALGO_NAME[algo]
     device = _check(algo, params, grads, states, steps, roles, seeds)
+    given = _check_given(params, roles, device, stats, stats_nan, stats_sumsq, stats_n)
     if algo == ALGO_TIGER and int(k) < 1:
         raise ValueError(f"{op}: grad_accum_steps must be >= 1, got {k}")
     lr_t = _scalar_tensor(lr_t, device, "lr_t", op)
     grad_scale = _scalar_tensor(grad_scale, device, "grad_scale", op)
     found_inf = _scalar_tensor(found_inf, device, "found_inf", op)
-    plan = _get_plan(algo, params, grads, states, steps, roles, seeds, device)
+    plan = _get_plan(algo, params, grads, states, steps, roles, seeds, device, given)
     if plan.n_blocks == 0:
         return
     dummy = plan.meta
@@ -215,8 +248,9 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
                 plan.tensors, plan.tasks, scale_ptr, found_ptr, int(k), row_sumsq, row_nan,
                 G_DT=_DT_CODE[grads[0].dtype], P_DT=_DT_CODE[params[0].dtype], HAS_SCALE=has_scale,
                 ROWS=STAT_ROWS, COLS=STAT_COLS, num_warps=STAT_WARPS, enable_fp_fusion=False)
+        stats_ptr = stats if given is not None and stats.numel() > 0 else row_sumsq  # never read when unused
         K.tiger_finish_kernel[(plan.n,)](
-            plan.tensors, row_sumsq, row_nan, t_nan, t_rms, row_rms,
+            plan.tensors, row_sumsq, row_nan, t_nan, t_rms, row_rms, stats_ptr,
             BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS, enable_fp_fusion=False)
     else:
         t_nan = t_rms = row_rms = dummy
@@ -241,10 +275,12 @@ def lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
 
 
 def tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay, grad_accum_steps,
-           shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding) -> None:
+           shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding, stats=None, stats_nan=None,
+           stats_sumsq=None, stats_n=None) -> None:
     run(ALGO_TIGER, params, grads, exp_avgs, steps, roles, seeds, lr=lr, lr_t=lr_t,
         weight_decay=weight_decay, beta1=beta, shrink=shrink_ratio, k=grad_accum_steps,
-        grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding)
+        grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding,
+        stats=stats, stats_nan=stats_nan, stats_sumsq=stats_sumsq, stats_n=stats_n)
 
 
 def simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count, weight_decay,
