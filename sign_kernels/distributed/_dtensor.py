@@ -132,7 +132,9 @@ def _build_layout(key, buckets, roles_of, role_matrix: int, role_embedding: int,
         nan_ks, sq_ks, row_ks = [], [], []
         entries = {"nan": [], "sq": [], "row": []}
         for k, (p, pos) in enumerate(zip(bucket.keys, bucket.positions)):
-            mesh = p.device_mesh
+            mesh = getattr(p, "device_mesh", None)
+            if mesh is None:
+                continue  # a plain tensor next to DTensors (e.g. a module TP left alone)
             dims = [(d, _shard_dim(pl)) for d, pl in enumerate(p.placements)]
             shard = tuple(mesh.get_group(d) for d, sd in dims if sd is not None)
             if not shard:

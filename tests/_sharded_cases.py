@@ -1,0 +1,199 @@
+"""The multi-process cases of tests/test_sharded.py: each runs on every rank of a gloo group.
+
+Every case compares a sharded run with the single-process run of the same optimizer on the
+same global gradients, which each rank computes by itself (the oracle needs no collective).
+Gradients are generated per step from a seed, identical on every rank; the sharded run gets
+each rank's slice of them as a DTensor with the param's placements. So the comparison tests
+the optimizer alone, bit for bit (Lion, Simba) or to the summation order of Tiger's sums.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import traceback
+from typing import Callable, Dict, List
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STEPS = 6
+NAN_STEP = 3  # Tiger cases: a NaN in one rank's shard of `lin1.weight` at this step
+
+
+class Net(nn.Module):
+    """Every Tiger role, uneven shards over 2 and 4 ranks, and tensors smaller than the world."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)   # 11 rows: uneven over 2 and 4 ranks
+        self.lin1 = nn.Linear(8, 10)     # 10 rows: (3, 3, 3, 1) over 4 ranks
+        self.norm = nn.LayerNorm(10)
+        self.lin2 = nn.Linear(10, 3)     # 3 rows < 4 ranks: an empty shard
+        self.tiny = nn.Parameter(torch.randn(1))  # smaller than any world size here
+
+    def forward(self, idx):
+        h = self.norm(torch.relu(self.lin1(self.emb(idx))))
+        return self.lin2(h).sum(-1) * self.tiny
+
+
+def make_net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    net = Net()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)  # norm gains away from 1, biases away from 0
+    return net
+
+
+def full_grads(net: nn.Module, step: int, nan: bool) -> Dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    out = {}
+    for name, p in net.named_parameters():
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+        if name == "emb.weight":
+            g[2] = 0  # an untouched row
+        out[name] = g
+    if nan and step == NAN_STEP:
+        out["lin1.weight"][9, 1] = float("nan")  # row 9 lives on the last rank (2 or 4 ranks)
+    return out
+
+
+def make_opt(kind: str, net: nn.Module, backend: str, **kw):
+    import sign_kernels as sk
+
+    if kind == "lion":
+        return sk.Lion(net.parameters(), lr=1e-2, weight_decay=0.1, backend=backend, **kw)
+    if kind == "simba":
+        return sk.Simba(net.parameters(), lr=1e-2, window_size=8, threshold=0.25, weight_decay=0.1,
+                        backend=backend, **kw)
+    return sk.Tiger(sk.tiger_param_groups(net), lr=1e-2, weight_decay=0.01, backend=backend, **kw)
+
+
+def _set_grads(net, grads, placements_of=None):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, p in net.named_parameters():
+        g = grads[name]
+        if isinstance(p, DTensor):
+            g = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+        p.grad = g
+
+
+def single_run(kind, backend, steps=STEPS, nan=False, **kw):
+    net = make_net()
+    opt = make_opt(kind, net, backend, **kw)
+    for t in range(steps):
+        _set_grads(net, full_grads(net, t, nan))
+        opt.step()
+    return net, opt
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t
+    if t.dtype == torch.int16:  # gloo (and NCCL) have no int16 collectives
+        return t.to(torch.int32).full_tensor().to(torch.int16)
+    return t.full_tensor()
+
+
+def compare(kind, ref_net, ref_opt, net, opt, what: str):
+    """Params and state of the sharded run against the single-process run."""
+    ref = dict(ref_net.named_parameters())
+    for name, p in net.named_parameters():
+        name = name.replace("_fsdp_wrapped_module.", "").replace("module.", "", 1) if name not in ref else name
+        a, b = _full(p.detach()), ref[name].detach()
+        _close(kind, a, b, f"{what}: param {name}")
+        sa, sb = opt.state[p], ref_opt.state[ref[name]]
+        assert sorted(sa) == sorted(sb), (what, name, sorted(sa), sorted(sb))
+        for key in sa:
+            x, y = _full(sa[key]), sb[key]
+            assert x.dtype == y.dtype, f"{what}: state {name}.{key} dtype {x.dtype} != {y.dtype}"
+            if key == "step":
+                assert torch.equal(x, y), (what, name, x, y)
+            else:
+                _close(kind, x, y, f"{what}: state {name}.{key}")
+
+
+def _close(kind, a, b, what):
+    assert a.shape == b.shape and a.dtype == b.dtype, (what, a.shape, b.shape, a.dtype, b.dtype)
+    if kind in ("lion", "simba"):
+        assert torch.equal(a, b), f"{what}: not bit-identical, max diff {(a.double() - b.double()).abs().max()}"
+    else:
+        err = ((a.double() - b.double()).abs() / b.double().abs().clamp_min(1e-30)).max().item() if a.numel() else 0
+        assert err <= 1e-6, f"{what}: relative error {err}"
+
+
+# ------------------------------------------------------------------ the cases
+KINDS = "lion,simba,tiger"
+
+
+def _sharded_vs_single(shard: Callable[[nn.Module], None], what: str, backend: str, kinds: str, **kw):
+    for kind in kinds.split(","):
+        nan = kind == "tiger"
+        ref_net, ref_opt = single_run(kind, backend, nan=nan, **kw)
+        net = make_net()
+        shard(net)
+        opt = make_opt(kind, net, backend, **kw)
+        for t in range(STEPS):
+            _set_grads(net, full_grads(net, t, nan))
+            opt.step()
+        compare(kind, ref_net, ref_opt, net, opt, f"{what} {kind} {backend}")
+
+
+def case_fsdp(backend: str, kinds: str = KINDS):
+    """FSDP2 on a 1-D mesh: every param Shard(0), uneven, some shards empty."""
+    from torch.distributed.fsdp import fully_shard
+
+    _sharded_vs_single(lambda net: fully_shard(net), "fsdp", backend, kinds)
+
+
+def case_fsdp_bf16_momentum(backend: str, kinds: str = "lion,tiger"):
+    """bf16 momentum of fp32 params stays bf16 in DTensor state."""
+    from torch.distributed.fsdp import fully_shard
+
+    _sharded_vs_single(lambda net: fully_shard(net), "fsdp bf16-momentum", backend, kinds,
+                       momentum_dtype=torch.bfloat16)
+
+
+def case_hsdp(backend: str, kinds: str = KINDS):
+    """FSDP2 on a 2-D (replicate, shard) mesh: statistics reduced over the shard dim only."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    _sharded_vs_single(lambda net: fully_shard(net, mesh=mesh), "hsdp", backend, kinds)
+
+
+def case_tp(backend: str, kinds: str = KINDS):
+    """Tensor parallel: Shard(0) (colwise), Shard(1) (rowwise weight, embedding columns: split
+    rows), Replicate (rowwise bias), and plain params the plan leaves alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    plan = {"emb": ColwiseParallel(), "lin1": ColwiseParallel(), "lin2": RowwiseParallel()}
+    _sharded_vs_single(lambda net: parallelize_module(net, mesh, plan), "tp", backend, kinds)
+
+
+def run_cases(rank: int, world: int, init_file: str, cases: List[str], result_dir: str):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for spec in cases:
+            name, *args = spec.split(":")
+            globals()["case_" + name](*args)
+        dist.barrier()
+    except Exception:
+        with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
