@@ -7,6 +7,7 @@ One semantics (SPEC.md), four executors (reference, cpu, cuda, triton), one thin
 from . import _ops  # declares torch.ops.sign_kernels.* before any kernel registers
 from .backends import BackendUnavailableError, available_backends
 from .optim import Lion, Simba, Tiger, role_of, tiger_param_groups
+from .optim._checkpoint import load_momentum
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "Simba",
     "tiger_param_groups",
     "role_of",
+    "load_momentum",
     "available_backends",
     "BackendUnavailableError",
     "__version__",

@@ -14,6 +14,7 @@ No math lives here (SPEC.md is implemented by the backends). One ``step()``:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -22,6 +23,7 @@ from torch.optim import Optimizer
 from .. import _rng
 from .. import backends as _backends
 from ..distributed import _dtensor
+from . import _checkpoint
 
 _MOMENTUM_DTYPES = {
     None: None,
@@ -49,25 +51,90 @@ def normalize_momentum_dtype(value: Any) -> Optional[torch.dtype]:
     return _MOMENTUM_DTYPES[value]
 
 
+# NOTE: [torch's wording] Where torch.optim has a message for the same rule, ours starts with
+# torch's words (users grep for them, torch's generic optimizer tests match them), and goes on
+# with the group and the rule in our words.
 def _check_lr(lr: Any, where: str) -> None:
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"{where}: lr must be a float or a 1-element tensor, got shape {tuple(lr.shape)}")
+            raise ValueError(f"Tensor lr must be 1-element ({where}: lr is a tensor of shape {tuple(lr.shape)})")
+        if not lr.is_floating_point():
+            raise ValueError(f"{where}: a tensor lr must be floating point, got {lr.dtype}")
         if lr.device.type == "cpu" and not (float(lr) >= 0.0):  # a device lr is not read (no sync)
-            raise ValueError(f"{where}: lr must be >= 0, got {float(lr)}")
+            raise ValueError(f"Invalid learning rate: {float(lr)} ({where}: lr must be >= 0)")
         return
-    if not isinstance(lr, (int, float)) or not (lr >= 0.0) or math.isinf(lr):
-        raise ValueError(f"{where}: lr must be a finite float >= 0, got {lr!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise ValueError(f"{where}: lr must be a finite float >= 0 or a 1-element tensor, got {lr!r}")
+    if not (lr >= 0.0) or math.isinf(lr):
+        raise ValueError(f"Invalid learning rate: {lr} ({where}: lr must be a finite float >= 0)")
 
 
-def _check_unit(name: str, value: Any, where: str) -> None:
-    if not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
-        raise ValueError(f"{where}: {name} must be in [0, 1), got {value!r}")
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_unit(name: str, value: Any, where: str, torch_name: Optional[str] = None) -> None:
+    if not _is_real(value) or not (0.0 <= value < 1.0):
+        prefix = f"Invalid {torch_name}: {value} (" if torch_name else ""
+        suffix = ")" if torch_name else ""
+        raise ValueError(f"{prefix}{where}: {name} must be in [0, 1), got {value!r}{suffix}")
+
+
+def _check_betas(betas: Any, where: str) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        _check_unit(f"betas[{i}]", b, where, torch_name=f"beta parameter at index {i}")
 
 
 def _check_nonneg(name: str, value: Any, where: str) -> None:
-    if not isinstance(value, (int, float)) or not (value >= 0.0) or math.isinf(value):
-        raise ValueError(f"{where}: {name} must be a finite float >= 0, got {value!r}")
+    if not _is_real(value) or not (value >= 0.0) or math.isinf(value):
+        prefix = f"Invalid {name} value: {value} (" if name == "weight_decay" else ""
+        suffix = ")" if prefix else ""
+        raise ValueError(f"{prefix}{where}: {name} must be a finite float >= 0, got {value!r}{suffix}")
+
+
+# The constructor flags every torch.optim optimizer takes, and what ours do with them
+# (README "torch.optim flags"): maximize and capturable are honoured; fused=True demands a
+# fused backend; foreach and differentiable have no meaning here beyond their defaults.
+TORCH_FLAG_DEFAULTS = dict(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+
+
+def _check_flags(group: Dict[str, Any], where: str) -> None:
+    for name in ("maximize", "capturable", "differentiable"):
+        if not isinstance(group[name], bool):
+            raise ValueError(f"{where}: {name} must be a bool, got {group[name]!r}")
+    for name in ("foreach", "fused"):
+        if group[name] is not None and not isinstance(group[name], bool):
+            raise ValueError(f"{where}: {name} must be None or a bool, got {group[name]!r}")
+    if group["differentiable"]:
+        raise ValueError(
+            f"{where}: differentiable=True is not supported: the update is a sign (zero gradient almost "
+            "everywhere) written in place by fused kernels, so there is nothing to differentiate through"
+        )
+    if group["foreach"] is not None:
+        raise ValueError(
+            f"{where}: foreach={group['foreach']} has no meaning here: the fused backends ('cpu', 'cuda', "
+            "'triton') already update every tensor of a group in one multi-tensor pass, and backend='reference' "
+            "is the per-tensor loop; leave foreach=None and choose with backend=..."
+        )
+    if group["fused"] is False:
+        raise ValueError(
+            f"{where}: fused=False: the unfused per-tensor implementation is backend='reference'; pass that "
+            "instead (fused=None lets backend='auto' choose)"
+        )
+    if group["fused"] and group["backend"] == "reference":
+        raise ValueError(f"{where}: fused=True demands a fused backend ('cpu', 'cuda' or 'triton'), got backend='reference'")
+    if group["capturable"] and group["backend"] == "reference":
+        raise ValueError(
+            f"{where}: capturable=True needs a backend that never reads device scalars on the host; "
+            "backend='reference' reads the step counts and found_inf on the host (use 'cuda' or 'triton')"
+        )
+    if not isinstance(group["stochastic_rounding"], bool):
+        raise ValueError(f"{where}: stochastic_rounding must be a bool, got {group['stochastic_rounding']!r}")
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{where}: seed must be an int, got {seed!r}")
 
 
 class _Bucket:
@@ -86,19 +153,28 @@ class _Bucket:
 
 
 class SignOptimizer(Optimizer):
-    """Base class; subclasses set the op, the state key and the hyperparameter checks."""
+    """Base class; subclasses set the op, the state key and the hyperparameter checks.
+
+    Every public call is all-or-nothing: construction, ``add_param_group``, ``step`` and
+    ``load_state_dict`` validate everything first and only then change the optimizer, so a call
+    that raises leaves params, state and param groups exactly as they were.
+    """
 
     _op_name: str = ""
     _state_key: str = ""
     # GradScaler sets ``self.grad_scale``/``self.found_inf`` and calls step(): the kernels
     # unscale and skip on the device, with no host synchronisation.
     _step_supports_amp_scaling = True
+    # Group keys of this optimizer's own hyperparameters (beyond lr, weight_decay and the
+    # options every sign optimizer shares); used to recognise other optimizers' checkpoints.
+    _family: str = ""  # "Lion", "Tiger" or "Simba": whose checkpoints load as our own
 
     def __init__(self, params, defaults: Dict[str, Any]):
-        if defaults["backend"] not in _backends.CHOICES:
-            raise ValueError(f"backend must be one of {_backends.CHOICES}, got {defaults['backend']!r}")
-        defaults["momentum_dtype"] = normalize_momentum_dtype(defaults.get("momentum_dtype"))
-        self._seed_cache: Dict[int, Tuple[tuple, List[int]]] = {}
+        for name, value in TORCH_FLAG_DEFAULTS.items():
+            defaults.setdefault(name, value)
+        # torch.optim validates hyperparameters before it looks at params (torch's error order).
+        defaults.update(self._check_options(defaults, f"{type(self).__name__}"))
+        self._reset_caches()
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -108,33 +184,66 @@ class SignOptimizer(Optimizer):
     def _validate_hparams(self, group: Dict[str, Any], where: str) -> None:
         raise NotImplementedError
 
-    def _validate_group(self, group: Dict[str, Any], group_index: int, params: bool = True) -> None:
-        """Check a group's options (every step) and its params (when added or loaded)."""
-        where = self._where(group_index)
+    def _check_options(self, group: Dict[str, Any], where: str) -> Dict[str, Any]:
+        """Check a group's options without changing it; returns the normalised values to set."""
+        self._validate_hparams(group, where)
         if group["backend"] not in _backends.CHOICES:
             raise ValueError(f"{where}: backend must be one of {_backends.CHOICES}, got {group['backend']!r}")
-        group["momentum_dtype"] = normalize_momentum_dtype(group.get("momentum_dtype"))
-        if not isinstance(group.get("seed", 0), int):
-            raise ValueError(f"{where}: seed must be an int, got {group['seed']!r}")
-        self._validate_hparams(group, where)
+        try:
+            momentum_dtype = normalize_momentum_dtype(group.get("momentum_dtype"))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        _check_flags(group, where)
+        return {"momentum_dtype": momentum_dtype}
+
+    def _check_group(self, group: Dict[str, Any], group_index: int, params: bool = True) -> Dict[str, Any]:
+        """Check a group's options (every step) and its params (when added or loaded); changes nothing."""
+        where = self._where(group_index)
+        updates = self._check_options(group, where)
         if not params:
-            return
+            return updates
+        probe = dict(group, **updates)
         for i, p in enumerate(group["params"]):
             if not p.is_floating_point():
                 raise ValueError(f"{where}: param {i} has dtype {p.dtype}; parameters must be floating point")
-            if group["backend"] != "auto":
-                # An explicit backend that cannot take these tensors fails now, not at step().
-                reason = _backends.unsupported_reason(
-                    group["backend"], p.device, p.dtype, p.dtype, self._state_dtype(group, p)
-                )
-                if reason is None:
-                    _backends.get(group["backend"])
-                else:
-                    raise _backends.BackendUnavailableError(f"{where}: param {i}: {reason}")
+            if group["backend"] != "auto" or group["fused"]:
+                # An explicit backend (or fused=True) that cannot take these tensors fails now, not at step().
+                try:
+                    self._resolve_backend(probe, p.device, p.dtype, p.dtype, self._state_dtype(probe, p))
+                except _backends.BackendUnavailableError as exc:
+                    raise _backends.BackendUnavailableError(f"{where}: param {i}: {exc}") from None
+        return updates
+
+    def _validate_group(self, group: Dict[str, Any], group_index: int, params: bool = True) -> None:
+        """Check a group and normalise its options in place (only once every check has passed)."""
+        group.update(self._check_group(group, group_index, params))
+
+    def _resolve_backend(self, group, device, param_dtype, grad_dtype, state_dtype):
+        backend = _backends.choose(group["backend"], device, param_dtype, grad_dtype, state_dtype)
+        if group["fused"] and backend.name == "reference":
+            raise _backends.BackendUnavailableError(
+                f"fused=True, but no fused backend takes {param_dtype} parameters with {grad_dtype} grads and "
+                f"{state_dtype} state on {device.type} (only the reference can)"
+            )
+        return backend
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
+        """Add a param group (torch.optim's rules, then ours); on any error nothing is added.
+
+        The group dict is left as it was passed when the call fails (torch fills in defaults).
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        before = dict(param_group)
+        count = len(self.param_groups)
+        try:
+            super().add_param_group(param_group)
+            self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except BaseException:
+            del self.param_groups[count:]
+            param_group.clear()
+            param_group.update(before)
+            raise
 
     # ------------------------------------------------------------------ state
     def _state_dtype(self, group: Dict[str, Any], p: torch.Tensor) -> torch.dtype:
@@ -155,6 +264,14 @@ class SignOptimizer(Optimizer):
             seeds = [_rng.tensor_seed(group["seed"], offset + j) for j in range(len(group["params"]))]
             cached = self._seed_cache[id(group)] = (key, seeds)
         return cached[1]
+
+    def _device_scalar(self, device: torch.device, dtype: torch.dtype, value: Optional[float]) -> torch.Tensor:
+        """A cached 0-dim tensor on ``device``: a constant (``value``), or a buffer to fill (None)."""
+        key = (device, dtype, value)
+        t = self._device_scalars.get(key)
+        if t is None:
+            t = self._device_scalars[key] = torch.full((), 0.0 if value is None else value, dtype=dtype, device=device)
+        return t
 
     # ------------------------------------------------------------------ the step
     def _plan(self) -> List[Tuple[Dict[str, Any], int, List[_Bucket]]]:
@@ -186,7 +303,7 @@ class SignOptimizer(Optimizer):
                 bucket = buckets.get(key)
                 if bucket is None:
                     try:
-                        backend = _backends.choose(group["backend"], p.device, p.dtype, g.dtype, sdt)
+                        backend = self._resolve_backend(group, p.device, p.dtype, g.dtype, sdt)
                     except _backends.BackendUnavailableError as exc:
                         raise _backends.BackendUnavailableError(f"{where}: param {j}: {exc}") from None
                     bucket = buckets[key] = _Bucket(backend)
@@ -241,6 +358,12 @@ class SignOptimizer(Optimizer):
         steps = [s["step"] for s in states]
         gs = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
         fi = found_inf.to(device, non_blocking=True) if found_inf is not None else None
+        if group["maximize"]:
+            # NOTE: [maximize] torch.optim's maximize steps on -g (the state tracks -g too). The
+            # kernels already divide g by grad_scale, and g / (-s) == -(g / s) exactly in IEEE
+            # arithmetic (the sign is exact, the magnitude rounds the same), so maximize is the
+            # same op call with the scale negated: no extra pass, the same bits on every backend.
+            gs = -gs if gs is not None else self._device_scalar(device, torch.float32, -1.0)
 
         params = bucket.params
         grads = bucket.grads
@@ -259,6 +382,10 @@ class SignOptimizer(Optimizer):
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             lr_f, lr_t = 0.0, lr.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+        elif group["capturable"]:
+            # capturable=True: every scalar the kernel reads lives on the device (lr here; the step
+            # counts, grad_scale and found_inf always do), so a CUDA graph of the step replays it.
+            lr_f, lr_t = 0.0, self._device_scalar(device, torch.float32, None).fill_(float(lr))
         else:
             lr_f, lr_t = float(lr), None
         fn = bucket.backend.fn(self._op_name)
@@ -274,35 +401,43 @@ class SignOptimizer(Optimizer):
             torch._foreach_add_(steps, 1 - fi.to(torch.int64))
 
     # ------------------------------------------------------------------ checkpoints
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a checkpoint, keeping every state tensor's dtype exactly.
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_caches()  # pickling and deepcopy keep only defaults, state and param_groups
 
-        ``torch.optim.Optimizer.load_state_dict`` casts state to the parameter's dtype, which
-        would round an fp32 momentum of bf16 params and turn int16 Simba counters into floats.
-        The state is re-taken from the checkpoint here with the dtype the optimizer uses. A
-        checkpoint without ``step`` (lion-pytorch, timm) starts the counters at 0.
+    def _reset_caches(self) -> None:
+        self._seed_cache: Dict[int, Tuple[tuple, List[int]]] = {}
+        self._device_scalars: Dict[tuple, torch.Tensor] = {}
+
+    def _check_state_tensor(self, buf: torch.Tensor, what: str) -> None:
+        """Refuse a saved state tensor this optimizer cannot use (called before anything changes)."""
+        if not buf.is_floating_point():
+            raise ValueError(f"{what}: {self._state_key!r} must be a floating-point tensor, got {buf.dtype}")
+
+    def _restore_state_tensor(self, p: torch.Tensor, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A loaded state tensor as this optimizer keeps it: on the param's device, in ``dtype``."""
+        return buf.detach().to(device=p.device, dtype=dtype, copy=True).contiguous()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a checkpoint of this optimizer: all or nothing, every state dtype kept exactly.
+
+        The whole state dict is checked and the new state and param groups are built aside;
+        only then are they swapped in, so an error leaves the optimizer as it was. Refused, with
+        an error that says what the checkpoint is: other optimizers' state dicts (AdamW, SGD,
+        another sign optimizer; see :func:`sign_kernels.load_momentum` for the explicit
+        migration), a different param-group layout, state of the wrong shape or kind. Params are
+        matched by position in their group, as torch does, whatever the saved ids are (integer
+        indices or the parameter names that ``torch.distributed.checkpoint`` uses). Saved
+        options win; options a checkpoint lacks (older versions, lion-pytorch) keep their
+        current values. A checkpoint without ``step`` (lion-pytorch, timm) starts it at 0.
+        Save -> load -> save gives the same dict.
         """
-        saved = {k: dict(v) for k, v in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        index = 0
-        for gi, group in enumerate(self.param_groups):
-            for key, value in self.defaults.items():  # options a foreign checkpoint lacks
-                group.setdefault(key, value)
-            self._validate_group(group, gi)
-            for p in group["params"]:
-                src = saved.get(index)
-                index += 1
-                if src is None or p not in self.state:
-                    continue
-                state = self.state[p]
-                if self._state_key not in src:
-                    raise KeyError(
-                        f"{type(self).__name__}.load_state_dict: the state of param {index - 1} has no "
-                        f"{self._state_key!r} (keys: {sorted(src)})"
-                    )
-                buf = src[self._state_key]
-                dtype = self._state_dtype(group, p)
-                state[self._state_key] = buf.to(device=p.device, dtype=dtype, copy=True).contiguous()
-                step = src.get("step")
-                step = torch.zeros((), dtype=torch.int64) if step is None else torch.as_tensor(step)
-                state["step"] = step.to(device=p.device, dtype=torch.int64, copy=True).reshape(())
+        sd = state_dict.copy() if isinstance(state_dict, Mapping) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, sd)
+            if result is not None:
+                sd = result
+        state, groups = _checkpoint.build_loaded(self, sd)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

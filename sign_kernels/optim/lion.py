@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._base import SignOptimizer, _check_lr, _check_nonneg, _check_unit
+from ._base import SignOptimizer, _check_betas, _check_lr, _check_nonneg
 
 
 class Lion(SignOptimizer):
@@ -34,10 +34,14 @@ class Lion(SignOptimizer):
         stochastic_rounding: round bf16 writes (params and bf16 momentum) stochastically, with the
             random bits a function of (seed, step, element index) on every backend.
         seed: seed of the stochastic rounding.
+        maximize: maximise the objective (steps on -g; the state tracks -g, as in torch.optim).
+        foreach, capturable, differentiable, fused: torch.optim's flags; see the README's
+            "torch.optim flags" for what each does here.
     """
 
     _op_name = "lion_"
     _state_key = "exp_avg"
+    _family = "Lion"
 
     def __init__(
         self,
@@ -50,6 +54,11 @@ class Lion(SignOptimizer):
         momentum_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr,
@@ -59,16 +68,17 @@ class Lion(SignOptimizer):
             momentum_dtype=momentum_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
     def _validate_hparams(self, group, where: str) -> None:
         _check_lr(group["lr"], where)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-        _check_unit("betas[0]", betas[0], where)
-        _check_unit("betas[1]", betas[1], where)
+        _check_betas(group["betas"], where)
         _check_nonneg("weight_decay", group["weight_decay"], where)
 
     def _op_args(self, group, bucket, lr, lr_t):

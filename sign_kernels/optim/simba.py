@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..backends.reference import threshold_count
@@ -32,11 +34,14 @@ class Simba(SignOptimizer):
         window_size: :math:`W`, the counter bound, in [1, 32767].
         threshold: fraction of the window a counter must exceed to drive the update, in [0, 1].
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
-        backend, stochastic_rounding, seed: as in :class:`Lion`.
+        momentum_dtype: accepted for a uniform signature; must be None (the state is int16 counters).
+        backend, stochastic_rounding, seed, maximize, foreach, capturable, differentiable, fused:
+            as in :class:`Lion`.
     """
 
     _op_name = "simba_"
     _state_key = "sign_counts"
+    _family = "Simba"
 
     def __init__(
         self,
@@ -47,8 +52,14 @@ class Simba(SignOptimizer):
         weight_decay: float = 0.0,
         *,
         backend: str = "auto",
+        momentum_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr,
@@ -56,9 +67,14 @@ class Simba(SignOptimizer):
             threshold=threshold,
             weight_decay=weight_decay,
             backend=backend,
-            momentum_dtype=None,
+            momentum_dtype=momentum_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -73,11 +89,28 @@ class Simba(SignOptimizer):
         if not isinstance(th, (int, float)) or not (0.0 <= th <= 1.0):
             raise ValueError(f"{where}: threshold must be in [0, 1], got {th!r}")
         _check_nonneg("weight_decay", group["weight_decay"], where)
-        if group["momentum_dtype"] is not None:
-            raise ValueError(f"{where}: Simba keeps int16 counters; momentum_dtype does not apply")
+
+
+    def _check_options(self, group, where: str):
+        if group.get("momentum_dtype") not in (None, "param", torch.int16):
+            raise ValueError(
+                f"{where}: Simba keeps int16 sign counters, not a float momentum: momentum_dtype must be None, "
+                f"got {group['momentum_dtype']!r}"
+            )
+        return super()._check_options(dict(group, momentum_dtype=None), where)
 
     def _state_dtype(self, group, p: torch.Tensor) -> torch.dtype:
         return torch.int16
+
+    def _check_state_tensor(self, buf: torch.Tensor, what: str) -> None:
+        # Counters saved by torch.optim's own load/save path may have become floats: they
+        # must still be whole numbers in int16's range.
+        if buf.is_complex() or buf.dtype == torch.bool:
+            raise ValueError(f"{what}: 'sign_counts' must be an int16 tensor, got {buf.dtype}")
+        if buf.numel() and buf.dtype not in (torch.int16, torch.int8, torch.uint8):
+            x = buf.detach().to("cpu", torch.float64)
+            if not bool(torch.all((x == x.round()) & (x.abs() <= 32767))):
+                raise ValueError(f"{what}: 'sign_counts' must hold whole numbers in [-32767, 32767] (int16 counters)")
 
     def _op_args(self, group, bucket, lr, lr_t):
         w = int(group["window_size"])

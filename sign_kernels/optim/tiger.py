@@ -131,11 +131,13 @@ class Tiger(SignOptimizer):
         weight_decay: :math:`\lambda \ge 0` (matrices and embeddings only).
         grad_accum_steps: :math:`k \ge 1` micro-batches per parameter update.
         shrink_ratio: :math:`s \in (0, 1]` of the NaN guard.
-        backend, momentum_dtype, stochastic_rounding, seed: as in :class:`Lion`.
+        backend, momentum_dtype, stochastic_rounding, seed, maximize, foreach, capturable,
+            differentiable, fused: as in :class:`Lion`.
     """
 
     _op_name = "tiger_"
     _state_key = "exp_avg"
+    _family = "Tiger"
 
     def __init__(
         self,
@@ -150,6 +152,11 @@ class Tiger(SignOptimizer):
         momentum_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(
             lr=lr,
@@ -162,9 +169,17 @@ class Tiger(SignOptimizer):
             momentum_dtype=momentum_dtype,
             stochastic_rounding=stochastic_rounding,
             seed=seed,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
         )
-        self._role_cache: Dict[int, tuple] = {}
         super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        self._role_cache: Dict[int, tuple] = {}
 
     def _validate_hparams(self, group, where: str) -> None:
         _check_lr(group["lr"], where)
