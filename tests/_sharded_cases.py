@@ -197,3 +197,127 @@ def run_cases(rank: int, world: int, init_file: str, cases: List[str], result_di
         raise
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ checkpoints
+SAVE_AT = 3
+
+
+def _fsdp_pair(kind, backend):
+    from torch.distributed.fsdp import fully_shard
+
+    net = make_net()
+    fully_shard(net)
+    return net, make_opt(kind, net, backend, **_CKPT_KW.get(kind, {}))
+
+
+# bf16 momentum for Lion: a dtype that differs from the param's must survive every path.
+_CKPT_KW = {"lion": {"momentum_dtype": torch.bfloat16}}
+
+
+def _train(net, opt, t0, t1, nan):
+    for t in range(t0, t1):
+        _set_grads(net, full_grads(net, t, nan))
+        opt.step()
+
+
+def _check_dtypes(opt, what):
+    for p, st in opt.state.items():
+        key = opt._state_key
+        want = torch.int16 if key == "sign_counts" else (opt.param_groups[0]["momentum_dtype"] or p.dtype)
+        assert st[key].dtype == want, f"{what}: {key} came back as {st[key].dtype}, not {want}"
+        assert st["step"].dtype == torch.int64, f"{what}: step came back as {st['step'].dtype}"
+
+
+def _resume_and_compare(kind, backend, net, opt, what):
+    nan = kind == "tiger"
+    _check_dtypes(opt, what)
+    _train(net, opt, SAVE_AT, STEPS, nan)
+    ref_net, ref_opt = single_run(kind, backend, nan=nan, **_CKPT_KW.get(kind, {}))
+    compare(kind, ref_net, ref_opt, net, opt, what)
+
+
+def _dcp_load(kind, backend, path, options=None):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    net, opt = _fsdp_pair(kind, backend)
+    sd = {"model": get_model_state_dict(net, options=options), "optim": get_optimizer_state_dict(net, opt, options=options)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(net, sd["model"], options=options)
+    set_optimizer_state_dict(net, opt, sd["optim"], options=options)
+    return net, opt
+
+
+def case_dcp_save(backend, ckpt_dir, kinds=KINDS):
+    """Save a sharded DCP checkpoint after SAVE_AT steps (loaded by case_dcp_load, any world)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    for kind in kinds.split(","):
+        net, opt = _fsdp_pair(kind, backend)
+        _train(net, opt, 0, SAVE_AT, kind == "tiger")
+        sd = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}
+        dcp.save(sd, checkpoint_id=os.path.join(ckpt_dir, kind))
+
+
+def case_dcp_load(backend, ckpt_dir, kinds=KINDS):
+    """Resume from case_dcp_save's checkpoint (saved with another world size): bit-identical."""
+    for kind in kinds.split(","):
+        net, opt = _dcp_load(kind, backend, os.path.join(ckpt_dir, kind))
+        _resume_and_compare(kind, backend, net, opt, f"dcp resharded {kind} {backend}")
+
+
+def _dcp_full_roundtrip(kind, backend, full):
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    net, opt = _fsdp_pair(kind, backend)
+    _train(net, opt, 0, SAVE_AT, kind == "tiger")
+    msd, osd = get_model_state_dict(net, options=full), get_optimizer_state_dict(net, opt, options=full)
+    for v in osd["state"].values():
+        assert not hasattr(v[opt._state_key], "device_mesh"), "a full state dict holds whole tensors"
+    net2, opt2 = _fsdp_pair(kind, backend)
+    set_model_state_dict(net2, msd, options=full)
+    set_optimizer_state_dict(net2, opt2, osd, options=full)
+    _resume_and_compare(kind, backend, net2, opt2, f"dcp full {kind} {backend}")
+
+
+def case_checkpoints(backend, ckpt_dir, kinds=KINDS):
+    """Same-world resumes: DCP sharded, DCP full state dict, plain state_dict() of the shards,
+    and a single-process checkpoint loaded into the sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True)
+    for kind in kinds.split(","):
+        nan = kind == "tiger"
+        path = os.path.join(ckpt_dir, f"same-{kind}")
+        # DCP, sharded (the default).
+        case_dcp_save(backend, path, kind)
+        net, opt = _dcp_load(kind, backend, os.path.join(path, kind))
+        _resume_and_compare(kind, backend, net, opt, f"dcp sharded {kind} {backend}")
+        # DCP full state dicts, in memory. Not Simba: torch gathers each DTensor with an
+        # all-gather in its own dtype, and neither gloo nor NCCL has int16 collectives.
+        if kind != "simba":
+            _dcp_full_roundtrip(kind, backend, full)
+        # Plain state_dict() of the sharded optimizer, into another of the same layout.
+        net, opt = _fsdp_pair(kind, backend)
+
+        net, opt = _fsdp_pair(kind, backend)
+        _train(net, opt, 0, SAVE_AT, nan)
+        osd = copy.deepcopy(opt.state_dict())
+        net2, opt2 = _fsdp_pair(kind, backend)
+        with torch.no_grad():
+            for a, b in zip(net2.parameters(), net.parameters()):
+                a.copy_(b)
+        opt2.load_state_dict(osd)
+        _resume_and_compare(kind, backend, net2, opt2, f"state_dict {kind} {backend}")
+        # A single-process checkpoint into the sharded optimizer: each rank takes its shard.
+        ref_net, ref_opt = single_run(kind, backend, steps=SAVE_AT, nan=nan, **_CKPT_KW.get(kind, {}))
+        net2, opt2 = _fsdp_pair(kind, backend)
+        set_model_state_dict(net2, ref_net.state_dict(), options=full)
+        opt2.load_state_dict(ref_opt.state_dict())
+        _resume_and_compare(kind, backend, net2, opt2, f"single-process checkpoint {kind} {backend}")

@@ -100,6 +100,46 @@ def local_states(bufs: List[Any]) -> List[torch.Tensor]:
     return [b._local_tensor if hasattr(b, "_local_tensor") else b for b in bufs]
 
 
+def full_tensor(t) -> torch.Tensor:
+    """The whole tensor of a DTensor; int16 (Simba's counters) travels as int32 (neither gloo
+    nor NCCL has int16 collectives), exactly."""
+    if t.dtype == torch.int16:
+        return t.to(torch.int32).full_tensor().to(torch.int16)
+    return t.full_tensor()
+
+
+def restore_state(p, buf: torch.Tensor, dtype: torch.dtype, dtensor_cls) -> torch.Tensor:
+    """A loaded state tensor with ``p``'s placements (``p`` a DTensor), or whole (``p`` plain).
+
+    * DTensor state of the same mesh and placements (a sharded checkpoint: DCP's default,
+      or ``state_dict()`` of the same layout): each rank keeps its shard;
+    * DTensor state of other placements: redistributed to the param's (collective);
+    * a whole tensor (a single-process checkpoint, DCP's full state dict): each rank takes its
+      own shard of it, no communication;
+    * DTensor state for a plain param: gathered whole (collective).
+    """
+    buf = buf.detach()
+    if not isinstance(p, dtensor_cls):
+        return full_tensor(buf).to(device=p.device, dtype=dtype, copy=True).contiguous()
+    if isinstance(buf, dtensor_cls):
+        if buf.device_mesh != p.device_mesh:
+            raise ValueError(
+                f"state on mesh {tuple(buf.device_mesh.mesh.shape)} for a param on mesh "
+                f"{tuple(p.device_mesh.mesh.shape)}: load it through torch.distributed.checkpoint, which reshards"
+            )
+        if tuple(buf.placements) != tuple(p.placements):
+            buf = buf.redistribute(p.device_mesh, p.placements)
+        local = buf._local_tensor.to(device=p.device, dtype=dtype, copy=True).contiguous()
+    else:
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = buf.to(device=p.device, dtype=dtype)
+        local = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)._local_tensor
+        local = local.clone(memory_format=torch.contiguous_format)
+    return dtensor_cls.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
+
 # ------------------------------------------------------------------ Tiger's global statistics
 class _Layout:
     """Where each sharded tensor's statistics go in the step's one fp64 buffer (cached)."""

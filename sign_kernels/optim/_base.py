@@ -38,6 +38,7 @@ _MOMENTUM_DTYPES = {
     torch.bfloat16: torch.bfloat16,
     torch.float16: torch.float16,
     torch.float64: torch.float64,
+    "float64": torch.float64,
 }
 
 
@@ -416,7 +417,23 @@ class SignOptimizer(Optimizer):
 
     def _restore_state_tensor(self, p: torch.Tensor, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A loaded state tensor as this optimizer keeps it: on the param's device, in ``dtype``."""
+        dtensor = _dtensor.dtensor_class()
+        if dtensor is not None and (isinstance(p, dtensor) or isinstance(buf, dtensor)):
+            return _dtensor.restore_state(p, buf, dtype, dtensor)  # with the param's placements
         return buf.detach().to(device=p.device, dtype=dtype, copy=True).contiguous()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's state dict, with ``momentum_dtype`` saved by name ("bfloat16", not torch.bfloat16).
+
+        NOTE: [dtype options by name] torch.distributed.checkpoint takes tensors, numbers,
+        strings and containers of them; a torch.dtype in a param group makes its
+        ``get_optimizer_state_dict`` raise. ``load_state_dict`` reads either form.
+        """
+        sd = super().state_dict()
+        for g in sd["param_groups"]:  # packed copies: the live groups keep their torch.dtype
+            if isinstance(g.get("momentum_dtype"), torch.dtype):
+                g["momentum_dtype"] = str(g["momentum_dtype"]).replace("torch.", "")
+        return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a checkpoint of this optimizer: all or nothing, every state dtype kept exactly.
