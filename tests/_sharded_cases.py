@@ -132,6 +132,24 @@ def _close(kind, a, b, what):
 KINDS = "lion,simba,tiger"
 
 
+class _CountAllReduce:
+    """Counts torch.distributed.all_reduce calls per process group while active."""
+
+    def __enter__(self):
+        self.calls: Dict[object, int] = {}
+        self._orig = dist.all_reduce
+
+        def counting(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+            self.calls[group] = self.calls.get(group, 0) + 1
+            return self._orig(tensor, op=op, group=group, async_op=async_op)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
 def _sharded_vs_single(shard: Callable[[nn.Module], None], what: str, backend: str, kinds: str, **kw):
     for kind in kinds.split(","):
         nan = kind == "tiger"
@@ -141,7 +159,13 @@ def _sharded_vs_single(shard: Callable[[nn.Module], None], what: str, backend: s
         opt = make_opt(kind, net, backend, **kw)
         for t in range(STEPS):
             _set_grads(net, full_grads(net, t, nan))
-            opt.step()
+            with _CountAllReduce() as counter:
+                opt.step()
+            # Tiger: one all-reduce per process group per step; Lion, Simba: none.
+            if kind == "tiger":
+                assert counter.calls and all(n == 1 for n in counter.calls.values()), (what, counter.calls)
+            else:
+                assert not counter.calls, (what, kind, counter.calls)
         compare(kind, ref_net, ref_opt, net, opt, f"{what} {kind} {backend}")
 
 
@@ -183,6 +207,7 @@ def case_tp(backend: str, kinds: str = KINDS):
 
 def run_cases(rank: int, world: int, init_file: str, cases: List[str], result_dir: str):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton cases run the interpreter on CPU
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
@@ -321,3 +346,65 @@ def case_checkpoints(backend, ckpt_dir, kinds=KINDS):
         set_model_state_dict(net2, ref_net.state_dict(), options=full)
         opt2.load_state_dict(ref_opt.state_dict())
         _resume_and_compare(kind, backend, net2, opt2, f"single-process checkpoint {kind} {backend}")
+
+
+# ------------------------------------------------------------------ DDP and bad input
+def case_ddp(backend, kinds=KINDS):
+    """DDP with a real backward: every rank sees the same batch, so the averaged gradient
+    equals the single-process one bit for bit on 2 ranks ((g + g) / 2 is exact)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    assert dist.get_world_size() == 2, "the bitwise DDP comparison needs exactly 2 ranks"
+    idx = torch.arange(12).remainder(11).reshape(3, 4)
+    for kind in kinds.split(","):
+        ref = make_net()
+        ref_opt = make_opt(kind, ref, backend)
+        net = DDP(make_net())
+        opt = make_opt(kind, net.module, backend)
+        for _ in range(STEPS):
+            for m, o in ((ref, ref_opt), (net, opt)):
+                o.zero_grad()
+                m(idx).square().mean().backward()
+                o.step()
+        compare(kind, ref, ref_opt, net.module, opt, f"ddp {kind} {backend}")
+
+
+def _expect_refusal(opt, words, what):
+    before = [[_full(p.detach()).clone() for p in g["params"]] for g in opt.param_groups]
+    state_before = len(opt.state)
+    try:
+        opt.step()
+    except (ValueError, RuntimeError) as exc:
+        msg = str(exc)
+        assert all(w in msg for w in words), f"{what}: message {msg!r} lacks {words}"
+    else:
+        raise AssertionError(f"{what}: step() did not refuse")
+    after = [[_full(p.detach()) for p in g["params"]] for g in opt.param_groups]
+    assert all(torch.equal(a, b) for ga, gb in zip(before, after) for a, b in zip(ga, gb)), f"{what}: params changed"
+    assert len(opt.state) == state_before, f"{what}: state changed"
+
+
+def case_bad_input(backend):
+    """Placements the kernels cannot honour exactly are refused by name before anything changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    import sign_kernels as sk
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for cls in (sk.Lion, sk.Simba, sk.Tiger):
+        ok = nn.Parameter(DTensor.from_local(torch.randn(4), mesh, [Shard(0)]))
+        ok.grad = DTensor.from_local(torch.randn(4), mesh, [Shard(0)])
+        # A Partial param: its value is a pending sum, no rank holds it.
+        part = nn.Parameter(DTensor.from_local(torch.randn(3, 2), mesh, [Partial()]))
+        part.grad = DTensor.from_local(torch.randn(3, 2), mesh, [Partial()])
+        opt = cls([ok, part], backend=backend)
+        _expect_refusal(opt, ["param 1", "Partial"], f"{cls.__name__} Partial param")
+        # A Partial (unreduced) grad of a replicated param.
+        rep = nn.Parameter(DTensor.from_local(torch.randn(5), mesh, [Replicate()]))
+        rep.grad = DTensor.from_local(torch.randn(5), mesh, [Partial()])
+        opt = cls([ok, rep], backend=backend)
+        _expect_refusal(opt, ["param 1", "Replicate", "Partial"], f"{cls.__name__} Partial grad")
+        # A plain grad for a DTensor param.
+        rep.grad = torch.randn(5)
+        _expect_refusal(opt, ["param 1", "plain"], f"{cls.__name__} plain grad")

@@ -106,7 +106,7 @@ def tiger_rms(p: torch.Tensor, role: int) -> torch.Tensor:
     return torch.sqrt(x.square().sum() / max(x.numel(), 1))
 
 
-def _check_tiger_stats(stats, stats_nan, stats_sumsq, stats_n, n: int) -> bool:
+def _check_tiger_stats(params, roles, stats, stats_nan, stats_sumsq, stats_n) -> bool:
     """Whether Tiger's statistics are given (all four arguments, or none)."""
     given = [a is not None for a in (stats, stats_nan, stats_sumsq, stats_n)]
     if not any(given):
@@ -115,13 +115,17 @@ def _check_tiger_stats(stats, stats_nan, stats_sumsq, stats_n, n: int) -> bool:
         raise ValueError("tiger_: stats, stats_nan, stats_sumsq and stats_n are given together or not at all")
     if stats.dtype != torch.float64 or stats.dim() != 1:
         raise ValueError(f"tiger_: stats must be a 1-D float64 tensor, got {stats.dtype} of shape {tuple(stats.shape)}")
+    n, length = len(params), stats.numel()
     for name, lst in (("stats_nan", stats_nan), ("stats_sumsq", stats_sumsq), ("stats_n", stats_n)):
         if len(lst) != n:
             raise ValueError(f"tiger_: {name} has {len(lst)} entries for {n} params")
-    for i in range(n):
-        for name, idx in (("stats_nan", stats_nan[i]), ("stats_sumsq", stats_sumsq[i])):
-            if not -1 <= idx < stats.numel():
-                raise ValueError(f"tiger_: {name}[{i}] = {idx} is outside stats (numel {stats.numel()}) and not -1")
+    for i, p in enumerate(params):
+        rows = p.numel() // p.shape[-1] if roles[i] == ROLE_EMBEDDING and p.dim() and p.shape[-1] else 1
+        if not -1 <= stats_nan[i] < length:
+            raise ValueError(f"tiger_: stats_nan[{i}] = {stats_nan[i]} is neither -1 nor an index of stats (numel {length})")
+        if stats_sumsq[i] < -1 or (stats_sumsq[i] >= 0 and stats_sumsq[i] + rows > length):
+            raise ValueError(f"tiger_: stats_sumsq[{i}] = {stats_sumsq[i]} is neither -1 nor the start of {rows} "
+                             f"entries of stats (numel {length})")
         if stats_sumsq[i] >= 0 and stats_n[i] < 1:
             raise ValueError(f"tiger_: stats_n[{i}] must be >= 1 where stats_sumsq[{i}] >= 0, got {stats_n[i]}")
     return True
@@ -158,8 +162,7 @@ def tiger_(
     stats_sumsq: Optional[Sequence[int]] = None,
     stats_n: Optional[Sequence[int]] = None,
 ) -> None:
-    n_params = len(params)
-    ext = _check_tiger_stats(stats, stats_nan, stats_sumsq, stats_n, n_params)
+    ext = _check_tiger_stats(params, roles, stats, stats_nan, stats_sumsq, stats_n)
     if _skip(found_inf):
         return
     k = int(grad_accum_steps)
