@@ -125,6 +125,8 @@ def _close(kind, a, b, what):
         assert torch.equal(a, b), f"{what}: not bit-identical, max diff {(a.double() - b.double()).abs().max()}"
     else:
         err = ((a.double() - b.double()).abs() / b.double().abs().clamp_min(1e-30)).max().item() if a.numel() else 0
+        if os.environ.get("SK_PRINT_ERRORS") and dist.get_rank() == 0:
+            print(f"{what}: max relative error {err:.3g}", flush=True)
         assert err <= 1e-6, f"{what}: relative error {err}"
 
 
