@@ -71,9 +71,10 @@ def _worker(rank, world, init, args):
         net.register_parameter(f"p{i}", nn.Parameter(torch.randn(shape) * 0.02))
     fully_shard(net)
     sharded = list(net.parameters())
-    for p in sharded:
-        p.grad = torch.zeros_like(p)
-        p.grad._local_tensor.normal_()
+    from torch.distributed.tensor import DTensor
+
+    for p in sharded:  # as FSDP2's reduce-scatter leaves them: the param's own sharding spec
+        p.grad = DTensor(torch.randn_like(p._local_tensor), p._spec, requires_grad=False)
     plain = [nn.Parameter(p._local_tensor.clone()) for p in sharded]
     for p, s in zip(plain, sharded):
         p.grad = s.grad._local_tensor.clone()

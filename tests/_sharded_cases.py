@@ -186,6 +186,13 @@ def case_fsdp_bf16_momentum(backend: str, kinds: str = "lion,tiger"):
                        momentum_dtype=torch.bfloat16)
 
 
+def case_fsdp_accum(backend: str, kinds: str = "tiger"):
+    """Tiger accumulating 2 micro-batches in its momentum: statistics read on update steps only."""
+    from torch.distributed.fsdp import fully_shard
+
+    _sharded_vs_single(lambda net: fully_shard(net), "fsdp accum-2", backend, kinds, grad_accum_steps=2)
+
+
 def case_hsdp(backend: str, kinds: str = KINDS):
     """FSDP2 on a 2-D (replicate, shard) mesh: statistics reduced over the shard dim only."""
     from torch.distributed.device_mesh import init_device_mesh

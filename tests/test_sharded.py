@@ -54,7 +54,8 @@ def checkpoint_of_two_ranks():
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = os.path.join(tmp, "ckpt")
         specs = [
-            f"fsdp:{COMPILED}", "fsdp:reference", f"fsdp_bf16_momentum:{COMPILED}", f"tp:{COMPILED}",
+            f"fsdp:{COMPILED}", "fsdp:reference", f"fsdp_bf16_momentum:{COMPILED}", f"fsdp_accum:{COMPILED}",
+            f"tp:{COMPILED}",
             f"ddp:{COMPILED}", f"bad_input:{COMPILED}", f"checkpoints:{COMPILED}:{ckpt}",
             f"dcp_save:{COMPILED}:{ckpt}",
         ]

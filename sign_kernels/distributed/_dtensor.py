@@ -54,8 +54,10 @@ def _shard_dim(placement) -> Optional[int]:
     raise ValueError(placement)
 
 
-# Placement tuples already checked (hashable, few): the per-step check is one set lookup.
-_GOOD_PLACEMENTS: set = set()
+# Sharding specs already checked, by id (the spec is kept alive here, so its id is not reused).
+# A param's spec object is stable across steps, and FSDP2 gives grads the param's own spec:
+# the per-step check is one dict lookup and an identity test per tensor.
+_CHECKED_SPECS: Dict[int, Any] = {}
 
 
 def _describe(p) -> str:
@@ -78,15 +80,18 @@ def check_placements(p, where: str, j: int) -> None:
 
 def local_pair(p, g, dtensor_cls, where: str, j: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The local shards of a DTensor param and its grad, after checking that they match."""
-    placements = p.placements
-    if placements not in _GOOD_PLACEMENTS:
+    spec = p._spec
+    if _CHECKED_SPECS.get(id(spec)) is not spec:
         check_placements(p, where, j)
-        _GOOD_PLACEMENTS.add(placements)
+        _CHECKED_SPECS[id(spec)] = spec
+    gspec = getattr(g, "_spec", None)
+    if gspec is spec:
+        return p._local_tensor, g._local_tensor
     if not isinstance(g, dtensor_cls):
         raise RuntimeError(
             f"{where}: param {j} is a DTensor ({_describe(p)}) but its grad is a plain {type(g).__name__}"
         )
-    if g.placements != placements or (g.device_mesh is not p.device_mesh and g.device_mesh != p.device_mesh):
+    if gspec.placements != spec.placements or (gspec.mesh is not spec.mesh and gspec.mesh != spec.mesh):
         raise RuntimeError(
             f"{where}: param {j} has {_describe(p)} but its grad has {_describe(g)}: the grad must be "
             f"sharded like the param (a Partial grad has not been reduced yet)"
@@ -100,7 +105,7 @@ def local_states(bufs: List[Any]) -> List[torch.Tensor]:
     ``_local_tensor`` is an attribute read (``to_local()`` would add an autograd node per
     tensor); a state loaded as a plain tensor into a sharded param was distributed on load.
     """
-    return [b._local_tensor if hasattr(b, "_local_tensor") else b for b in bufs]
+    return [getattr(b, "_local_tensor", b) for b in bufs]
 
 
 def full_tensor(t) -> torch.Tensor:
