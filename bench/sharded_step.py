@@ -17,8 +17,9 @@ real model. A second measurement times one DTensor dispatch of ``torch._foreach_
 the same 148 tensors against the same call on their local tensors: the per-call cost a
 DTensor sharding rule (``register_sharding``) would add to every op call, for comparison
 with the unwrap path (NOTE: [unwrap, not a DTensor sharding rule] in
-sign_kernels/distributed/_dtensor.py). Medians over ``--steps`` steps after 3 warm-up steps;
-rank 0 prints the table (each rank's medians, max over ranks).
+sign_kernels/distributed/_dtensor.py). The two variants are interleaved round by round;
+medians over ``--steps`` rounds after 3 warm-up rounds, "added" is the median of the
+per-round differences; rank 0 prints the table (each rank's medians, max over ranks).
 """
 
 from __future__ import annotations
@@ -45,16 +46,21 @@ def _shapes(scale: int):
     return [(name, tuple(max(1, d // scale) for d in shape)) for name, shape in gpt2_small().tensors]
 
 
-def _median_ms(fn, steps: int) -> float:
+def _paired_ms(fn_a, fn_b, steps: int):
+    """Medians of a, b and of the per-round differences a - b, the two interleaved round by
+    round (the load of a shared machine drifts; a paired difference cancels most of it)."""
     for _ in range(3):
-        fn()
-    times = []
+        fn_a()
+        fn_b()
+    ta, tb = [], []
     for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for fn, out in ((fn_a, ta), (fn_b, tb)):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    med = statistics.median
+    return med(ta) * 1e3, med(tb) * 1e3, med([a - b for a, b in zip(ta, tb)]) * 1e3
 
 
 def _worker(rank, world, init, args):
@@ -92,26 +98,25 @@ def _worker(rank, world, init, args):
 
     rows = []
     for kind in args.opts.split(","):
-        t_sh = _median_ms(make(kind, sharded).step, args.steps)
-        t_pl = _median_ms(make(kind, plain).step, args.steps)
-        rows.append((kind, t_sh, t_pl))
+        rows.append((kind, *_paired_ms(make(kind, sharded).step, make(kind, plain).step, args.steps)))
     # DTensor dispatch of one foreach call over the same tensors vs the local tensors.
     d_lists = [p.detach() for p in sharded], [p.grad for p in sharded]
     l_lists = [p._local_tensor for p in d_lists[0]], [g._local_tensor for g in d_lists[1]]
     with torch.no_grad():
-        t_dd = _median_ms(lambda: torch._foreach_add_(d_lists[0], d_lists[1], alpha=0.0), args.steps)
-        t_dl = _median_ms(lambda: torch._foreach_add_(l_lists[0], l_lists[1], alpha=0.0), args.steps)
-    rows.append(("foreach_add_ (dispatch)", t_dd, t_dl))
+        rows.append(("foreach_add_ (dispatch)",
+                     *_paired_ms(lambda: torch._foreach_add_(d_lists[0], d_lists[1], alpha=0.0),
+                                 lambda: torch._foreach_add_(l_lists[0], l_lists[1], alpha=0.0), args.steps)))
 
-    mine = torch.tensor([[a, b] for _, a, b in rows], dtype=torch.float64)
+    mine = torch.tensor([r[1:] for r in rows], dtype=torch.float64)
     dist.all_reduce(mine, op=dist.ReduceOp.MAX)
     if rank == 0:
         n_local = sum(p._local_tensor.numel() for p in sharded)
         print(f"GPT-2 small list / {args.scale} per dim ({len(shapes)} tensors, {n_local:,} elements per rank), "
-              f"{world} gloo ranks, CPU backend, 1 thread per rank; median of {args.steps} steps, max over ranks")
+              f"{world} gloo ranks, CPU backend, 1 thread per rank; medians of {args.steps} interleaved rounds, "
+              f"max over ranks; load average {os.getloadavg()[0]:.1f}")
         print(f"{'step':<26}{'sharded ms':>12}{'plain ms':>10}{'added ms':>10}")
-        for (kind, _, _), (a, b) in zip(rows, mine.tolist()):
-            print(f"{kind:<26}{a:>12.3f}{b:>10.3f}{a - b:>10.3f}")
+        for (kind, *_), (a, b, d) in zip(rows, mine.tolist()):
+            print(f"{kind:<26}{a:>12.3f}{b:>10.3f}{d:>10.3f}")
     dist.destroy_process_group()
 
 

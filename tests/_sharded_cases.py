@@ -233,6 +233,23 @@ def run_cases(rank: int, world: int, init_file: str, cases: List[str], result_di
         dist.destroy_process_group()
 
 
+def case_fsdp_tp(backend: str, kinds: str = KINDS):
+    """FSDP2 over TP on a 2x2 (dp, tp) mesh: tensors sharded over both dims, over dp only
+    (norms), and embedding rows split over tp only: three reduction sets, two process groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("dp", "tp"))
+    plan = {"emb": ColwiseParallel(), "lin1": ColwiseParallel(), "lin2": RowwiseParallel()}
+
+    def shard(net):
+        parallelize_module(net, mesh["tp"], plan)
+        fully_shard(net, mesh=mesh["dp"])
+
+    _sharded_vs_single(shard, "fsdp+tp", backend, kinds)
+
+
 # ------------------------------------------------------------------ checkpoints
 SAVE_AT = 3
 

@@ -77,9 +77,9 @@ def test_two_ranks(checkpoint_of_two_ranks):
 
 
 def test_four_ranks(checkpoint_of_two_ranks):
-    """FSDP2 (an empty shard), HSDP on a 2x2 mesh, TP, and the 2-rank checkpoint resumed on 4."""
+    """FSDP2 (an empty shard), HSDP and FSDP2+TP on 2x2 meshes, TP, and the 2-rank checkpoint resumed on 4."""
     ckpt, error = checkpoint_of_two_ranks
-    specs = [f"fsdp:{COMPILED}", f"hsdp:{COMPILED}", f"tp:{COMPILED}"]
+    specs = [f"fsdp:{COMPILED}", f"hsdp:{COMPILED}", f"tp:{COMPILED}", f"fsdp_tp:{COMPILED}"]
     if error is None:
         specs.append(f"dcp_load:{COMPILED}:{ckpt}")
     with tempfile.TemporaryDirectory() as tmp:
