@@ -236,11 +236,14 @@ struct TigerPrepassFunctor {
 
     int nan = 0;
     double sumsq = 0.0;
-    for_each_pack(c, all_aligned16(c.begin, p, g), [&](const PackSlot& s) {
-      Pack<G> gk;
-      load_pack(gk, g, s);
+    const bool scan_nan = meta.given_nan < 0;  // a given NaN count: g is not read here
+    if (scan_nan || matrix_rms) for_each_pack(c, all_aligned16(c.begin, p, g), [&](const PackSlot& s) {
+      if (scan_nan) {
+        Pack<G> gk;
+        load_pack(gk, g, s);
 #pragma unroll
-      for (int j = 0; j < kILP; ++j) nan |= s.valid(j) && isnan(unscale(gk.v[j], scale));
+        for (int j = 0; j < kILP; ++j) nan |= s.valid(j) && isnan(unscale(gk.v[j], scale));
+      }
       if (matrix_rms) {
         Pack<P> pk;
         load_pack(pk, p, s);  // masked lanes load 0

@@ -281,8 +281,10 @@ def tiger_rows_kernel(
     role = tl.load(row + F_ROLE)
     step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
     kk = tl.cast(k, tl.int64)
-    need_sq = (((step + 1) % kk) == 0) & (role >= ROLE_EMBEDDING)
+    # Given statistics (NOTE: [Tiger statistics input]) are not computed here: θ or g unread.
+    need_sq = (((step + 1) % kk) == 0) & (role >= ROLE_EMBEDDING) & (tl.load(row + F_GIVEN_SUMSQ) < 0)
     sq_limit = tl.where(need_sq, numel, 0)  # NOTE: [scalar masks]
+    nan_limit = tl.where(tl.load(row + F_GIVEN_NAN) < 0, numel, 0)
 
     rows = row0 + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < nrows
@@ -292,7 +294,7 @@ def tiger_rows_kernel(
         cols = c0 + tl.arange(0, COLS).to(tl.int64)
         idx = rows[:, None] * row_len + cols[None, :]
         msk = row_ok[:, None] & (cols[None, :] < row_len) & (idx < numel)
-        g = _grad(g_addr, idx, msk, scale_ptr, G_DT, HAS_SCALE, False)
+        g = _grad(g_addr, idx, msk & (idx < nan_limit), scale_ptr, G_DT, HAS_SCALE, False)
         acc_nan += tl.sum((g != g).to(tl.int32), axis=1)
         x = _load_f32(p_addr, idx, msk & (idx < sq_limit), P_DT, False).to(tl.float64)
         acc_sq += tl.sum(x * x, axis=1)
