@@ -165,7 +165,7 @@ class _Layout:
         self.size = 0
 
 
-def _build_layout(key, buckets, roles_of, role_matrix: int, role_embedding: int, where_of) -> _Layout:
+def _build_layout(key, buckets, roles_of, role_matrix: int, role_embedding: int) -> _Layout:
     layout = _Layout(key)
     # Raw entries, in the order the pieces are computed: (set, kind, bucket, position, count).
     raw: List[Tuple[int, str, int, int, int]] = []
@@ -205,11 +205,19 @@ def _build_layout(key, buckets, roles_of, role_matrix: int, role_embedding: int,
         layout.per_bucket.append((bno, nan_ks, sq_ks, row_ks))
 
     # Group the entries by reduction set (stable), so each process group reduces one slice.
+    # Sets are ordered by (first, last) process group, groups numbered by first appearance:
+    # on a 2-D mesh that gives {a}, {a, b}, {b}, where each group's sets are adjacent. The
+    # order depends on the param lists only, so it is the same on every rank.
+    pg_no: Dict[Any, int] = {}
+    for groups in sets:
+        for pg in groups:
+            pg_no.setdefault(pg, len(pg_no))
+    set_key = {s: (min(pg_no[g] for g in groups), max(pg_no[g] for g in groups), s) for groups, s in sets.items()}
     offsets, start = [], 0
     for e in raw:
         offsets.append(start)
         start += e[4]
-    order = sorted(range(len(raw)), key=lambda i: raw[i][0])
+    order = sorted(range(len(raw)), key=lambda i: set_key[raw[i][0]])
     final: Dict[Tuple[str, int, int], int] = {}
     perm: List[int] = []
     set_span: Dict[int, List[int]] = {}
@@ -233,7 +241,7 @@ def _build_layout(key, buckets, roles_of, role_matrix: int, role_embedding: int,
     for groups, s in sets.items():
         for pg in groups:
             pg_sets.setdefault(pg, []).append(s)
-    for pg, ss in pg_sets.items():
+    for pg, ss in sorted(pg_sets.items(), key=lambda item: pg_no[item[0]]):
         spans = sorted(set_span[s] for s in ss if s in set_span)
         contiguous = all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
         if contiguous:
@@ -285,7 +293,7 @@ def tiger_global_stats(opt, plan, grad_scale: Optional[torch.Tensor]) -> None:
     key = tuple((id(group), opt._roles(group), tuple(map(id, b.keys))) for group, b in buckets)
     layout = getattr(opt, "_dt_stats_layout", None)
     if layout is None or layout.key != key:
-        layout = _build_layout(key, buckets, opt._roles, ROLE_MATRIX, ROLE_EMBEDDING, None)
+        layout = _build_layout(key, buckets, opt._roles, ROLE_MATRIX, ROLE_EMBEDDING)
         if layout.perm is not None:
             layout.perm = layout.perm.to(device)
         layout.nan_mask = layout.nan_mask.to(device)
