@@ -32,7 +32,9 @@ def parser() -> argparse.ArgumentParser:
     a("--tiny-count", type=int, default=4096, help="number of 768-element tensors in 'tiny'")
     a("--dtypes", help="comma list of fp32, bf16, bf16-fp32m (default fp32)")
     a("--contenders", help="comma list: ours, adamw, peers, all, lion, tiger, simba, adamw-fused, "
-      "adamw-foreach, or a peer (lion-pytorch, optimi-lion, ...; see --list). Default ours,adamw")
+      "adamw-foreach, or a peer (lion-pytorch, optimi-lion, ...; see --list). Default ours,adamw,peers "
+      "(the peers that are installed: bash scripts/bench.sh installs lion-pytorch, torch-optimi and "
+      "pytorch-optimizer)")
     a("--backends", default=None, help="best (default), all (default with --full), or a comma list")
     a("--steps", type=int, default=None, help="timed steps per row (default 20 CPU, 100 CUDA)")
     a("--warmup", type=int, default=None, help="untimed steps first (default 3 CPU, 10 CUDA)")
@@ -74,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> runner.Config:
         llama_size=args.llama_size or ("1B" if cuda else "350M"),
         tiny_count=args.tiny_count,
         dtypes=tuple(pick(args.dtypes, "fp32", "fp32,bf16,bf16-fp32m").split(",")),
-        contenders=pick(args.contenders, "ours,adamw", "all"),
+        contenders=pick(args.contenders, "ours,adamw,peers", "all"),
         backends=pick(args.backends, "best", "all"),
         steps=args.steps if args.steps is not None else (100 if cuda else 20),
         warmup=args.warmup if args.warmup is not None else (10 if cuda else 3),
@@ -109,11 +111,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.nvtx and not cfg.device.startswith("cuda"):
         print("note: --nvtx has no effect on CPU", file=sys.stderr)
     env = report.environment(runner.resolve_device(cfg.device))  # before: load of others
-    result = runner.run(cfg)
+    env["threads"] = cfg.threads or runner.default_threads()
+    head = {"env": env, "config": {"steps": cfg.steps, "warmup": cfg.warmup,
+                                   "schedule": runner.resolve_schedule(cfg.schedule, runner.resolve_device(cfg.device))},
+            "rows": [], "ceilings": {}}
+    head["warnings"] = report.warnings_for(head)  # the load at the start, known now
+    print("\n".join(report.table_header(head)), flush=True)
+    shown = set()
+
+    def show(rows, ceilings, pset, dtype):
+        # each parameter set's rows as soon as they are timed, with the drift warning of its ceiling
+        part = {"env": {**env, "loadavg": None}, "rows": rows, "ceilings": {f"{pset}/{dtype}": ceilings[f"{pset}/{dtype}"]}}
+        lines = report.table_section(part, pset, dtype) + [f"WARNING: {w}" for w in report.warnings_for(part)]
+        print("\n".join(lines), flush=True)
+        shown.add((pset, dtype))
+
+    result = runner.run(cfg, on_section=show)
     env["threads"] = torch.get_num_threads()
     env["loadavg_end"] = report.loadavg()
     result = {"schema_version": report.SCHEMA_VERSION, "env": env, **result}
-    print(report.table(result))
+    result["warnings"] = report.warnings_for(result)
+    for pset, dtype in report.sections(result["rows"]):
+        if (pset, dtype) not in shown:
+            print("\n".join(report.table_section(result, pset, dtype)))
+    print("\n".join(report.table_footer(result)))
     if args.check:
         from . import check_timing
 

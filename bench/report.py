@@ -109,49 +109,112 @@ def _f(x, fmt: str, dash: str = "-") -> str:
     return dash if x is None else format(x, fmt)
 
 
-def table(result: Dict) -> str:
-    rows: List[Dict] = result["rows"]
+# A 1-minute load average above this many runnable tasks per core, at the start, means other
+# work shared the cores (our own run adds its threads, so the end is judged at cores + threads).
+LOAD_PER_CORE = 0.75
+# Per-round ceilings whose p10-p90 spread exceeds this fraction of their median: the machine's
+# bandwidth changed during the run (CPU VMs do, by 2x within seconds; NOTES.md).
+CEILING_DRIFT = 0.30
+
+
+def warnings_for(result: Dict) -> List[str]:
+    """Reasons not to trust this run's numbers as they stand (empty when none)."""
     env = result.get("env", {})
-    lines = [
+    cores = env.get("cpu_count") or 1
+    out = []
+    start, end = env.get("loadavg"), env.get("loadavg_end")
+    on_cpu = not str(env.get("device", "cpu")).startswith("cuda")
+    if on_cpu and start and start[0] > LOAD_PER_CORE * cores:
+        out.append(f"the machine was loaded when the run started (load average {start[0]:.1f} on {cores} cores): "
+                   "CPU timings and ceilings are unreliable; rerun on a quiet machine")
+    if on_cpu and end and end[0] > cores + (env.get("threads") or 1):
+        out.append(f"the machine was loaded during the run (load average {end[0]:.1f} at the end, {cores} cores, "
+                   f"{env.get('threads')} threads of ours)")
+    for key, c in result.get("ceilings", {}).items():
+        per_round = sorted(c.get("ceiling_gbps_per_round") or [])
+        if len(per_round) >= 5:
+            p10, p90 = per_round[len(per_round) // 10], per_round[(9 * len(per_round)) // 10]
+            med = per_round[len(per_round) // 2]
+            if med and (p90 - p10) / med > CEILING_DRIFT:
+                out.append(f"{key}: the bandwidth ceiling drifted {p10:.1f}-{p90:.1f} GB/s (p10-p90) between "
+                           f"rounds: more than {100 * CEILING_DRIFT:.0f} % of its median {med:.1f}; ratios are "
+                           "per-round medians, absolute ms and GB/s are not comparable across runs")
+    return out
+
+
+def _ms(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def table_header(result: Dict) -> List[str]:
+    """The lines above the sections: where the run happened and what the columns mean."""
+    env = result.get("env", {})
+    lines = [f"WARNING: {w}" for w in result.get("warnings", [])]
+    lines += [
         f"device: {env.get('device_name', result.get('device'))}  threads: {env.get('threads')}  "
         f"torch {env.get('torch')}  git {str(env.get('git_sha'))[:10]}  "
         f"load avg at start {env.get('loadavg')}",
-        f"steps: {result['config']['steps']} timed after {result['config']['warmup']} warm-up; "
-        "ms = median [p10, p90]; x AdamW = time / fused AdamW's (same param dtype); "
-        "% ceil = GB/s / measured ceiling",
+        f"up to {result['config']['steps']} timed steps after {result['config']['warmup']} warm-up "
+        "(n: the steps a row really timed; a row stops early after its time budget); "
+        "ms = median [p10, p90] of the step time",
+        "x AdamW = step time / fused torch.optim.AdamW's step time (same param dtype; lower is better); "
+        "% ceil = GB/s / the ceiling (the faster of an in-place mul_ pass and a copy, timed in the same run)",
     ]
     if result["config"].get("schedule") == "interleaved":
         lines.append("schedule: interleaved (one step of every contender and of the ceiling passes per "
                      "round); x AdamW and % ceil are medians of per-round ratios")
-    head = (f"{'contender':<26}{'backend':<10}{'ms p50':>9} {'[p10, p90]':<20}{'GB/s':>7}"
-            f"{'% ceil':>8}{'x AdamW':>9}{'B/elem':>8}{'state B/p':>10}{'launch':>8}")
+    return lines
+
+
+_HEAD = (f"{'contender':<26}{'backend':<10}{'n':>4}{'ms p50':>9} {'[p10, p90]':<18}{'GB/s':>7}"
+         f"{'% ceil':>8}{'x AdamW':>9}{'B/elem':>8}{'state B/p':>10}{'launch':>8}")
+_ABOVE = ("* above 100 % of the ceiling: this step moved its bytes faster than the in-place mul_ pass "
+          "(or the copy) that defines the ceiling. On CPUs time follows the bytes read more than the "
+          "bytes written, and mul_ reads only half of what it moves (bench/NOTES.md), so a "
+          "read-light step can beat it; it does not mean more than the memory can deliver.")
+
+
+def sections(rows: List[Dict]) -> List[tuple]:
     order = []
     for r in rows:
         k = (r["param_set"], r["dtype"])
         if k not in order:
             order.append(k)
-    skipped = []
-    for pset, dtype in order:
-        group = [r for r in rows if (r["param_set"], r["dtype"]) == (pset, dtype)]
-        r0 = group[0]
-        ceil = result["ceilings"].get(f"{pset}/{dtype}", {})
-        b = ceil
-        lines += ["", f"{pset} ({r0['n_tensors']} tensors, {r0['n_elements'] / 1e6:.1f}M elements), "
-                      f"{dtype}; ceiling {_f(ceil.get('ceiling_gbps'), '.1f')} GB/s "
-                      f"(mul_ {_f(b.get('mul_gbps'), '.1f')}, copy {_f(b.get('copy_gbps'), '.1f')})",
-                  head, "-" * len(head)]
-        for r in group:
-            if r["ms_median"] is None:
-                skipped.append(r)
-                continue
-            spread = f"[{r['ms_p10']:.3g}, {r['ms_p90']:.3g}]"
-            lines.append(
-                f"{r['contender'][:25]:<26}{r['backend'][:9]:<10}{r['ms_median']:>9.3g} {spread:<20}"
-                f"{r['gbps']:>7.1f}{_f(r['fraction'] and 100 * r['fraction'], '.0f'):>8}"
-                f"{_f(r['ratio_vs_fused_adamw'], '.2f'):>9}"
-                f"{r['bytes_per_step'] / r['n_elements']:>8.1f}{r['state_bytes_per_param']:>10.2f}"
-                f"{_f(r['launches'], 'd'):>8}"
-            )
+    return order
+
+
+def table_section(result: Dict, pset: str, dtype: str) -> List[str]:
+    """One parameter set and dtype setting: its ceiling and one line per timed row."""
+    group = [r for r in result["rows"] if (r["param_set"], r["dtype"]) == (pset, dtype)]
+    r0 = group[0]
+    ceil = result["ceilings"].get(f"{pset}/{dtype}", {})
+    lines = ["", f"{pset} ({r0['n_tensors']} tensors, {r0['n_elements'] / 1e6:.1f}M elements), "
+                 f"{dtype}; ceiling {_f(ceil.get('ceiling_gbps'), '.1f')} GB/s "
+                 f"(mul_ {_f(ceil.get('mul_gbps'), '.1f')}, copy {_f(ceil.get('copy_gbps'), '.1f')})",
+             _HEAD, "-" * len(_HEAD)]
+    for r in group:
+        if r["ms_median"] is None:
+            continue
+        frac = r["fraction"] and 100 * r["fraction"]
+        mark = "*" if frac and frac > 100 else " "
+        spread = f"[{_ms(r['ms_p10'])}, {_ms(r['ms_p90'])}]"
+        lines.append(
+            f"{r['contender'][:25]:<26}{r['backend'][:9]:<10}{r['steps']:>4}{_ms(r['ms_median']):>9} {spread:<18}"
+            f"{r['gbps']:>7.1f}{_f(frac, '.0f'):>7}{mark}"
+            f"{_f(r['ratio_vs_fused_adamw'], '.2f'):>9}"
+            f"{r['bytes_per_step'] / r['n_elements']:>8.1f}{r['state_bytes_per_param']:>10.2f}"
+            f"{_f(r['launches'], 'd'):>8}"
+        )
+    return lines
+
+
+def table_footer(result: Dict) -> List[str]:
+    """Footnotes, the rows that were not timed and why, and the warnings again."""
+    rows = result["rows"]
+    lines = []
+    if any(r["ms_median"] is not None and r["fraction"] and r["fraction"] > 1 for r in rows):
+        lines += ["", _ABOVE]
+    skipped = [r for r in rows if r["ms_median"] is None]
     if skipped:
         lines += ["", "not timed:"]
         seen = set()
@@ -161,7 +224,16 @@ def table(result: Dict) -> str:
                 continue
             seen.add(k)
             lines.append(f"  {r['contender']} [{r['backend']}] ({r['dtype']}): {r['status']}")
-    return "\n".join(lines)
+    if result.get("warnings"):
+        lines += [""] + [f"WARNING: {w}" for w in result["warnings"]]
+    return lines
+
+
+def table(result: Dict) -> str:
+    lines = table_header(result)
+    for pset, dtype in sections(result["rows"]):
+        lines += table_section(result, pset, dtype)
+    return "\n".join(lines + table_footer(result))
 
 
 # ---- files ------------------------------------------------------------------------------------

@@ -263,13 +263,20 @@ def baseline_dtype(ds_name: str) -> str:
     return {"bf16-fp32m": "bf16"}.get(ds_name, ds_name)
 
 
-def attach_ratios(rows: List[Dict], ceilings: Dict[str, Dict]) -> None:
-    """x AdamW and % ceiling of every timed row. Where the row and its reference were timed
+def _section_done(rows, first, ceilings, pset, ds, on_section) -> None:
+    attach_ratios(rows, ceilings, only=rows[first:])
+    if on_section is not None:
+        on_section(rows, ceilings, pset.name, ds.name)
+
+
+def attach_ratios(rows: List[Dict], ceilings: Dict[str, Dict], only: Optional[List[Dict]] = None) -> None:
+    """x AdamW and % ceiling of every timed row (of ``only``, when given; the AdamW rows they
+    are compared with may be anywhere in ``rows``). Where the row and its reference were timed
     in the same rounds (interleaved schedule), the ratio is the median of the per-round
     ratios (`paired`); otherwise it is the ratio of the medians."""
     base = {(r["param_set"], r["dtype"]): r for r in rows
             if r["key"] == contenders_mod.BASELINE and r["ms_median"]}
-    for r in rows:
+    for r in (rows if only is None else only):
         if r["ms_median"] is None:
             continue
         ceil = ceilings.get(f"{r['param_set']}/{r['dtype']}", {}).get("ceiling_gbps")
@@ -292,8 +299,13 @@ def build_param_sets(cfg: Config) -> List[ParamSet]:
                             tiny_count=cfg.tiny_count) for s in cfg.param_sets]
 
 
-def run(cfg: Config) -> Dict:
-    """Run the sweep; returns {"config", "device", "rows", "ceilings"} (no environment)."""
+def run(cfg: Config, on_section=None) -> Dict:
+    """Run the sweep; returns {"config", "device", "rows", "ceilings"} (no environment).
+
+    ``on_section(rows, ceilings, param_set, dtype)``, when given, is called as soon as a
+    parameter set and dtype setting is done (its rows have their ratios), so a caller can show
+    it while the rest runs.
+    """
     device = resolve_device(cfg.device)
     schedule = resolve_schedule(cfg.schedule, device)
     torch.set_num_threads(cfg.threads or default_threads())
@@ -314,6 +326,7 @@ def run(cfg: Config) -> Dict:
                 here = [c for c in chosen if c.supports(ds.name)]
                 runnable = [c for c in here if not c.unavailable(device)]
                 ws = Workspace(pset, ds, device, cfg.grad_mode, cfg.seed) if runnable else None
+                first = len(rows)
                 if ws is not None and schedule == "interleaved":
                     bar.set_description(f"{pset.name} {ds.name} (interleaved)")
                     got, ceilings[f"{pset.name}/{ds.name}"] = run_interleaved(here, ws, pset, ds, device, cfg)
@@ -321,6 +334,7 @@ def run(cfg: Config) -> Dict:
                     bar.update(len(here))
                     del ws
                     _free(device, pset.n_elements > 2**24)
+                    _section_done(rows, first, ceilings, pset, ds, on_section)
                     continue
                 for c in here:
                     bar.set_description(f"{pset.name} {ds.name} {c.key}")
@@ -335,9 +349,9 @@ def run(cfg: Config) -> Dict:
                     ceilings[f"{pset.name}/{ds.name}"] = ws.ceiling(cfg.ceiling_reps)
                 del ws
                 _free(device, pset.n_elements > 2**24)
+                _section_done(rows, first, ceilings, pset, ds, on_section)
     finally:
         bar.close()
-    attach_ratios(rows, ceilings)
     config = asdict(cfg)
     config["schedule"] = schedule
     return dict(config=config, device=str(device), rows=rows, ceilings=ceilings)

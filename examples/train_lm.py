@@ -45,14 +45,14 @@ import torch.nn.functional as F
 OPTIMIZERS = ("adamw", "lion", "tiger", "simba")
 
 # Hyperparameters per optimizer, chosen with the sweep in examples/results/sweep.json and
-# SPEC.md's advice: Lion's lr 3-10x smaller than AdamW's and its weight decay 3-10x larger
+# the paper's advice (docs/rules.md): Lion's lr 3-10x smaller than AdamW's and its weight decay 3-10x larger
 # (both optimizers multiply the decay by lr, so Lion's lr*wd stays comparable); Tiger's lr
 # is relative (matrices move by lr*RMS(param) per step) and its decay is applied to matrices
 # only through tiger_param_groups (Su's 0.01). Simba takes its own sweep's best lr with
 # Lion's decay. The sweep is shorter (150 steps) than the default run (400 steps).
 DEFAULT_HPARAMS: Dict[str, Dict[str, float]] = {
     "adamw": {"lr": 1.5e-3, "weight_decay": 0.1},
-    # 3x smaller lr and 3x larger decay than AdamW (SPEC.md); betas shorter than the paper's
+    # 3x smaller lr and 3x larger decay than AdamW (docs/rules.md); betas shorter than the paper's
     # (0.95, 0.98): with 400 steps a 50-step momentum is stale (see README, sweep400_lion.json)
     "lion": {"lr": 5e-4, "weight_decay": 0.3, "beta1": 0.9, "beta2": 0.95},
     # relative lr for matrices/embeddings; biases and norm params get their own lr
@@ -255,7 +255,7 @@ def build_optimizer(name: str, model: nn.Module, hp: Dict[str, float], args) -> 
     sk = import_sign_kernels()
     common = dict(backend=args.backend, stochastic_rounding=args.stochastic_rounding, seed=args.seed)
     if name == "lion":
-        betas = (hp.get("beta1", 0.95), hp.get("beta2", 0.98))  # SPEC.md: the paper's NLP betas
+        betas = (hp.get("beta1", 0.95), hp.get("beta2", 0.98))  # docs/rules.md: the paper's NLP betas
         return sk.Lion(decay_groups(model, wd), lr=lr, betas=betas, weight_decay=wd, **common)
     if name == "tiger":
         groups = sk.tiger_param_groups(model)

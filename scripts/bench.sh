@@ -2,6 +2,6 @@
 # The main job: installs the package (compiled) and runs the throughput benchmark on
 # whatever device exists here.  bash scripts/bench.sh [python -m bench flags...]
 source "$(dirname "${BASH_SOURCE[0]}")/_install.sh"
-echo "[install] sign_kernels (compiled) with bench extras"
-pip_install --no-build-isolation -e ".[bench]"
+install_project bench
+build_kernels
 exec "$PY" -m bench "$@"

@@ -10,8 +10,8 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
   echo "[install] triton not found: installing triton==3.9.0"
   pip_install "triton==3.9.0"
 fi
-echo "[install] sign_kernels (compiled, editable) with test extras"
-pip_install --no-build-isolation -e ".[test]"
+install_project test
+build_kernels
 
 echo "[native] CMake core build and CTest"
 mkdir -p build

@@ -1,6 +1,6 @@
 """sign_kernels: fused sign-based optimizers (Lion, Tiger, Simba) for PyTorch.
 
-One semantics (SPEC.md), four executors (reference, cpu, cuda, triton), one thin
+One semantics (docs/rules.md), four executors (reference, cpu, cuda, triton), one thin
 ``torch.optim.Optimizer`` layer. ``available_backends()`` says what runs here.
 """
 
@@ -8,6 +8,7 @@ from . import _ops  # declares torch.ops.sign_kernels.* before any kernel regist
 from .backends import BackendUnavailableError, available_backends
 from .optim import Lion, Simba, Tiger, role_of, tiger_param_groups
 from .optim._checkpoint import load_momentum
+from ._backward import step_in_backward
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "tiger_param_groups",
     "role_of",
     "load_momentum",
+    "step_in_backward",
     "available_backends",
     "BackendUnavailableError",
     "__version__",

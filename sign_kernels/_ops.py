@@ -10,7 +10,7 @@ Every executor implements these three ops with exactly these arguments:
 The Python reference backend (``sign_kernels/backends/reference.py``) has the same call
 signature so the optimizers can call any backend the same way.
 
-Contract shared by the three ops (SPEC.md has the formulas):
+Contract shared by the three ops (docs/rules.md has the formulas):
 
 * ``params``, ``grads`` and the state list have the same length; tensor ``i`` of each has
   the same shape and device, and is contiguous. Within one call all params share a dtype,

@@ -299,3 +299,29 @@ def test_schedule_auto_is_interleaved_on_cpu_sequential_on_cuda():
     assert runner.resolve_schedule("auto", torch.device("cuda")) == "sequential"
     with pytest.raises(ValueError, match="schedule"):
         runner.resolve_schedule("random", CPU)
+
+
+def _fake_result(loadavg, loadavg_end, ceilings_per_round, fraction):
+    from bench import report
+
+    row = dict(param_set="flat", dtype="fp32", n_tensors=1, n_elements=1000, contender="Lion", backend="cpu",
+               key="lion[cpu]", status="ok", steps=7, ms_median=1.0, ms_p10=0.9, ms_p90=1.1, gbps=20.0,
+               fraction=fraction, ratio_vs_fused_adamw=0.7, bytes_per_step=20000, state_bytes_per_param=4.0,
+               launches=None)
+    result = dict(config=dict(steps=20, warmup=3, schedule="interleaved"), rows=[row],
+                  env=dict(device="cpu", cpu_count=2, threads=2, loadavg=loadavg, loadavg_end=loadavg_end),
+                  ceilings={"flat/fp32": dict(ceiling_gbps=20.0, mul_gbps=20.0, copy_gbps=15.0,
+                                              ceiling_gbps_per_round=ceilings_per_round)})
+    result["warnings"] = report.warnings_for(result)
+    return result, report.table(result)
+
+
+def test_table_warns_loudly_when_the_machine_was_loaded_or_the_ceiling_drifted():
+    quiet, text = _fake_result([0.3, 0.2, 0.1], [2.1, 1.0, 0.5], [20.0 + 0.1 * i for i in range(10)], 0.9)
+    assert quiet["warnings"] == [] and "WARNING" not in text and "*" not in text
+    loaded, text = _fake_result([5.7, 4.0, 3.0], [6.0, 5.0, 4.0], [8.0, 20.0, 40.0, 9.0, 30.0, 12.0], 1.2)
+    assert len(loaded["warnings"]) == 3
+    assert text.startswith("WARNING: the machine was loaded when the run started (load average 5.7 on 2 cores)")
+    assert "the bandwidth ceiling drifted" in text
+    assert "120*" in text and "* above 100 % of the ceiling" in text  # explained, not silent
+    assert "   7     1.00 [0.90, 1.10]" in text  # the steps the row really timed, one number format

@@ -1,6 +1,6 @@
 """Tiger in full: roles, per-tensor scaling, accumulation inside the momentum, NaN guard.
 
-Expected values are written from SPEC.md directly (in fp64), not taken from a backend.
+Expected values are written from docs/rules.md directly (in fp64), not taken from a backend.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_named_parameters_and_plain_fallback():
 
 
 def _expected_update(theta, m, g, lr, beta, wd, role):
-    """One Tiger update (k = 1) in fp64, from SPEC.md."""
+    """One Tiger update (k = 1) in fp64, from docs/rules.md."""
     theta, m, g = (x.double() for x in (theta, m, g))
     m = beta * m + (1 - beta) * g
     if role in ("elementwise", "gain"):

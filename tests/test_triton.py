@@ -398,3 +398,28 @@ def test_rejects_what_the_optimizer_never_sends():
         call(skt, "lion", ps, gs, ms, [torch.tensor(0.0, device=DEVICE)] * 2)
     with pytest.raises(TypeError, match="int16"):
         call(skt, "simba", ps, gs, ms, steps_of(ps, 0))
+
+
+# ---------------------------------------------------------------- the compiled kernels' paths
+def test_full_block_row_and_alignment_paths():
+    """The paths the GPU kernels split into (NOTE: [vector hints]), each against the reference:
+    full and tail blocks; embedding rows shorter than, equal to and longer than BLOCK (a block
+    crossing a row boundary); row lengths that are and are not multiples of 8 in Tiger's
+    statistics pass (its vector fast path and its row-at-a-time path), whole statistics tiles
+    and a partial last one; and a table with an address that is not 16-byte aligned."""
+    blk = L.BLOCK
+    shapes = [(2 * blk,), (3, blk), (2, blk + 8), (40, 24), (17, 264), (5, 7), (33, 256)]
+    roles = [3, 2, 2, 2, 2, 2, 3]
+    for pdt, sdt, sr in ((F32, F32, False), (BF16, BF16, True)):
+        ps, gs, ms = make_case(shapes, pdt, pdt, sdt, seed=21, hard=False)
+        run_both("tiger", ps, gs, ms, n_steps=2, k=1, roles=roles, sr=sr)
+        run_both("lion", ps, gs, ms, n_steps=1, sr=sr)
+    # one misaligned grad (a view one element in; run_both copies params and states, not
+    # grads) takes every tensor off the aligned path
+    ps, gs, ms = make_case([(blk + 3,), (blk,)], F32, F32, F32, seed=22, hard=False)
+    buf = torch.zeros(blk + 1, device=DEVICE)
+    gs[1] = buf[1:].copy_(gs[1])
+    L.clear_cache()
+    run_both("simba", ps, gs, [torch.zeros_like(p, dtype=torch.int16) for p in ps], n_steps=1)
+    run_both("tiger", ps, gs, ms, n_steps=1, k=1, roles=[3, 2])
+    assert not next(reversed(L._plans.values())).aligned

@@ -5,7 +5,7 @@
 // inline function of fp32 values ("opmath"); storage types are converted at the
 // edges by the load/store helpers below. The Python reference backend
 // (sign_kernels/backends/reference.py) and the Triton kernels implement the same
-// formulas in the same operation order; SPEC.md is the contract.
+// formulas in the same operation order; docs/rules.md is the contract.
 //
 // NOTE: [no contraction]
 // Every formula below is written as separately rounded fp32 multiplies and adds.
@@ -49,7 +49,7 @@ struct fp16_t { uint16_t x; };
 
 enum class Algo : int { kLion = 0, kTiger = 1, kSimba = 2 };
 
-// Tiger parameter roles (SPEC.md "Per-parameter scaling"). The integer values are
+// Tiger parameter roles (docs/rules.md, Tiger: the roles). The integer values are
 // part of the op schema (the `roles` list) and of sign_kernels/optim/tiger.py.
 enum TigerRole : int {
   kRoleElementwise = 0,  // bias, norm shift: lr_p = 0.5 lr, wd_p = 0, centre 0

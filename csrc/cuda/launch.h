@@ -7,7 +7,7 @@
 // launch error, or cudaErrorInvalidValue for an argument the kernels do not take (then
 // nothing was enqueued; the binding is expected to have refused it with a message).
 //
-// The semantics are SPEC.md's, element for element; the math is csrc/core/sign_math.h.
+// The semantics are docs/rules.md's, element for element; the math is csrc/core/sign_math.h.
 #pragma once
 
 #include <cuda_runtime_api.h>

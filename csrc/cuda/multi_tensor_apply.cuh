@@ -56,6 +56,12 @@ constexpr int kGradIdx = 1;
 constexpr int kStateIdx = 2;
 
 constexpr int kBlockThreads = 512;
+// NOTE: [two blocks per SM] __launch_bounds__(kBlockThreads, kMinBlocksPerSM) caps every
+// kernel at 65536 / (2 * 512) = 64 registers, so two 512-thread blocks share an SM (one
+// block's tail then overlaps the next block's loads). Unbounded, nvcc gave
+// TigerUpdateFunctor<fp16, fp16, fp16> 70 registers (one block per SM) and let
+// <float, float, bf16> spill; tests/test_cuda_codegen.py checks the bound and the spills.
+constexpr int kMinBlocksPerSM = 2;
 constexpr int kILP = 8;                    // elements per thread per iteration
 constexpr int64_t kChunkElems = 1 << 16;   // elements per block (a multiple of kILP)
 // Kernel-parameter limit (NOTE: [chunk table in kernel arguments]): 32764 bytes since
@@ -124,7 +130,7 @@ __device__ __forceinline__ Chunk find_chunk(const TensorTable<Depth, Meta>& tl) 
 
 // The generic kernel: find the chunk, hand it to the functor.
 template <int Depth, typename Meta, typename Functor>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
     multi_tensor_apply_kernel(const SK_GRID_CONSTANT TensorTable<Depth, Meta> tl, const SK_GRID_CONSTANT Functor f) {
   f(tl, find_chunk(tl));
 }

@@ -4,7 +4,7 @@
 // scale, found_inf), load packs of every list, call the fp32 math of
 // csrc/core/sign_math.h on each element, and store the packs with the storage rounding
 // of sign_math.h (RNE, or the documented stochastic rounding for bf16). Nothing here
-// computes a formula of SPEC.md by itself.
+// computes a formula of docs/rules.md by itself.
 //
 // Template parameters: P param storage (float, bf16_t, fp16_t), G grad storage (P or
 // float), S state storage (P, float or bf16_t; int16_t for Simba's counters).
@@ -291,7 +291,7 @@ struct TigerPrepassFunctor {
 
 // Finalisation: one block per tensor of a pre-pass table.
 template <typename Table>
-__global__ void __launch_bounds__(kBlockThreads) tiger_finalize_kernel(const SK_GRID_CONSTANT Table tl,
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) tiger_finalize_kernel(const SK_GRID_CONSTANT Table tl,
                                                                        const SK_GRID_CONSTANT TigerHyper h) {
   if (h.common.skip()) return;
   const int t = blockIdx.x;

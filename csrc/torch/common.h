@@ -6,7 +6,7 @@
 #pragma once
 
 #include <torch/library.h>
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>  // not ATen/ATen.h: the bindings use Tensor methods only (build time)
 
 #include "../core/sign_math.h"
 

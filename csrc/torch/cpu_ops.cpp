@@ -1,7 +1,6 @@
 // cpu_ops.cpp -- the CPU implementations of torch.ops.sign_kernels.{lion_,tiger_,simba_}.
 // The schemas are declared once, in sign_kernels/_ops.py.
 #include <torch/library.h>
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <mutex>

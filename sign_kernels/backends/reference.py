@@ -1,4 +1,4 @@
-"""The reference backend: plain torch, one tensor at a time, readable next to SPEC.md.
+"""The reference backend: plain torch, one tensor at a time, readable next to docs/rules.md.
 
 It is the oracle of every test. It runs on any device and in any floating dtype:
 
@@ -241,5 +241,5 @@ def simba_(
 
 
 def threshold_count(window_size: int, threshold: float) -> int:
-    """T = int(window_size * threshold) (SPEC.md, Simba)."""
+    """T = int(window_size * threshold) (docs/rules.md, Simba)."""
     return int(math.floor(window_size * threshold))

@@ -1,6 +1,6 @@
 """DTensor parameters (FSDP2, tensor parallel): local shards for the kernels, global statistics.
 
-What a sharded step adds to an unsharded one (SPEC.md "Sharded parameters"):
+What a sharded step adds to an unsharded one (docs/rules.md, "Sharded parameters"):
 
 * the kernels see each rank's local shard only: a DTensor param, its grad and its state are
   replaced by their local tensors before bucketing (``local_pair``, ``local_states``);

@@ -1,6 +1,6 @@
 """What Lion, Tiger and Simba share: validation, lazy state, grouping, one op call per group.
 
-No math lives here (SPEC.md is implemented by the backends). One ``step()``:
+No math lives here (docs/rules.md is implemented by the backends). One ``step()``:
 
 1. validates every group's hyperparameters and every gradient, and resolves the backend of
    every (device, dtypes) bucket -- all before anything is written, so bad input raises and
@@ -166,9 +166,8 @@ class SignOptimizer(Optimizer):
     # GradScaler sets ``self.grad_scale``/``self.found_inf`` and calls step(): the kernels
     # unscale and skip on the device, with no host synchronisation.
     _step_supports_amp_scaling = True
-    # Group keys of this optimizer's own hyperparameters (beyond lr, weight_decay and the
-    # options every sign optimizer shares); used to recognise other optimizers' checkpoints.
-    _family: str = ""  # "Lion", "Tiger" or "Simba": whose checkpoints load as our own
+    # "Lion", "Tiger" or "Simba": whose checkpoints load as this optimizer's own (_checkpoint.py).
+    _family: str = ""
 
     def __init__(self, params, defaults: Dict[str, Any]):
         for name, value in TORCH_FLAG_DEFAULTS.items():
@@ -275,16 +274,25 @@ class SignOptimizer(Optimizer):
         return t
 
     # ------------------------------------------------------------------ the step
-    def _plan(self) -> List[Tuple[Dict[str, Any], int, List[_Bucket]]]:
-        """Validate everything and group the tensors; writes nothing."""
+    def _plan(self, select: Optional[Dict[int, List[int]]] = None) -> List[Tuple[Dict[str, Any], int, List[_Bucket]]]:
+        """Validate everything and group the tensors; writes nothing.
+
+        ``select`` ({group index: positions}, step_in_backward's buckets) restricts the plan to
+        those params; offsets, and so the SR seeds, stay those of the whole optimizer.
+        """
         plan = []
         offset = 0
         dtensor = _dtensor.dtensor_class()  # None until torch.distributed.tensor is imported
         for gi, group in enumerate(self.param_groups):
+            if select is not None and gi not in select:
+                offset += len(group["params"])
+                continue
             self._validate_group(group, gi, params=False)
             where = self._where(gi)
             buckets: Dict[tuple, _Bucket] = {}
-            for j, p in enumerate(group["params"]):
+            positions = range(len(group["params"])) if select is None else select[gi]
+            for j in positions:
+                p = group["params"][j]
                 g = p.grad
                 if g is None:
                     continue
@@ -326,6 +334,9 @@ class SignOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step (one fused op call per device/dtype bucket)."""
+        handle = getattr(self, "_step_in_backward", None)
+        if handle is not None:
+            raise RuntimeError(handle.refusal("step()"))
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -341,6 +352,21 @@ class SignOptimizer(Optimizer):
             for bucket in buckets:
                 self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], grad_scale, found_inf)
         return loss
+
+    @torch.no_grad()
+    def _step_selected(self, select: Dict[int, List[int]]) -> None:
+        """step() on some params only ({group index: positions}); step_in_backward's path.
+
+        Same plan, op calls, seeds and hyperparameters as step() gives those params. No
+        GradScaler here: its inf check needs every gradient (see step_in_backward).
+        """
+        plan = self._plan(select)
+        if any(b.sharded for _, _, bs in plan for b in bs):  # untested with step_in_backward
+            self._prepare_sharded(plan, None)
+        for group, offset, buckets in plan:
+            seeds = self._group_seeds(group, offset)
+            for bucket in buckets:
+                self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], None, None)
 
     def _prepare_sharded(self, plan, grad_scale: Optional[torch.Tensor]) -> None:
         """Collectives a sharded step needs before its op calls (none: element-wise math)."""

@@ -1,4 +1,4 @@
-"""Simba: sign counters instead of a float momentum (seed 004 of SPEC.md)."""
+"""Simba: sign counters instead of a float momentum (docs/rules.md, Simba)."""
 
 from __future__ import annotations
 

@@ -60,8 +60,13 @@ The window logic (b1 = β on the first micro-step, θ written on the last) is co
 tensor from its device step t and k.
 
 Fixed configurations (no autotuning of in-place kernels): see NOTE: [fixed configs] in
-``_launch``: BLOCK 2048 with 4 warps for the update, 16x256 tiles for Tiger's statistics;
-aligned-address hints only when every θ, g and state address is 16-byte aligned. The
+``_launch``: BLOCK 2048 with 8 warps for the update, 16x256 tiles for Tiger's statistics;
+aligned-address hints only when every θ, g and state address is 16-byte aligned. The hints
+go on the typed pointers, full blocks take an unmasked path, and per-element offsets are
+int32 (NOTE: [vector hints] in ``_kernels``): compiled for sm_90, the update and statistics
+kernels issue 16-byte loads and stores and use at most 64 registers without spills, which
+``tests/test_triton_codegen.py`` checks in CI without a GPU. Launches run under a device
+guard on the params' device. The
 interpreter uses the same tiles (``SIGN_KERNELS_TRITON_INTERP_BLOCK`` overrides its BLOCK).
 
 Status: the CI tests (``tests/test_triton.py``) run the interpreter. The compiled GPU path

@@ -78,8 +78,12 @@ def _sr_key(seed, step, SALT: tl.constexpr):
 
 @triton.jit
 def _sr_bits(key, idx):
-    lo = idx.to(tl.uint32)
-    hi = (idx >> 32).to(tl.uint32)
+    return _sr_bits_lohi(key, idx.to(tl.uint32), (idx >> 32).to(tl.uint32))
+
+
+@triton.jit
+def _sr_bits_lohi(key, lo, hi):
+    # sr_bits of the element index hi * 2**32 + lo (both uint32).
     return _mix32(key ^ _mix32(lo ^ (hi * 0x85EBCA6B)))
 
 
@@ -111,35 +115,76 @@ def _fp16_bits(x):
     return tl.where(a > 0x7F800000, nan, tl.where(a == 0x7F800000, inf, sign | mag))
 
 
+# ------------------------------------------------------------------ typed pointers
+# NOTE: [vector hints] 16-byte loads and stores need the compiler to know that the *typed
+# pointer* of every access is 16-byte aligned and that each thread's run of elements is
+# contiguous: a `tl.multiple_of` on the int64 address before `.to(pointer_type)` is lost in
+# the int->pointer cast. So the kernels cast first, hint the pointer (ALIGNED: the launcher
+# checked every address), advance it by the block start (a multiple of BLOCK, itself hinted)
+# and index it with an int32 `tl.arange`: the per-element offsets are then provably
+# contiguous from an aligned base, and they are 32-bit (an int64 offset per element costs
+# two registers each). Full blocks take an unmasked path (a mask of unknown alignment, from
+# a numel of unknown alignment, would split the vectors).
 @triton.jit
-def _load_f32(addr, offs, mask, DT: tl.constexpr, ALIGNED: tl.constexpr):
-    if ALIGNED:
-        addr = tl.multiple_of(addr, 16)
+def _typed_ptr(addr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """The storage pointer of a table address: fp32, int16, or bf16 / fp16 as raw 16 bits
+    (stores write the bit patterns of _bf16_bits / _fp16_bits)."""
     if DT == DT_F32:
-        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
-    elif DT == DT_BF16:
-        b = tl.load(addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
-        x = (b.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        ptr = addr.to(tl.pointer_type(tl.float32))
+    elif DT == DT_I16:
+        ptr = addr.to(tl.pointer_type(tl.int16))
     else:
-        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        ptr = addr.to(tl.pointer_type(tl.uint16))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load(ptrs, mask):
+    # mask None: the unmasked full-block path (`other` is only allowed with a mask).
+    if mask is None:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0)
     return x
 
 
 @triton.jit
-def _store_f32(addr, offs, x, mask, key, DT: tl.constexpr, SR: tl.constexpr, ALIGNED: tl.constexpr):
-    # sign_math.h store(): fp32 exact, bf16 RNE or SR, fp16 RNE.
-    if ALIGNED:
-        addr = tl.multiple_of(addr, 16)
+def _ld(ptr, offs, mask, DT: tl.constexpr):
+    """fp32 value of the storage at ptr + offs (ptr from _typed_ptr); mask None: unmasked."""
     if DT == DT_F32:
-        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask)
+        x = _load(ptr + offs, mask)
+    elif DT == DT_BF16:
+        b = _load(ptr + offs, mask)
+        x = (b.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = _load(ptr + offs, mask).to(tl.float16, bitcast=True).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _st(ptr, offs, x, mask, key, hi, lo0, DT: tl.constexpr, SR: tl.constexpr):
+    # sign_math.h store(): fp32 exact, bf16 RNE or SR, fp16 RNE. The SR bits take the
+    # element index hi * 2**32 + lo0 + offs (the launcher's blocks never cross 2**32).
+    if DT == DT_F32:
+        tl.store(ptr + offs, x, mask=mask)
     elif DT == DT_BF16:
         if SR:
-            bits = _bf16_bits(x, _sr_bits(key, offs), True)
+            bits = _bf16_bits(x, _sr_bits_lohi(key, lo0 + offs.to(tl.uint32), hi), True)
         else:
             bits = _bf16_bits(x, 0, False)
-        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, bits.to(tl.uint16), mask=mask)
+        tl.store(ptr + offs, bits.to(tl.uint16), mask=mask)
     else:
-        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, _fp16_bits(x).to(tl.uint16), mask=mask)
+        tl.store(ptr + offs, _fp16_bits(x).to(tl.uint16), mask=mask)
+
+
+@triton.jit
+def _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    g = _ld(g_ptr, offs, mask, G_DT)
+    if HAS_SCALE:
+        g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
+    return g
 
 
 @triton.jit
@@ -148,15 +193,88 @@ def _sign(x):
     return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
 
 
-@triton.jit
-def _grad(g_addr, offs, mask, scale_ptr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr):
-    g = _load_f32(g_addr, offs, mask, G_DT, ALIGNED)
-    if HAS_SCALE:
-        g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
-    return g
-
-
 # ------------------------------------------------------------------ the update kernel
+@triton.jit
+def _update_block(
+    p_ptr, g_ptr, m_ptr, offs, mask, hi, lo0, step, ti, start, row,
+    lr_, scale_ptr, weight_decay, beta1, beta2, shrink, k, window, threshold,
+    t_nan, t_rms, row_rms,
+    ALGO: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One block of one tensor: pointers already advanced to the block start, offs an int32
+    arange, mask None (full block) or the tail mask."""
+    seed = tl.load(row + F_SEED).to(tl.uint32)
+    wd = tl.cast(weight_decay, tl.float32)
+    p = _ld(p_ptr, offs, mask, P_DT)
+
+    if ALGO == ALGO_LION:
+        g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
+        b1 = tl.cast(beta1, tl.float32)
+        b2 = tl.cast(beta2, tl.float32)
+        m = _ld(m_ptr, offs, mask, M_DT)
+        decay = 1.0 - lr_ * wd
+        c = b1 * m + (1.0 - b1) * g
+        p_new = p * decay - lr_ * _sign(c)
+        m_new = b2 * m + (1.0 - b2) * g
+        _st(p_ptr, offs, p_new, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+        _st(m_ptr, offs, m_new, mask, _sr_key(seed, step, SALT_STATE), hi, lo0, M_DT, SR)
+    elif ALGO == ALGO_TIGER:
+        # NOTE: [tiger registers] each value is computed in the branch that stores it, so the
+        # shrunk θ, the updated θ and the row RMS are never live at the same time.
+        beta = tl.cast(beta1, tl.float32)
+        role = tl.load(row + F_ROLE)
+        kk = tl.cast(k, tl.int64)
+        if tl.load(t_nan + ti) != 0:
+            # NaN guard: p = (p - c) s + c, m unchanged.
+            centre = tl.where(role == ROLE_GAIN, 1.0, 0.0)
+            p_shrunk = (p - centre) * tl.cast(shrink, tl.float32) + centre
+            _st(p_ptr, offs, p_shrunk, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+        else:
+            b1 = tl.where(step % kk == 0, beta, 1.0)
+            coef = tl.math.div_rn(1.0 - beta, kk.to(tl.float32))
+            g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
+            m = _ld(m_ptr, offs, mask, M_DT)
+            m_new = b1 * m + coef * g
+            if ((step + 1) % kk) == 0:
+                # lr_p: 0.5 lr (element-wise roles), lr * RMS(tensor) or lr * RMS(row).
+                elementwise = role < ROLE_EMBEDDING
+                if role == ROLE_EMBEDDING:
+                    # Row of each element: q0 + (r0 + offs) // row_len, with q0, r0 the block
+                    # start's row and column; int32 (a row of >= BLOCK elements is crossed at
+                    # most once in a block).
+                    row_len = tl.load(row + F_ROWLEN)
+                    q0 = start // row_len
+                    r0 = start - q0 * row_len
+                    if row_len >= BLOCK:
+                        ri = (offs >= tl.minimum(row_len - r0, BLOCK).to(tl.int32)).to(tl.int32)
+                    else:
+                        ri = (r0.to(tl.int32) + offs) // row_len.to(tl.int32)
+                    rms = _load(row_rms + tl.load(row + F_SLOT) + q0 + ri, mask)
+                else:
+                    rms = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(t_rms + ti)
+                lr_p = tl.where(elementwise, 0.5 * lr_, lr_ * rms)
+                wd_p = tl.where(elementwise, 0.0, wd)
+                p_upd = p - lr_p * (_sign(m_new) + wd_p * p)
+                _st(p_ptr, offs, p_upd, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+            _st(m_ptr, offs, m_new, mask, _sr_key(seed, step, SALT_STATE), hi, lo0, M_DT, SR)
+    else:
+        g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
+        cnt = _load(m_ptr + offs, mask).to(tl.int32)
+        win = tl.cast(window, tl.int32)
+        sg = _sign(g)
+        mag = tl.where(cnt < 0, -cnt, cnt)
+        u = tl.where(mag > tl.cast(threshold, tl.int32), ((cnt > 0).to(tl.int32) - (cnt < 0).to(tl.int32)).to(tl.float32), sg)
+        decay = 1.0 - lr_ * wd
+        p_new = p * decay
+        p_new = p_new - lr_ * u
+        n = cnt + sg.to(tl.int32)
+        n = tl.where(n > win, win, n)
+        n = tl.where(n < -win, -win, n)
+        _st(p_ptr, offs, p_new, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+        tl.store(m_ptr + offs, n.to(tl.int16), mask=mask)
+
+
 @triton.jit(do_not_specialize=["k", "window", "threshold"])
 def sign_step_kernel(
     tensors, blocks,                       # int64 tables: [n, NFIELDS], [n_blocks, 2] (tensor, start)
@@ -174,106 +292,65 @@ def sign_step_kernel(
     if ALIGNED:
         start = tl.multiple_of(start, BLOCK)
     row = tensors + ti * NFIELDS
-    p_addr = tl.load(row + F_PARAM)
-    g_addr = tl.load(row + F_GRAD)
-    m_addr = tl.load(row + F_STATE)
     numel = tl.load(row + F_NUMEL)
-    step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
-    seed = tl.load(row + F_SEED).to(tl.uint32)
-
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
     if HAS_FOUND:
         # GradScaler skipped this step: touch nothing (NaN counts as found).
-        # NOTE: [scalar masks] a scalar condition enters a mask as a bound on the offsets
-        # (offs < where(cond, numel, 0)): the interpreter mis-types `tensor & scalar_bool`.
-        mask = offs < tl.where(tl.load(found_ptr).to(tl.float32) == 0.0, numel, 0)
-
-    if HAS_LR_T:
-        lr_ = tl.load(lr_t).to(tl.float32)
-    else:
-        lr_ = tl.cast(lr, tl.float32)
-    wd = tl.cast(weight_decay, tl.float32)
-    key_p = _sr_key(seed, step, SALT_PARAM)
-    key_m = _sr_key(seed, step, SALT_STATE)
-
-    p = _load_f32(p_addr, offs, mask, P_DT, ALIGNED)
-    g = _grad(g_addr, offs, mask, scale_ptr, G_DT, HAS_SCALE, ALIGNED)
-
-    if ALGO == ALGO_LION:
-        b1 = tl.cast(beta1, tl.float32)
-        b2 = tl.cast(beta2, tl.float32)
-        m = _load_f32(m_addr, offs, mask, M_DT, ALIGNED)
-        decay = 1.0 - lr_ * wd
-        c = b1 * m + (1.0 - b1) * g
-        p_new = p * decay - lr_ * _sign(c)
-        m_new = b2 * m + (1.0 - b2) * g
-        _store_f32(p_addr, offs, p_new, mask, key_p, P_DT, SR, ALIGNED)
-        _store_f32(m_addr, offs, m_new, mask, key_m, M_DT, SR, ALIGNED)
-    elif ALGO == ALGO_TIGER:
-        beta = tl.cast(beta1, tl.float32)
-        role = tl.load(row + F_ROLE)
-        kk = tl.cast(k, tl.int64)
-        b1 = tl.where(step % kk == 0, beta, 1.0)
-        coef = tl.math.div_rn(1.0 - beta, kk.to(tl.float32))
-        update = ((step + 1) % kk) == 0
-        elementwise = role < ROLE_EMBEDDING
-        has_nan = tl.load(t_nan + ti) != 0
-        no_nan = tl.load(t_nan + ti) == 0
-        m = _load_f32(m_addr, offs, mask, M_DT, ALIGNED)
-        m_new = b1 * m + coef * g
-        # lr_p: 0.5 lr (element-wise roles), lr * RMS(tensor) or lr * RMS(row).
-        if role == ROLE_EMBEDDING:
-            row_len = tl.load(row + F_ROWLEN)
-            slot = tl.load(row + F_SLOT)
-            rms = tl.load(row_rms + slot + offs // row_len, mask=mask, other=0.0)
+        numel = tl.where(tl.load(found_ptr).to(tl.float32) == 0.0, numel, 0)
+    if start < numel:
+        step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
+        if HAS_LR_T:
+            lr_ = tl.load(lr_t).to(tl.float32)
         else:
-            rms = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(t_rms + ti)
-        lr_p = tl.where(elementwise, 0.5 * lr_, lr_ * rms)
-        wd_p = tl.where(elementwise, 0.0, wd)
-        p_upd = p - lr_p * (_sign(m_new) + wd_p * p)
-        # NaN guard: p = (p - c) s + c, m unchanged.
-        centre = tl.where(role == ROLE_GAIN, 1.0, 0.0)
-        p_shrunk = (p - centre) * tl.cast(shrink, tl.float32) + centre
-        p_new = tl.where(has_nan, p_shrunk, p_upd)
-        p_mask = mask & (offs < tl.where(has_nan | update, numel, 0))  # NOTE: [scalar masks]
-        m_mask = mask & (offs < tl.where(no_nan, numel, 0))
-        _store_f32(p_addr, offs, p_new, p_mask, key_p, P_DT, SR, ALIGNED)
-        _store_f32(m_addr, offs, m_new, m_mask, key_m, M_DT, SR, ALIGNED)
-    else:
-        cnt_ptr = m_addr.to(tl.pointer_type(tl.int16))
-        cnt = tl.load(cnt_ptr + offs, mask=mask, other=0).to(tl.int32)
-        win = tl.cast(window, tl.int32)
-        sg = _sign(g)
-        mag = tl.where(cnt < 0, -cnt, cnt)
-        u = tl.where(mag > tl.cast(threshold, tl.int32), ((cnt > 0).to(tl.int32) - (cnt < 0).to(tl.int32)).to(tl.float32), sg)
-        decay = 1.0 - lr_ * wd
-        p_new = p * decay
-        p_new = p_new - lr_ * u
-        n = cnt + sg.to(tl.int32)
-        n = tl.where(n > win, win, n)
-        n = tl.where(n < -win, -win, n)
-        _store_f32(p_addr, offs, p_new, mask, key_p, P_DT, SR, ALIGNED)
-        tl.store(cnt_ptr + offs, n.to(tl.int16), mask=mask)
+            lr_ = tl.cast(lr, tl.float32)
+        p_ptr = _typed_ptr(tl.load(row + F_PARAM), P_DT, ALIGNED) + start
+        g_ptr = _typed_ptr(tl.load(row + F_GRAD), G_DT, ALIGNED) + start
+        m_ptr = _typed_ptr(tl.load(row + F_STATE), M_DT, ALIGNED) + start
+        # SR element index = start + offs; a block never crosses a multiple of 2**32.
+        hi = (start >> 32).to(tl.uint32)
+        lo0 = start.to(tl.uint32)
+        offs = tl.arange(0, BLOCK)
+        rem = numel - start
+        if rem >= BLOCK:
+            _update_block(p_ptr, g_ptr, m_ptr, offs, None, hi, lo0, step, ti, start, row,
+                          lr_, scale_ptr, weight_decay, beta1, beta2, shrink, k, window, threshold,
+                          t_nan, t_rms, row_rms, ALGO, P_DT, G_DT, M_DT, HAS_SCALE, SR, BLOCK)
+        else:
+            _update_block(p_ptr, g_ptr, m_ptr, offs, offs < rem.to(tl.int32), hi, lo0, step, ti,
+                          start, row, lr_, scale_ptr, weight_decay, beta1, beta2, shrink, k,
+                          window, threshold, t_nan, t_rms, row_rms, ALGO, P_DT, G_DT, M_DT,
+                          HAS_SCALE, SR, BLOCK)
 
 
 # ------------------------------------------------------------------ Tiger statistics
+@triton.jit
+def _rows_chunk(g_ptr, p_ptr, offs, mask, scale_ptr, need_sq, acc_sq, acc_nan,
+                G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    # One [ROWS, COLS] chunk: NaN count of g / grad_scale per row, and (need_sq) the fp64 sum
+    # of θ² per row. θ is read only when needed (a scalar branch, not a mask).
+    g = _ld(g_ptr, offs, mask, G_DT)
+    if HAS_SCALE:
+        g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
+    acc_nan += tl.sum((g != g).to(tl.int32), axis=1)
+    if need_sq:
+        x = _ld(p_ptr, offs, mask, P_DT).to(tl.float64)
+        acc_sq += tl.sum(x * x, axis=1)
+    return acc_sq, acc_nan
+
+
 @triton.jit(do_not_specialize=["k"])
 def tiger_rows_kernel(
     tensors, tasks,                        # tasks: [n_tasks, 2] (tensor, first row)
     scale_ptr, found_ptr, k,
     row_sumsq, row_nan,                    # per stats slot: fp64 sum of θ², int32 NaN count of g
-    G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
     """Pass 1: per stats row, the fp64 sum of squares of θ (only where an update with an RMS
     role happens this call) and the number of NaNs in g / grad_scale."""
     pid = tl.program_id(0).to(tl.int64)
     ti = tl.load(tasks + 2 * pid)
-    row0 = tl.load(tasks + 2 * pid + 1)
+    row0 = tl.multiple_of(tl.load(tasks + 2 * pid + 1), ROWS)  # the launcher's tasks: step ROWS
     row = tensors + ti * NFIELDS
-    p_addr = tl.load(row + F_PARAM)
-    g_addr = tl.load(row + F_GRAD)
     numel = tl.load(row + F_NUMEL)
     row_len = tl.load(row + F_ROWLEN)
     nrows = tl.load(row + F_NROWS)
@@ -281,25 +358,55 @@ def tiger_rows_kernel(
     role = tl.load(row + F_ROLE)
     step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
     kk = tl.cast(k, tl.int64)
-    # Given statistics (NOTE: [Tiger statistics input]) are not computed here: θ or g unread.
+    # Given statistics (NOTE: [Tiger statistics input]) are not computed here: θ is not read.
     need_sq = (((step + 1) % kk) == 0) & (role >= ROLE_EMBEDDING) & (tl.load(row + F_GIVEN_SUMSQ) < 0)
-    sq_limit = tl.where(need_sq, numel, 0)  # NOTE: [scalar masks]
-    nan_limit = tl.where(tl.load(row + F_GIVEN_NAN) < 0, numel, 0)
 
-    rows = row0 + tl.arange(0, ROWS).to(tl.int64)
-    row_ok = rows < nrows
     acc_sq = tl.zeros([ROWS], dtype=tl.float64)
     acc_nan = tl.zeros([ROWS], dtype=tl.int32)
-    for c0 in range(0, row_len, COLS):
-        cols = c0 + tl.arange(0, COLS).to(tl.int64)
-        idx = rows[:, None] * row_len + cols[None, :]
-        msk = row_ok[:, None] & (cols[None, :] < row_len) & (idx < numel)
-        g = _grad(g_addr, idx, msk & (idx < nan_limit), scale_ptr, G_DT, HAS_SCALE, False)
-        acc_nan += tl.sum((g != g).to(tl.int32), axis=1)
-        x = _load_f32(p_addr, idx, msk & (idx < sq_limit), P_DT, False).to(tl.float64)
-        acc_sq += tl.sum(x * x, axis=1)
-    tl.store(row_sumsq + slot + rows, acc_sq, mask=row_ok)
-    tl.store(row_nan + slot + rows, acc_nan, mask=row_ok)
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    # NOTE: [vector hints] Fast path: the tile's ROWS rows all exist and are whole, and the
+    # row length is a multiple of 8 elements (16 bytes of 16-bit data), so with the pointers
+    # advanced to the tile's first element every row of the tile starts 16-byte aligned
+    # (rl below carries that divisibility to the compiler) and full COLS chunks need no mask.
+    # Offsets inside the tile are int32 (row_len <= 2**26 keeps ROWS * row_len below 2**31).
+    if ((row0 + ROWS) * row_len <= numel) & (row_len % 8 == 0) & (row_len <= 67108864):
+        first = row0 * row_len
+        g_t = _typed_ptr(tl.load(row + F_GRAD), G_DT, ALIGNED) + first
+        p_t = _typed_ptr(tl.load(row + F_PARAM), P_DT, ALIGNED) + first
+        rl = (row_len.to(tl.int32) // 8) * 8
+        base = rows[:, None] * rl
+        n_full = (rl // COLS) * COLS
+        for c0 in range(0, n_full, COLS):
+            acc_sq, acc_nan = _rows_chunk(g_t, p_t, base + (c0 + cols)[None, :], None, scale_ptr,
+                                          need_sq, acc_sq, acc_nan, G_DT, P_DT, HAS_SCALE)
+        if n_full < rl:
+            tail = n_full + cols
+            msk = (rows[:, None] >= 0) & (tail[None, :] < rl)
+            acc_sq, acc_nan = _rows_chunk(g_t, p_t, base + tail[None, :], msk, scale_ptr,
+                                          need_sq, acc_sq, acc_nan, G_DT, P_DT, HAS_SCALE)
+    else:
+        # Any other tile (the last of a tensor, odd or huge rows, unaligned addresses): one row
+        # at a time in chunks of COLS, the row's start a scalar int64 and the offsets int32, so
+        # this path needs fewer registers than the fast one (it is slower, but it only takes the
+        # last tile of a tensor, rows of an odd length and huge rows).
+        g_b = _typed_ptr(tl.load(row + F_GRAD), G_DT, False)
+        p_b = _typed_ptr(tl.load(row + F_PARAM), P_DT, False)
+        lane = tl.arange(0, COLS)
+        for r in range(0, tl.minimum(nrows - row0, ROWS)):
+            first = (row0 + r) * row_len
+            n_r = tl.minimum(row_len, numel - first)  # the last virtual row may be short
+            s_sq = tl.zeros([1], dtype=tl.float64)
+            s_nan = tl.zeros([1], dtype=tl.int32)
+            for c1 in range(0, n_r, COLS):
+                s_sq, s_nan = _rows_chunk(g_b + first + c1, p_b + first + c1, lane[None, :],
+                                          (lane < (n_r - c1))[None, :], scale_ptr, need_sq,
+                                          s_sq, s_nan, G_DT, P_DT, HAS_SCALE)
+            acc_sq = tl.where(rows == r, acc_sq + tl.sum(s_sq, axis=0), acc_sq)
+            acc_nan = tl.where(rows == r, acc_nan + tl.sum(s_nan, axis=0), acc_nan)
+    out = row0 + rows.to(tl.int64)
+    tl.store(row_sumsq + slot + out, acc_sq, mask=out < nrows)
+    tl.store(row_nan + slot + out, acc_nan, mask=out < nrows)
 
 
 @triton.jit

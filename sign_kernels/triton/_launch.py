@@ -6,6 +6,8 @@ Imported lazily by ``sign_kernels.triton`` (it imports triton through ``_kernels
 from __future__ import annotations
 
 import collections
+import contextlib
+import operator
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -24,22 +26,23 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # NOTE: [fixed configs] (no live autotuning: the kernels update their inputs in place, and an
 # autotuner would run them several times on the same buffers).
 # GPU: the update kernel is a pure stream (16-20 bytes per element, no reuse). 2048 elements per
-# program with 4 warps gives each thread 16 elements: four 16-byte vectors per fp32 buffer
-# (two per 16-bit buffer) in flight, enough memory-level parallelism to saturate HBM on
-# A100/H100 without spilling; the tail waste of a 2048 block on small tensors (biases, norm
-# gains) is negligible next to the big matrices. Tiger's statistics pass reads 16 rows x 256
-# columns per iteration (4096 elements, 32 per thread): 256 columns fit a 768-wide embedding
-# row in three iterations without masked lanes, and matrices are cut into virtual rows of 256
-# elements so the same tile covers them.
+# program with 8 warps gives each thread 8 elements: two 16-byte vectors per fp32 buffer (one
+# per 16-bit buffer), and every specialisation compiles to <= 64 registers for sm_90 without
+# spills (tests/test_triton_codegen.py), so 4 blocks (1024 threads) fit an SM, with ~100 KB of
+# loads in flight per SM: far more than the ~15 KB Little's law asks of HBM3 at 3 TB/s. With 4
+# warps (16 elements per thread) the same kernels took 80-123 registers. Tiger's statistics
+# pass reads 16 rows x 256 columns per iteration (16 elements per thread at 8 warps): 256
+# columns fit a 768-wide embedding row in three iterations without masked lanes, and
+# matrices are cut into virtual rows of 256 elements so the same tile covers them.
 # Interpreter (TRITON_INTERPRET=1): numpy executes every lane of a program, masked or not, so
 # the cost is about programs x BLOCK; the GPU tile is kept (tests use small, odd-sized tensors,
 # where a bigger BLOCK would mostly process masked lanes). Set SIGN_KERNELS_TRITON_INTERP_BLOCK
 # to a larger power of two (e.g. 16384) to run big tensors faster under the interpreter.
-BLOCK, NUM_WARPS = 2048, 4
-STAT_ROWS, STAT_COLS, STAT_WARPS = 16, 256, 4
+BLOCK, NUM_WARPS = 2048, 8
+STAT_ROWS, STAT_COLS, STAT_WARPS = 16, 256, 16
 if K.INTERPRETED:
     BLOCK = int(os.environ.get("SIGN_KERNELS_TRITON_INTERP_BLOCK", BLOCK))
-FINISH_BLOCK, FINISH_WARPS = 1024, 4
+FINISH_BLOCK, FINISH_WARPS = 256, 4
 _PLAN_CACHE_SIZE = 32
 ROLE_EMBEDDING = 2
 
@@ -65,6 +68,12 @@ def clear_cache() -> None:
     _plans.clear()
 
 
+_data_ptr = torch.Tensor.data_ptr
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+_device = operator.attrgetter("device")
+
+
 def _stats_rows(p: torch.Tensor, role: int) -> tuple[int, int]:
     """(row length, number of rows) of Tiger's sum-of-squares pass for one tensor."""
     numel = p.numel()
@@ -74,32 +83,44 @@ def _stats_rows(p: torch.Tensor, role: int) -> tuple[int, int]:
     return STAT_COLS, -(-numel // STAT_COLS)
 
 
+def _ranges(counts: torch.Tensor, step: int) -> torch.Tensor:
+    """[sum(ceil(c / step)), 2] int64: (i, j * step) for every i and j < ceil(counts[i] / step)."""
+    per = (counts + (step - 1)) // step
+    idx = torch.repeat_interleave(torch.arange(counts.numel(), dtype=torch.int64), per)
+    first = torch.cumsum(per, 0) - per
+    j = torch.arange(idx.numel(), dtype=torch.int64) - first[idx]
+    return torch.stack([idx, j * step], dim=1)
+
+
 def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=None) -> Plan:
     n = len(params)
+    addr = torch.tensor([list(map(_data_ptr, lst)) for lst in (params, grads, states, steps)],
+                        dtype=torch.int64)  # [4, n]
+    numel = torch.tensor(list(map(torch.Tensor.numel, params)), dtype=torch.int64)
     table = torch.zeros((n, K.NFIELDS.value), dtype=torch.int64)
-    blocks, tasks = [], []
-    slot = 0
-    aligned = True
-    for i, (p, g, m, s) in enumerate(zip(params, grads, states, steps)):
-        numel = p.numel()
-        role = int(roles[i]) if roles is not None else 0
-        row_len, nrows = _stats_rows(p, role) if algo == ALGO_TIGER else (0, 0)
+    table[:, :4] = addr.T
+    table[:, K.F_NUMEL.value] = numel
+    table[:, K.F_SEED.value] = torch.tensor([int(x) & 0xFFFFFFFF for x in seeds], dtype=torch.int64)
+    if algo == ALGO_TIGER:
+        # Built once per parameter set (NOTE: [plan key]); per-tensor Python is fine here.
+        layout = torch.tensor([_stats_rows(p, int(r)) for p, r in zip(params, roles)],
+                              dtype=torch.int64).reshape(n, 2)
+        nrows = layout[:, 1]
+        table[:, K.F_ROLE.value] = torch.tensor([int(r) for r in roles], dtype=torch.int64)
+        table[:, K.F_ROWLEN.value] = layout[:, 0]
+        table[:, K.F_NROWS.value] = nrows
+        table[:, K.F_SLOT.value] = torch.cumsum(nrows, 0) - nrows
+        tasks_t = _ranges(nrows, STAT_ROWS)
+        slot = int(nrows.sum())
         # NOTE: [Tiger statistics input]: indices of the given statistics, -1 when none.
-        at_nan, at_sq, stat_n = (given[0][i], given[1][i], given[2][i]) if given is not None else (-1, -1, 0)
-        table[i] = torch.tensor([p.data_ptr(), g.data_ptr(), m.data_ptr(), s.data_ptr(), numel,
-                                 int(seeds[i]) & 0xFFFFFFFF, role, row_len, nrows, slot,
-                                 at_nan, at_sq, stat_n])
-        aligned = aligned and all(t.data_ptr() % 16 == 0 for t in (p, g, m))
-        if numel:
-            starts = torch.arange(0, numel, BLOCK, dtype=torch.int64)
-            blocks.append(torch.stack([torch.full_like(starts, i), starts], dim=1))
-        if nrows:
-            r0 = torch.arange(0, nrows, STAT_ROWS, dtype=torch.int64)
-            tasks.append(torch.stack([torch.full_like(r0, i), r0], dim=1))
-        slot += nrows
-    empty = torch.zeros((0, 2), dtype=torch.int64)
-    blocks_t = torch.cat(blocks) if blocks else empty
-    tasks_t = torch.cat(tasks) if tasks else empty
+        table[:, K.F_GIVEN_NAN.value] = torch.tensor(given[0], dtype=torch.int64) if given else -1
+        table[:, K.F_GIVEN_SUMSQ.value] = torch.tensor(given[1], dtype=torch.int64) if given else -1
+        table[:, K.F_GIVEN_N.value] = torch.tensor(given[2], dtype=torch.int64) if given else 0
+    else:
+        tasks_t = torch.zeros((0, 2), dtype=torch.int64)
+        slot = 0
+    blocks_t = _ranges(numel, BLOCK)
+    aligned = bool((addr[:3] % 16 == 0).all())
     meta = torch.cat([table.reshape(-1), blocks_t.reshape(-1), tasks_t.reshape(-1)]).to(device)
     a, b = table.numel(), table.numel() + blocks_t.numel()
     plan = Plan(meta=meta, tensors=meta[:a], blocks=meta[a:b], tasks=meta[b:], n=n,
@@ -120,13 +141,14 @@ def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=No
     # NOTE: [plan key] The table holds raw addresses and sizes, so any change of a data_ptr
     # (e.g. grads re-allocated after zero_grad(set_to_none=True) landing elsewhere), a shape,
     # a role or a seed gives a new key and a new table. With the caching allocator the grads
-    # usually come back at the same addresses and the table is reused.
+    # usually come back at the same addresses and the table is reused. The key is made with
+    # `map` over C-level accessors, not a Python loop per tensor: on a GPT-2-sized list this
+    # is what every step pays on the host (the CUDA backend's equivalent is C++).
     key = (algo, str(device), params[0].dtype, grads[0].dtype, states[0].dtype,
-           tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), s.data_ptr(), tuple(p.shape))
-                 for p, g, m, s in zip(params, grads, states, steps)),
-           tuple(int(r) for r in roles) if roles is not None else None,
-           tuple(int(x) & 0xFFFFFFFF for x in seeds),
-           given)
+           tuple(map(_data_ptr, params)), tuple(map(_data_ptr, grads)),
+           tuple(map(_data_ptr, states)), tuple(map(_data_ptr, steps)),
+           tuple(map(_shape, params)),
+           tuple(roles) if roles is not None else None, tuple(seeds), given)
     plan = _plans.get(key)
     if plan is None:
         plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given)
@@ -136,6 +158,36 @@ def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=No
     else:
         _plans.move_to_end(key)
     return plan
+
+
+def _lists_ok(params, grads, states, steps, roles, pdt, gdt, sdt, device) -> bool:
+    """The per-tensor rules of _check, tested with C-level `map`s (no Python loop per tensor):
+    True when every tensor passes; _check then names the first one that does not."""
+    shapes = list(map(_shape, params))
+    return (set(map(_dtype, params)) == {pdt} and set(map(_dtype, grads)) == {gdt}
+            and set(map(_dtype, states)) == {sdt} and set(map(_dtype, steps)) == {torch.int64}
+            and all(set(map(_device, lst)) == {device} for lst in (params, grads, states, steps))
+            and all(map(torch.Tensor.is_contiguous, params)) and all(map(torch.Tensor.is_contiguous, grads))
+            and all(map(torch.Tensor.is_contiguous, states))
+            and list(map(_shape, grads)) == shapes and list(map(_shape, states)) == shapes
+            and set(map(torch.Tensor.dim, steps)) == {0}
+            and (roles is None or set(roles) <= {0, 1, 2, 3}))
+
+
+def dtype_error(algo, pdt, gdt, sdt) -> Optional[str]:
+    """None when the backend runs (params, grads, state) dtypes (pdt, gdt, sdt), else the rule
+    broken. The codegen test compiles every combination this accepts."""
+    sname = _STATE_NAME[algo]
+    if pdt not in _FLOAT_DTYPES:
+        return f"params[0] has dtype {pdt}; supported: fp32, bf16, fp16"
+    if gdt not in (pdt, torch.float32):
+        return f"grads dtype {gdt} must be the param dtype {pdt} or fp32"
+    if algo == ALGO_SIMBA:
+        if sdt != torch.int16:
+            return f"sign_counts must be int16, got {sdt}"
+    elif sdt not in (pdt, torch.float32, torch.bfloat16):
+        return f"{sname} dtype {sdt} must be the param dtype, fp32 or bf16"
+    return None
 
 
 def _check(algo, params, grads, states, steps, roles, seeds) -> torch.device:
@@ -155,15 +207,11 @@ def _check(algo, params, grads, states, steps, roles, seeds) -> torch.device:
                          + (" (or CPU tensors under TRITON_INTERPRET=1)" if K.INTERPRETED else
                             "; CPU tensors need TRITON_INTERPRET=1 set before sign_kernels.triton is first used"))
     pdt, gdt, sdt = params[0].dtype, grads[0].dtype, states[0].dtype
-    if pdt not in _FLOAT_DTYPES:
-        raise TypeError(f"{op} (triton): params[0] has dtype {pdt}; supported: fp32, bf16, fp16")
-    if gdt not in (pdt, torch.float32):
-        raise TypeError(f"{op} (triton): grads dtype {gdt} must be the param dtype {pdt} or fp32")
-    if algo == ALGO_SIMBA:
-        if sdt != torch.int16:
-            raise TypeError(f"{op} (triton): sign_counts must be int16, got {sdt}")
-    elif sdt not in (pdt, torch.float32, torch.bfloat16):
-        raise TypeError(f"{op} (triton): {sname} dtype {sdt} must be the param dtype, fp32 or bf16")
+    err = dtype_error(algo, pdt, gdt, sdt)
+    if err is not None:
+        raise TypeError(f"{op} (triton): {err}")
+    if _lists_ok(params, grads, states, steps, roles, pdt, gdt, sdt, device):
+        return device
     for i in range(n):
         p, g, m, s = params[i], grads[i], states[i], steps[i]
         for name, t, dt in (("params", p, pdt), ("grads", g, gdt), (sname, m, sdt)):
@@ -220,6 +268,46 @@ def _check_given(params, roles, device, stats, stats_nan, stats_sumsq, stats_n):
     return given
 
 
+def step_config(algo, pdt, gdt, sdt, *, has_lr_t, has_scale, has_found, sr, aligned) -> dict:
+    """Constexpr arguments and launch options of ``sign_step_kernel`` for one call: what
+    ``run`` launches and what ``tests/test_triton_codegen.py`` compiles for sm_90."""
+    return dict(ALGO=algo, P_DT=_DT_CODE[pdt], G_DT=_DT_CODE[gdt], M_DT=_DT_CODE[sdt],
+                HAS_LR_T=bool(has_lr_t), HAS_SCALE=bool(has_scale), HAS_FOUND=bool(has_found),
+                # SR changes only bf16 stores: one specialisation fewer where none exists.
+                SR=bool(sr) and torch.bfloat16 in (pdt, sdt), ALIGNED=bool(aligned),
+                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                # NOTE: [tiger maxnreg] unbounded, ptxas (13.x, --regAllocOptLevel=2) spills
+                # 4 bytes at 80 registers in Tiger with bf16/fp16 params, an fp32 state and SR;
+                # with the bound stated it allocates the same 80 registers without spilling.
+                # Only there: the same bound elsewhere makes ptxas allocate more or spill.
+                **({"maxnreg": 80} if _tiger_wide(algo, pdt, sdt, sr, aligned) else {}))
+
+
+def _tiger_wide(algo, pdt, sdt, sr, aligned) -> bool:
+    """Tiger update specialisations that need up to 80 registers (NOTE: [tiger maxnreg])."""
+    sizes = {pdt.itemsize, sdt.itemsize}
+    return algo == ALGO_TIGER and bool(aligned) and (len(sizes) > 1 or (bool(sr) and torch.bfloat16 in (pdt, sdt)))
+
+
+def rows_config(pdt, gdt, *, has_scale, aligned) -> dict:
+    """Constexpr arguments and launch options of ``tiger_rows_kernel``."""
+    return dict(G_DT=_DT_CODE[gdt], P_DT=_DT_CODE[pdt], HAS_SCALE=bool(has_scale),
+                ALIGNED=bool(aligned), ROWS=STAT_ROWS, COLS=STAT_COLS, num_warps=STAT_WARPS,
+                enable_fp_fusion=False)
+
+
+def finish_config() -> dict:
+    """Constexpr arguments and launch options of ``tiger_finish_kernel``."""
+    return dict(BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS, enable_fp_fusion=False)
+
+
+def _device_guard(device: torch.device):
+    # Triton launches on the current CUDA device's stream: make it the params' device.
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weight_decay=0.0,
         beta1=0.0, beta2=0.0, shrink=1.0, k=1, window=0, threshold=0, grad_scale=None,
         found_inf=None, stochastic_rounding=False, stats=None, stats_nan=None, stats_sumsq=None,
@@ -241,29 +329,28 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
     scale_ptr = grad_scale if grad_scale is not None else dummy
     found_ptr = found_inf if found_inf is not None else dummy
     has_scale = grad_scale is not None
-    if algo == ALGO_TIGER:
-        row_sumsq, row_nan, t_nan, t_rms, row_rms = plan.stats
-        if plan.n_tasks:
-            K.tiger_rows_kernel[(plan.n_tasks,)](
-                plan.tensors, plan.tasks, scale_ptr, found_ptr, int(k), row_sumsq, row_nan,
-                G_DT=_DT_CODE[grads[0].dtype], P_DT=_DT_CODE[params[0].dtype], HAS_SCALE=has_scale,
-                ROWS=STAT_ROWS, COLS=STAT_COLS, num_warps=STAT_WARPS, enable_fp_fusion=False)
-        stats_ptr = stats if given is not None and stats.numel() > 0 else row_sumsq  # never read when unused
-        K.tiger_finish_kernel[(plan.n,)](
-            plan.tensors, row_sumsq, row_nan, t_nan, t_rms, row_rms, stats_ptr,
-            BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS, enable_fp_fusion=False)
-    else:
-        t_nan = t_rms = row_rms = dummy
-    K.sign_step_kernel[(plan.n_blocks,)](
-        plan.tensors, plan.blocks,
-        float(lr), lr_t if lr_t is not None else dummy, scale_ptr, found_ptr,
-        float(weight_decay), float(beta1), float(beta2), float(shrink),
-        int(k), int(window), int(threshold),
-        t_nan, t_rms, row_rms,
-        ALGO=algo, P_DT=_DT_CODE[params[0].dtype], G_DT=_DT_CODE[grads[0].dtype],
-        M_DT=_DT_CODE[states[0].dtype], HAS_LR_T=lr_t is not None, HAS_SCALE=has_scale,
-        HAS_FOUND=found_inf is not None, SR=bool(stochastic_rounding), ALIGNED=plan.aligned,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    pdt, gdt, sdt = params[0].dtype, grads[0].dtype, states[0].dtype
+    with _device_guard(device):
+        if algo == ALGO_TIGER:
+            row_sumsq, row_nan, t_nan, t_rms, row_rms = plan.stats
+            if plan.n_tasks:
+                K.tiger_rows_kernel[(plan.n_tasks,)](
+                    plan.tensors, plan.tasks, scale_ptr, found_ptr, int(k), row_sumsq, row_nan,
+                    **rows_config(pdt, gdt, has_scale=has_scale, aligned=plan.aligned))
+            stats_ptr = stats if given is not None and stats.numel() > 0 else row_sumsq  # unread when unused
+            K.tiger_finish_kernel[(plan.n,)](
+                plan.tensors, row_sumsq, row_nan, t_nan, t_rms, row_rms, stats_ptr, **finish_config())
+        else:
+            t_nan = t_rms = row_rms = dummy
+        K.sign_step_kernel[(plan.n_blocks,)](
+            plan.tensors, plan.blocks,
+            float(lr), lr_t if lr_t is not None else dummy, scale_ptr, found_ptr,
+            float(weight_decay), float(beta1), float(beta2), float(shrink),
+            int(k), int(window), int(threshold),
+            t_nan, t_rms, row_rms,
+            **step_config(algo, pdt, gdt, sdt, has_lr_t=lr_t is not None, has_scale=has_scale,
+                          has_found=found_inf is not None, sr=stochastic_rounding,
+                          aligned=plan.aligned))
 
 
 # ------------------------------------------------------------------ the op signatures

@@ -1,0 +1,186 @@
+"""Peak memory of one GPT-2-small training step: normal step() vs step_in_backward.
+
+    python -m bench.memory                       # CPU, batch 1 x 128 tokens, all modes
+    python -m bench.memory --modes lion,lion-bwd --seq 256
+
+A real forward and backward of the GPT-2 small model of examples/train_lm.py (124,439,808
+parameters, tied embedding, vocabulary 50257) on CPU. After a warm-up step (which creates the
+optimizer state), one more optimizer step is run under torch's profiler with
+``profile_memory=True``: the running sum of its allocation events gives the peak above what
+was alive when the step started (parameters, optimizer state, the batch). On a CUDA device
+(``--device cuda``) ``torch.cuda.max_memory_allocated`` is read as well.
+
+Modes: ``adamw`` (torch.optim.AdamW, default foreach), ``lion``, ``lion-bwd`` (Lion under
+``step_in_backward``), ``tiger4`` (Tiger, grad_accum_steps=4: 4 micro-batches, ``step()`` after
+each) and ``tiger4-bwd`` (the same under ``step_in_backward``). For Tiger the measured step is a
+whole 4-micro-batch window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .report import environment
+
+MODES = ("adamw", "lion", "lion-bwd", "tiger4", "tiger4-bwd")
+
+
+def gpt2_small(block_size: int, tied: bool = True):
+    from examples.train_lm import GPT, ModelConfig
+
+    return GPT(ModelConfig(n_layer=12, n_head=12, d_model=768, block_size=block_size, vocab_size=50257,
+                           tie_weights=tied))
+
+
+PHASES = ("forward", "backward", "step")
+
+
+def _alloc_peak(prof) -> Dict[str, int]:
+    """Peak of the running sum of the profiler's allocation events (overall and within each
+    phase's record_function ranges), and the value at the end."""
+    from torch._C._profiler import _EventType
+
+    events, ranges = [], {ph: [] for ph in PHASES}
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        elif node.name in ranges:
+            ranges[node.name].append((node.start_time_ns, node.end_time_ns))
+        stack.extend(node.children)
+    events.sort(key=lambda e: e[0])
+    cur = peak = 0
+    phase_peak = {ph: 0 for ph in PHASES}
+    for t, size in events:
+        cur += size
+        peak = max(peak, cur)
+        for ph, spans in ranges.items():
+            if any(a <= t <= b for a, b in spans):
+                phase_peak[ph] = max(phase_peak[ph], cur)
+    out = {"peak_delta_bytes": peak, "end_delta_bytes": cur, "alloc_events": len(events)}
+    out.update({f"peak_delta_in_{ph}_bytes": v for ph, v in phase_peak.items()})
+    return out
+
+
+def _live_bytes(model, opt) -> Dict[str, int]:
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                state += v.numel() * v.element_size()
+    return {"param_bytes": params, "state_bytes": state}
+
+
+def run_mode(mode: str, args) -> Dict:
+    import sign_kernels
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = gpt2_small(args.seq, tied=not args.untied).to(device)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}]
+    micro = 1
+    if mode == "adamw":
+        opt = torch.optim.AdamW(groups, lr=1e-4)
+    elif mode.startswith("lion"):
+        opt = sign_kernels.Lion(groups, lr=1e-4, backend=args.backend)
+    else:
+        micro = 4
+        opt = sign_kernels.Tiger(sign_kernels.tiger_param_groups(model), lr=1e-3, grad_accum_steps=4,
+                                 backend=args.backend)
+    handle = sign_kernels.step_in_backward(opt, bucket_cap_mb=args.bucket_cap_mb) if mode.endswith("-bwd") else None
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 50257, (args.batch, args.seq + 1), generator=gen).to(device) for _ in range(micro)]
+
+    def one_step():
+        for b in batches:
+            with torch.profiler.record_function("forward"):
+                loss = model(b[:, :-1], b[:, 1:])
+            with torch.profiler.record_function("backward"):
+                loss.backward()
+            del loss
+            if handle is None:
+                with torch.profiler.record_function("step"):
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+    one_step()  # warm-up: creates the optimizer state
+    live = _live_bytes(model, opt)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []),
+                 profile_memory=True) as prof:
+        one_step()
+    seconds = time.perf_counter() - t0
+    row = dict(mode=mode, micro_batches=micro, **live, **_alloc_peak(prof), step_seconds_profiled=round(seconds, 2))
+    if device.type == "cuda":
+        row["cuda_peak_delta_bytes"] = torch.cuda.max_memory_allocated() - base_cuda
+    n = sum(p.numel() for p in model.parameters())
+    row["n_params"] = n
+    row["grad_set_bytes"] = n * 4
+    row["embedding_grad_bytes"] = model.tok_emb.weight.numel() * 4
+    row["tied"] = not args.untied
+    if handle is not None:
+        assert all(p.grad is None for p in model.parameters())
+        handle.remove()
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--bucket-cap-mb", type=float, default=32.0)
+    ap.add_argument("--untied", action="store_true", help="an output head of its own (163M parameters)")
+    ap.add_argument("--out", default=None, help="JSON file (default bench/results/memory-<device>-<date>.json)")
+    args = ap.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m!r}; choose from {MODES}")
+    env = environment(torch.device(args.device))
+    env["command"] = "python -m bench.memory " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    rows: List[Dict] = []
+    for m in modes:
+        row = run_mode(m, args)
+        rows.append(row)
+        mib = lambda b: b / 2**20  # noqa: E731
+        print(f"{m:12s} params {mib(row['param_bytes']):7.1f} MiB  state {mib(row['state_bytes']):7.1f} MiB  "
+              f"step peak above start {mib(row['peak_delta_bytes']):7.1f} MiB  (in forward/backward/step: "
+              + "/".join(f"{mib(row[f'peak_delta_in_{ph}_bytes']):.1f}" for ph in PHASES)
+              + f")  {row['step_seconds_profiled']} s",
+              flush=True)
+    by = {r["mode"]: r for r in rows}
+    savings = {}
+    for a, b in (("lion", "lion-bwd"), ("tiger4", "tiger4-bwd")):
+        if a in by and b in by:
+            saved = by[a]["peak_delta_bytes"] - by[b]["peak_delta_bytes"]
+            savings[f"{a} - {b}"] = dict(saved_bytes=saved, of_grad_set=saved / by[a]["grad_set_bytes"])
+            print(f"{a} -> {b}: {saved / 2**20:.1f} MiB saved = {saved / by[a]['grad_set_bytes']:.3f} of the gradient set")
+    result = dict(env=env, args=vars(args), rows=rows, savings=savings)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+        f"memory-{args.device}{'-untied' if args.untied else ''}-{env['date'][:10]}.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""The Triton kernels as an H100 would run them, checked without a GPU: every specialisation the
+backend can launch is compiled for sm_90 (tests/triton_codegen.py, in a subprocess: triton
+picks interpreter or compiler once per process) and must
+
+* use no local memory or stack (no spills);
+* on the aligned path (every address 16-byte aligned, NOTE: [vector hints]): issue 16-byte
+  global loads and stores (``ld.global.v4`` / ``st.global.v4``; for 16-bit data eight
+  elements in one), at least as many as a thread's share of a full block needs;
+* stay within its register budget (below): 64 registers let 1024 threads share an SM's 64K
+  registers, which is what the streaming update needs for its loads in flight.
+
+Budgets (measured 2026-11-27, triton 3.9, the bundled ptxas): the update kernel is 38-64
+registers except Tiger with a mixed-width (fp32 and 16-bit) state or stochastic rounding and
+Lion/Simba fp16 params with stochastic rounding (up to 80: the extra layout conversion and
+the rounding hash); without the alignment hints (a misaligned tensor in the list) the loads
+are scalar and take up to 100 (update) / 104 (statistics) registers.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET_ALIGNED = 64
+BUDGET_ALIGNED_WIDE = 80      # Tiger with mixed widths or SR, fp16 params with SR
+BUDGET_UNALIGNED = 112
+
+
+def _nvidia_tools_reason():
+    try:
+        import triton
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+
+        cuobjdump = triton.knobs.nvidia.cuobjdump.path
+    except Exception as exc:  # no NVIDIA backend in this triton build
+        return f"triton has no NVIDIA backend here: {exc!r}"
+    if not cuobjdump or not os.path.exists(cuobjdump):
+        return "triton's bundled cuobjdump is missing"
+    return None
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    reason = _nvidia_tools_reason()
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    args = [sys.executable, str(ROOT / "tests" / "triton_codegen.py")]
+    if os.environ.get("SIGN_KERNELS_CODEGEN_ALL"):
+        args.append("--all")
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _budget(k):
+    if not k["aligned"]:
+        return BUDGET_UNALIGNED
+    name = k["name"]
+    wide = ("tiger_" in name and ("sr=1" in name or ("float32" in name and ("16" in name))))
+    wide = wide or ("p=float16" in name and "sr=1" in name)
+    return BUDGET_ALIGNED_WIDE if wide else BUDGET_ALIGNED
+
+
+def test_every_specialisation_compiled(kernels):
+    names = {k["kernel"] for k in kernels}
+    assert names == {"sign_step_kernel", "tiger_rows_kernel", "tiger_finish_kernel"}
+    # 3 algorithms x their dtype combinations x SR x alignment x optional inputs
+    assert sum(k["kernel"] == "sign_step_kernel" for k in kernels) >= 135
+
+
+def test_no_spills(kernels):
+    bad = [f"{k['name']}: stack {k['stack']} local {k['local']}" for k in kernels
+           if k["stack"] or k["local"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_registers_within_budget(kernels):
+    bad = [f"{k['name']}: {k['regs']} registers > {_budget(k)}" for k in kernels
+           if k["regs"] > _budget(k)]
+    assert not bad, "\n".join(bad)
+
+
+def test_aligned_path_uses_16_byte_accesses(kernels):
+    bad = [f"{k['name']}: {k['v4_loads']} 16-byte loads (needs {k['min_v4_loads']}), "
+           f"{k['v4_stores']} stores (needs {k['min_v4_stores']})" for k in kernels
+           if k["aligned"] and (k["v4_loads"] < k["min_v4_loads"] or k["v4_stores"] < k["min_v4_stores"])]
+    assert not bad, "\n".join(bad)
+    assert any(k["aligned"] and k["kernel"] == "tiger_rows_kernel" for k in kernels)
