@@ -23,6 +23,29 @@ Contract shared by the three ops (docs/rules.md has the formulas):
   ``g / grad_scale``; when ``found_inf`` is non-zero the op changes nothing.
 * ``seeds[i]`` is the stochastic-rounding seed of tensor ``i`` (``sign_kernels._rng``);
   ``stochastic_rounding`` turns SR on for bf16 params and bf16 state.
+
+NOTE: [Tiger statistics input]
+``tiger_`` reads two whole-tensor facts before it writes: whether ``g / grad_scale`` holds a
+NaN, and RMS(θ_{t-1}) (matrix: the tensor; embedding: each row of the last dim). By default it
+computes both from the tensors it is given. When those tensors are shards of a larger one
+(FSDP2, tensor parallel), the facts of the whole tensor are computed outside (one all-reduce
+per step, ``sign_kernels.distributed``) and handed in through four optional arguments, all
+given or all omitted:
+
+* ``stats``: a 1-D fp64 tensor on the params' device. The op reads it on the device (no host
+  synchronisation), so the collective that filled it needs no sync either.
+* ``stats_nan[i]``: index in ``stats`` of tensor i's NaN count (any non-zero value fires the
+  guard for the whole tensor), or -1: the NaN flag comes from tensor i's own gradient.
+* ``stats_sumsq[i]``: index in ``stats`` of tensor i's sum of squares of θ_{t-1} (matrix role:
+  one value, the whole tensor; embedding role: one value per row of the local tensor, in
+  row order, from that index on), or -1: computed from tensor i's own θ. Ignored for the
+  element-wise roles and on accumulation micro-steps.
+* ``stats_n[i]``: the n of RMS = fp32(sqrt(sum / n)) (in fp64) where ``stats_sumsq[i] >= 0``:
+  the whole tensor's numel (matrix), the whole row's length (embedding); must be >= 1 there.
+
+Omitted, the op computes exactly what it computed before these arguments existed (the
+unsharded path is unchanged, bit for bit). The same inputs serve any other source of the
+sums, e.g. sums of squares cached from the previous step's write pass.
 """
 
 from __future__ import annotations
@@ -32,6 +55,8 @@ import torch
 LIB_NAME = "sign_kernels"
 
 _COMMON_TAIL = "Tensor? grad_scale, Tensor? found_inf, int[] seeds, bool stochastic_rounding) -> ()"
+# Tiger's statistics given from outside (NOTE: [Tiger statistics input]).
+_TIGER_STATS = "Tensor? stats=None, int[]? stats_nan=None, int[]? stats_sumsq=None, int[]? stats_n=None"
 
 SCHEMAS = {
     "lion_": (
@@ -41,7 +66,8 @@ SCHEMAS = {
     "tiger_": (
         "tiger_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] steps, "
         "int[] roles, float lr, Tensor? lr_t, float beta, float weight_decay, "
-        "int grad_accum_steps, float shrink_ratio, " + _COMMON_TAIL
+        "int grad_accum_steps, float shrink_ratio, "
+        + _COMMON_TAIL.replace(") -> ()", ", " + _TIGER_STATS + ") -> ()")
     ),
     "simba_": (
         "simba_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] sign_counts, Tensor[] steps, "

@@ -96,7 +96,7 @@ def stats_specs():
                    min_v4_stores=0)
     yield dict(kernel="tiger_finish_kernel", name="tiger_finish_kernel", cfg=L.finish_config(),
                sig=dict(tensors="*i64", row_sumsq="*fp64", row_nan="*i32", t_nan="*i32",
-                        t_rms="*fp32", row_rms="*fp32"),
+                        t_rms="*fp32", row_rms="*fp32", stats="*fp64"),
                aligned=False, min_v4_loads=0, min_v4_stores=0)
 
 

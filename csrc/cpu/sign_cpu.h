@@ -47,6 +47,15 @@ struct TigerArgs {
   int64_t grad_accum_steps = 1;
   const int32_t* roles = nullptr;      // TigerRole of each tensor
   const int64_t* row_sizes = nullptr;  // last-dim size of each tensor (embedding rows)
+  // Whole-tensor facts given from outside (sharded tensors; NOTE: [Tiger statistics input]
+  // in sign_kernels/_ops.py). Null: every tensor computes its own. Else, per tensor, an
+  // index into `stats` or -1 (computed here): stats_nan -> NaN count (non-zero fires the
+  // guard), stats_sumsq -> sum of squares of theta (matrix: one; embedding: one per row),
+  // with stats_n the n of RMS = sqrt(sum / n).
+  const double* stats = nullptr;
+  const int64_t* stats_nan = nullptr;
+  const int64_t* stats_sumsq = nullptr;
+  const int64_t* stats_n = nullptr;
 };
 
 struct SimbaArgs {

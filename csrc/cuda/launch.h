@@ -63,6 +63,15 @@ struct TigerArgs {
   // the pre-pass writes the per-tensor NaN flags and sums of squares there.
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  // Whole-tensor facts given from outside (sharded tensors; NOTE: [Tiger statistics input] in
+  // sign_kernels/_ops.py). stats: device fp64 array, read by the kernels (no host sync); null
+  // means every tensor computes its own. Host arrays, per tensor: index into stats or -1
+  // (computed here): stats_nan -> NaN count (non-zero fires the guard), stats_sumsq -> sum of
+  // squares of θ (matrix: one; embedding: one per row); stats_n -> n of RMS = sqrt(sum / n).
+  const double* stats = nullptr;
+  const int64_t* stats_nan = nullptr;
+  const int64_t* stats_sumsq = nullptr;
+  const int64_t* stats_n = nullptr;
 };
 
 struct SimbaArgs {

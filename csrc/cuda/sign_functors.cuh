@@ -157,6 +157,10 @@ struct TigerMeta {
   uint32_t seed;
   int32_t index;      // position of the tensor in the call (Workspace::info)
   int32_t role;       // TigerRole
+  // Given statistics (NOTE: [Tiger statistics input]): indices into TigerHyper::stats, -1 = own.
+  int64_t given_nan;
+  int64_t given_sumsq;
+  int64_t given_n;    // n of the RMS of the given sums
 };
 
 struct TigerTensorInfo {
@@ -180,6 +184,7 @@ struct TigerHyper {
   float beta, weight_decay, shrink_ratio;
   int64_t grad_accum_steps;
   TigerWorkspace ws;
+  const double* stats;  // given statistics, or null
 
   __device__ __forceinline__ TigerScalars scalars(int64_t t, int role) const {
     return tiger_scalars(t, grad_accum_steps, beta, weight_decay, shrink_ratio, role);
@@ -222,7 +227,8 @@ struct TigerPrepassFunctor {
     if (h.common.skip()) return;  // uniform over the grid: nothing will be read
     const TigerMeta& meta = tl.meta[c.tensor];
     const bool update = h.scalars(*meta.step, meta.role).update;
-    const bool matrix_rms = update && meta.role == kRoleMatrix;
+    const bool given_sums = meta.given_sumsq >= 0;  // whole-tensor sums given: θ is not read
+    const bool matrix_rms = update && meta.role == kRoleMatrix && !given_sums;
     const bool row_rms = update && meta.role == kRoleEmbedding;
     const float scale = h.common.scale();
     const P* p = static_cast<const P*>(tl.ptrs[kParamIdx][c.tensor]);
@@ -230,11 +236,14 @@ struct TigerPrepassFunctor {
 
     int nan = 0;
     double sumsq = 0.0;
-    for_each_pack(c, all_aligned16(c.begin, p, g), [&](const PackSlot& s) {
-      Pack<G> gk;
-      load_pack(gk, g, s);
+    const bool scan_nan = meta.given_nan < 0;  // a given NaN count: g is not read here
+    if (scan_nan || matrix_rms) for_each_pack(c, all_aligned16(c.begin, p, g), [&](const PackSlot& s) {
+      if (scan_nan) {
+        Pack<G> gk;
+        load_pack(gk, g, s);
 #pragma unroll
-      for (int j = 0; j < kILP; ++j) nan |= s.valid(j) && isnan(unscale(gk.v[j], scale));
+        for (int j = 0; j < kILP; ++j) nan |= s.valid(j) && isnan(unscale(gk.v[j], scale));
+      }
       if (matrix_rms) {
         Pack<P> pk;
         load_pack(pk, p, s);  // masked lanes load 0
@@ -253,7 +262,11 @@ struct TigerPrepassFunctor {
       const int64_t d = meta.row_size;
       const int64_t r0 = c.begin / d, r1 = c.end / d;  // the chunk holds whole rows
       float* out = h.ws.row_rms + meta.row_base;
-      if (d <= kWarpRowMax) {
+      if (given_sums) {  // the whole rows' sums, given
+        const double* given = h.stats + meta.given_sumsq;
+        const double n = static_cast<double>(meta.given_n);
+        for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) out[r] = static_cast<float>(sqrt(given[r] / n));
+      } else if (d <= kWarpRowMax) {
         const int lane = threadIdx.x & 31;
         for (int64_t r = r0 + (threadIdx.x >> 5); r < r1; r += blockDim.x >> 5) {
           const P* row = p + r * d;
@@ -295,8 +308,11 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) tiger_finalize
   if (matrix_rms) sumsq = block_sum(sumsq);
   if (threadIdx.x == 0) {
     TigerTensorInfo info;
-    info.nan = nan != 0;
-    info.rms = matrix_rms ? static_cast<float>(sqrt(sumsq / static_cast<double>(tl.numel[t]))) : 0.0f;
+    info.nan = meta.given_nan >= 0 ? h.stats[meta.given_nan] != 0.0 : nan != 0;
+    const bool given = meta.given_sumsq >= 0;  // NOTE: [Tiger statistics input]
+    if (given && matrix_rms) sumsq = h.stats[meta.given_sumsq];
+    const double n = static_cast<double>(given ? meta.given_n : tl.numel[t]);
+    info.rms = matrix_rms ? static_cast<float>(sqrt(sumsq / n)) : 0.0f;
     h.ws.info[meta.index] = info;
   }
 }

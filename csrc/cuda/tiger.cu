@@ -26,6 +26,7 @@ struct Layout {
 Layout layout(const TensorList& t, const TigerArgs& a, std::vector<TigerMeta>* metas) {
   Layout L;
   if (!list_ok(t) || (t.count > 0 && (a.roles == nullptr || a.row_sizes == nullptr))) return L;
+  if (a.stats != nullptr && (a.stats_nan == nullptr || a.stats_sumsq == nullptr || a.stats_n == nullptr)) return L;
   if (t.count > 0x7FFFFFFF) return L;
   if (metas) metas->resize(static_cast<size_t>(t.count));
   int64_t slots = 0, rows = 0;
@@ -43,6 +44,10 @@ Layout layout(const TensorList& t, const TigerArgs& a, std::vector<TigerMeta>* m
       m.seed = static_cast<uint32_t>(t.seeds[i]);
       m.index = static_cast<int32_t>(i);
       m.role = static_cast<int32_t>(role);
+      const bool given = a.stats != nullptr;  // NOTE: [Tiger statistics input]
+      m.given_nan = given ? a.stats_nan[i] : -1;
+      m.given_sumsq = given ? a.stats_sumsq[i] : -1;
+      m.given_n = given ? a.stats_n[i] : 0;
     }
     if (n == 0) continue;
     const int64_t chunk = prepass_chunk(role, d);
@@ -86,6 +91,7 @@ cudaError_t tiger(const TensorList& t, const TigerArgs& a, cudaStream_t stream) 
   h.ws.chunk_nan = reinterpret_cast<int32_t*>(ws + L.chunk_nan);
   h.ws.chunk_sumsq = reinterpret_cast<double*>(ws + L.chunk_sumsq);
   h.ws.row_rms = reinterpret_cast<float*>(ws + L.row_rms);
+  h.stats = a.stats;
 
   auto meta_of = [&](int64_t i) { return metas[static_cast<size_t>(i)]; };
   auto chunk_of = [&](int64_t i) { return prepass_chunk(a.roles[i], a.row_sizes[i]); };

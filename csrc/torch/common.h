@@ -105,6 +105,41 @@ inline std::vector<int64_t> check_tiger_roles(const char* op, at::TensorList par
   return rows;
 }
 
+// Tiger's optional given statistics (NOTE: [Tiger statistics input] in sign_kernels/_ops.py):
+// all four or none; indices inside `stats` (an embedding's row sums too) or -1; n >= 1 where
+// sums are given. Returns whether they are given.
+inline bool check_tiger_stats(const char* op, at::TensorList params, c10::IntArrayRef roles,
+                              const c10::optional<at::Tensor>& stats, at::OptionalIntArrayRef stats_nan,
+                              at::OptionalIntArrayRef stats_sumsq, at::OptionalIntArrayRef stats_n,
+                              c10::Device device) {
+  const bool any = stats.has_value() || stats_nan.has_value() || stats_sumsq.has_value() || stats_n.has_value();
+  if (!any) return false;
+  TORCH_CHECK(stats.has_value() && stats_nan.has_value() && stats_sumsq.has_value() && stats_n.has_value(), op,
+              ": stats, stats_nan, stats_sumsq and stats_n are given together or not at all");
+  const at::Tensor& s = *stats;
+  TORCH_CHECK(s.scalar_type() == at::kDouble && s.dim() == 1 && s.is_contiguous(), op,
+              ": stats must be a contiguous 1-D float64 tensor, got ", s.scalar_type(), " of shape ", s.sizes());
+  TORCH_CHECK(s.device() == device, op, ": stats is on ", s.device(), ", the params on ", device);
+  const size_t n = params.size();
+  TORCH_CHECK(stats_nan->size() == n && stats_sumsq->size() == n && stats_n->size() == n, op,
+              ": stats_nan, stats_sumsq and stats_n must have one entry per param (", n, "), got ", stats_nan->size(),
+              ", ", stats_sumsq->size(), ", ", stats_n->size());
+  const int64_t len = s.numel();
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t at_nan = (*stats_nan)[i], at_sq = (*stats_sumsq)[i];
+    TORCH_CHECK(at_nan >= -1 && at_nan < len, op, ": stats_nan[", i, "] = ", at_nan,
+                " is neither -1 nor an index of stats (numel ", len, ")");
+    const int64_t count = roles[i] == kRoleEmbedding && params[i].dim() > 0 && params[i].size(-1) > 0
+                              ? params[i].numel() / params[i].size(-1)
+                              : 1;
+    TORCH_CHECK(at_sq >= -1 && (at_sq < 0 || at_sq + count <= len), op, ": stats_sumsq[", i, "] = ", at_sq,
+                " is neither -1 nor the start of ", count, " entries of stats (numel ", len, ")");
+    TORCH_CHECK(at_sq < 0 || (*stats_n)[i] >= 1, op, ": stats_n[", i, "] must be >= 1 where stats_sumsq[", i,
+                "] is given, got ", (*stats_n)[i]);
+  }
+  return true;
+}
+
 inline void check_simba_window(const char* op, int64_t window_size, int64_t threshold_count) {
   TORCH_CHECK(window_size >= 1 && window_size <= 32767, op, ": window_size must be in [1, 32767], got ",
               window_size);

@@ -92,11 +92,21 @@ void tiger_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                c10::IntArrayRef roles, double lr, const c10::optional<at::Tensor>& lr_t, double beta,
                double weight_decay, int64_t grad_accum_steps, double shrink_ratio,
                const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-               c10::IntArrayRef seeds, bool stochastic_rounding) {
+               c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& stats,
+               at::OptionalIntArrayRef stats_nan, at::OptionalIntArrayRef stats_sumsq,
+               at::OptionalIntArrayRef stats_n) {
   const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCPU, false);
   const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
+  const bool given = binding::check_tiger_stats("tiger_", params, roles, stats, stats_nan, stats_sumsq, stats_n,
+                                                c10::Device(c10::kCPU));
   const std::vector<int32_t> role32(roles.begin(), roles.end());
   cpu::TigerArgs a;
+  if (given) {  // NOTE: [Tiger statistics input]
+    a.stats = stats->data_ptr<double>();
+    a.stats_nan = stats_nan->data();
+    a.stats_sumsq = stats_sumsq->data();
+    a.stats_n = stats_n->data();
+  }
   if (!common_args("tiger_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) return;
   a.beta = static_cast<float>(beta);
   a.weight_decay = static_cast<float>(weight_decay);

@@ -160,11 +160,16 @@ void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 c10::IntArrayRef roles, double lr, const c10::optional<at::Tensor>& lr_t, double beta,
                 double weight_decay, int64_t grad_accum_steps, double shrink_ratio,
                 const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                c10::IntArrayRef seeds, bool stochastic_rounding) {
+                c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& stats,
+                at::OptionalIntArrayRef stats_nan, at::OptionalIntArrayRef stats_sumsq,
+                at::OptionalIntArrayRef stats_n) {
   const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCUDA, false);
   const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
   if (params.empty()) return;
   const c10::Device device = params[0].device();
+  // NOTE: [Tiger statistics input]: read by the kernels on the device, never here.
+  const bool given =
+      binding::check_tiger_stats("tiger_", params, roles, stats, stats_nan, stats_sumsq, stats_n, device);
   const c10::cuda::CUDAGuard guard(device);
   core::TigerArgs a;
   std::vector<Scalar> keep;
@@ -175,6 +180,12 @@ void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   a.grad_accum_steps = grad_accum_steps;
   a.roles = roles.data();
   a.row_sizes = rows.data();
+  if (given) {
+    a.stats = stats->data_ptr<double>();
+    a.stats_nan = stats_nan->data();
+    a.stats_sumsq = stats_sumsq->data();
+    a.stats_n = stats_n->data();
+  }
   DeviceLists d("tiger_", params, grads, exp_avgs, steps, seeds, info);
   a.workspace_bytes = core::tiger_workspace_bytes(d.list, a);
   TORCH_CHECK(a.workspace_bytes > 0, "tiger_: invalid tensor shapes for the given roles");

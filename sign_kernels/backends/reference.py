@@ -106,6 +106,41 @@ def tiger_rms(p: torch.Tensor, role: int) -> torch.Tensor:
     return torch.sqrt(x.square().sum() / max(x.numel(), 1))
 
 
+def _check_tiger_stats(params, roles, stats, stats_nan, stats_sumsq, stats_n) -> bool:
+    """Whether Tiger's statistics are given (all four arguments, or none)."""
+    given = [a is not None for a in (stats, stats_nan, stats_sumsq, stats_n)]
+    if not any(given):
+        return False
+    if not all(given):
+        raise ValueError("tiger_: stats, stats_nan, stats_sumsq and stats_n are given together or not at all")
+    if stats.dtype != torch.float64 or stats.dim() != 1:
+        raise ValueError(f"tiger_: stats must be a 1-D float64 tensor, got {stats.dtype} of shape {tuple(stats.shape)}")
+    n, length = len(params), stats.numel()
+    for name, lst in (("stats_nan", stats_nan), ("stats_sumsq", stats_sumsq), ("stats_n", stats_n)):
+        if len(lst) != n:
+            raise ValueError(f"tiger_: {name} has {len(lst)} entries for {n} params")
+    for i, p in enumerate(params):
+        rows = p.numel() // p.shape[-1] if roles[i] == ROLE_EMBEDDING and p.dim() and p.shape[-1] else 1
+        if not -1 <= stats_nan[i] < length:
+            raise ValueError(f"tiger_: stats_nan[{i}] = {stats_nan[i]} is neither -1 nor an index of stats (numel {length})")
+        if stats_sumsq[i] < -1 or (stats_sumsq[i] >= 0 and stats_sumsq[i] + rows > length):
+            raise ValueError(f"tiger_: stats_sumsq[{i}] = {stats_sumsq[i]} is neither -1 nor the start of {rows} "
+                             f"entries of stats (numel {length})")
+        if stats_sumsq[i] >= 0 and stats_n[i] < 1:
+            raise ValueError(f"tiger_: stats_n[{i}] must be >= 1 where stats_sumsq[{i}] >= 0, got {stats_n[i]}")
+    return True
+
+
+def _given_rms(p: torch.Tensor, role: int, stats: torch.Tensor, at: int, n: int) -> torch.Tensor:
+    """RMS from sums of squares given in ``stats`` (fp64), in the layout of tiger_rms."""
+    if role == ROLE_EMBEDDING:
+        rows = p.numel() // p.shape[-1]
+        s = stats[at:at + rows].to(device=p.device).reshape(rows, 1)
+    else:
+        s = stats[at].to(device=p.device)
+    return torch.sqrt(s / float(n))
+
+
 def tiger_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -122,11 +157,16 @@ def tiger_(
     found_inf: Optional[torch.Tensor],
     seeds: Sequence[int],
     stochastic_rounding: bool,
+    stats: Optional[torch.Tensor] = None,
+    stats_nan: Optional[Sequence[int]] = None,
+    stats_sumsq: Optional[Sequence[int]] = None,
+    stats_n: Optional[Sequence[int]] = None,
 ) -> None:
+    ext = _check_tiger_stats(params, roles, stats, stats_nan, stats_sumsq, stats_n)
     if _skip(found_inf):
         return
     k = int(grad_accum_steps)
-    for p, g, m, step, role, seed in zip(params, grads, exp_avgs, steps, roles, seeds):
+    for i, (p, g, m, step, role, seed) in enumerate(zip(params, grads, exp_avgs, steps, roles, seeds)):
         if p.numel() == 0:
             continue
         dt, dev = _opmath(p.dtype), p.device
@@ -135,7 +175,11 @@ def tiger_(
         one = _scalar(1.0, dt, dev)
         beta_ = _scalar(beta, dt, dev)
         p_, m_, g_ = p.to(dt), m.to(dt), _grad(g, grad_scale, dt)
-        if bool(torch.isnan(g_).any()):
+        if ext and stats_nan[i] >= 0:  # NOTE: [Tiger statistics input] in sign_kernels/_ops.py
+            nan = bool(stats[stats_nan[i]] != 0)
+        else:
+            nan = bool(torch.isnan(g_).any())
+        if nan:
             # NaN guard: leave m, shrink p towards its init centre.
             centre = _scalar(1.0 if role == ROLE_GAIN else 0.0, dt, dev)
             p_new = (p_ - centre) * _scalar(shrink_ratio, dt, dev) + centre
@@ -150,7 +194,10 @@ def tiger_(
                 lr_p = _scalar(0.5, dt, dev) * lr_
                 wd_p = _scalar(0.0, dt, dev)
             else:
-                rms = tiger_rms(p, role).to(dt)
+                if ext and stats_sumsq[i] >= 0:
+                    rms = _given_rms(p, role, stats, stats_sumsq[i], stats_n[i]).to(dt)
+                else:
+                    rms = tiger_rms(p, role).to(dt)
                 if role == ROLE_EMBEDDING:
                     rms = rms.reshape(p.shape[:-1] + (1,))
                 lr_p = lr_ * rms

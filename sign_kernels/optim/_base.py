@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from .. import _rng
 from .. import backends as _backends
+from ..distributed import _dtensor
 from . import _checkpoint
 
 _MOMENTUM_DTYPES = {
@@ -37,6 +38,7 @@ _MOMENTUM_DTYPES = {
     torch.bfloat16: torch.bfloat16,
     torch.float16: torch.float16,
     torch.float64: torch.float64,
+    "float64": torch.float64,
 }
 
 
@@ -139,13 +141,16 @@ def _check_flags(group: Dict[str, Any], where: str) -> None:
 class _Bucket:
     """The tensors of one op call: same device, param dtype, grad dtype, state dtype."""
 
-    __slots__ = ("backend", "params", "grads", "positions")
+    __slots__ = ("backend", "params", "grads", "positions", "keys", "sharded", "extra")
 
     def __init__(self, backend):
         self.backend = backend
-        self.params: List[torch.Tensor] = []
+        self.params: List[torch.Tensor] = []  # what the kernels update: local shards of DTensors
         self.grads: List[torch.Tensor] = []
         self.positions: List[int] = []  # position of each param in its group
+        self.keys: List[torch.Tensor] = []  # the params as the optimizer holds them (state keys)
+        self.sharded = False  # holds DTensor params (sign_kernels.distributed._dtensor)
+        self.extra: tuple = ()  # trailing op arguments (Tiger's statistics of sharded tensors)
 
 
 class SignOptimizer(Optimizer):
@@ -245,7 +250,10 @@ class SignOptimizer(Optimizer):
         return group["momentum_dtype"] or p.dtype
 
     def _init_state(self, group: Dict[str, Any], p: torch.Tensor, state: Dict[str, Any]) -> None:
-        state[self._state_key] = torch.zeros(p.shape, dtype=self._state_dtype(group, p), device=p.device)
+        # zeros_like: a DTensor param gets a DTensor state with its placements (1/N per rank).
+        state[self._state_key] = torch.zeros_like(
+            p, dtype=self._state_dtype(group, p), memory_format=torch.contiguous_format, requires_grad=False
+        )
         state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
 
     def _group_seeds(self, group: Dict[str, Any], offset: int) -> List[int]:
@@ -274,6 +282,7 @@ class SignOptimizer(Optimizer):
         """
         plan = []
         offset = 0
+        dtensor = _dtensor.dtensor_class()  # None until torch.distributed.tensor is imported
         for gi, group in enumerate(self.param_groups):
             if select is not None and gi not in select:
                 offset += len(group["params"])
@@ -307,6 +316,10 @@ class SignOptimizer(Optimizer):
                     except _backends.BackendUnavailableError as exc:
                         raise _backends.BackendUnavailableError(f"{where}: param {j}: {exc}") from None
                     bucket = buckets[key] = _Bucket(backend)
+                bucket.keys.append(p)
+                if dtensor is not None and isinstance(p, dtensor):
+                    p, g = _dtensor.local_pair(p, g, dtensor, where, j)
+                    bucket.sharded = True
                 bucket.params.append(p)
                 bucket.grads.append(g)
                 bucket.positions.append(j)
@@ -332,6 +345,8 @@ class SignOptimizer(Optimizer):
         found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
 
         plan = self._plan()
+        if any(b.sharded for _, _, bs in plan for b in bs):
+            self._prepare_sharded(plan, grad_scale)
         for group, offset, buckets in plan:
             seeds = self._group_seeds(group, offset)
             for bucket in buckets:
@@ -345,20 +360,28 @@ class SignOptimizer(Optimizer):
         Same plan, op calls, seeds and hyperparameters as step() gives those params. No
         GradScaler here: its inf check needs every gradient (see step_in_backward).
         """
-        for group, offset, buckets in self._plan(select):
+        plan = self._plan(select)
+        if any(b.sharded for _, _, bs in plan for b in bs):  # untested with step_in_backward
+            self._prepare_sharded(plan, None)
+        for group, offset, buckets in plan:
             seeds = self._group_seeds(group, offset)
             for bucket in buckets:
                 self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], None, None)
 
+    def _prepare_sharded(self, plan, grad_scale: Optional[torch.Tensor]) -> None:
+        """Collectives a sharded step needs before its op calls (none: element-wise math)."""
+
     def _run_bucket(self, group, bucket: _Bucket, seeds: List[int], grad_scale, found_inf) -> None:
         states = []
-        for p in bucket.params:
+        for p in bucket.keys:
             state = self.state[p]
             if not state:
                 self._init_state(group, p, state)
             states.append(state)
         device = bucket.params[0].device
         bufs = [s[self._state_key] for s in states]
+        if bucket.sharded:
+            bufs = _dtensor.local_states(bufs)
         steps = [s["step"] for s in states]
         gs = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
         fi = found_inf.to(device, non_blocking=True) if found_inf is not None else None
@@ -394,7 +417,7 @@ class SignOptimizer(Optimizer):
             lr_f, lr_t = float(lr), None
         fn = bucket.backend.fn(self._op_name)
         fn(params, grads, bufs, steps, *self._op_args(group, bucket, lr_f, lr_t), gs, fi, seeds,
-           bool(group["stochastic_rounding"]))
+           bool(group["stochastic_rounding"]), *bucket.extra)
         if staged is not None:
             for i, p in staged:
                 p.copy_(params[i])
@@ -420,7 +443,23 @@ class SignOptimizer(Optimizer):
 
     def _restore_state_tensor(self, p: torch.Tensor, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A loaded state tensor as this optimizer keeps it: on the param's device, in ``dtype``."""
+        dtensor = _dtensor.dtensor_class()
+        if dtensor is not None and (isinstance(p, dtensor) or isinstance(buf, dtensor)):
+            return _dtensor.restore_state(p, buf, dtype, dtensor)  # with the param's placements
         return buf.detach().to(device=p.device, dtype=dtype, copy=True).contiguous()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's state dict, with ``momentum_dtype`` saved by name ("bfloat16", not torch.bfloat16).
+
+        NOTE: [dtype options by name] torch.distributed.checkpoint takes tensors, numbers,
+        strings and containers of them; a torch.dtype in a param group makes its
+        ``get_optimizer_state_dict`` raise. ``load_state_dict`` reads either form.
+        """
+        sd = super().state_dict()
+        for g in sd["param_groups"]:  # packed copies: the live groups keep their torch.dtype
+            if isinstance(g.get("momentum_dtype"), torch.dtype):
+                g["momentum_dtype"] = str(g["momentum_dtype"]).replace("torch.", "")
+        return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a checkpoint of this optimizer: all or nothing, every state dtype kept exactly.

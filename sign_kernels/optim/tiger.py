@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..backends.reference import ROLE_ELEMENTWISE, ROLE_EMBEDDING, ROLE_GAIN, ROLE_MATRIX
+from ..distributed import _dtensor
 from ._base import SignOptimizer, _check_lr, _check_nonneg, _check_unit
 
 ROLES = {
@@ -211,6 +212,10 @@ class Tiger(SignOptimizer):
             roles = tuple(ROLES[role_of(p, n)] for p, n in zip(group["params"], names))
         self._role_cache[id(group)] = (key, roles)
         return roles
+
+    def _prepare_sharded(self, plan, grad_scale):
+        # Whole-tensor RMS and NaN flags of sharded tensors: one all-reduce per process group.
+        _dtensor.tiger_global_stats(self, plan, grad_scale)
 
     def _op_args(self, group, bucket, lr, lr_t):
         roles = self._roles(group)

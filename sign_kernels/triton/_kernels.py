@@ -47,7 +47,10 @@ F_ROLE = tl.constexpr(6)       # Tiger role
 F_ROWLEN = tl.constexpr(7)     # Tiger stats row length (embedding: last dim)
 F_NROWS = tl.constexpr(8)      # Tiger stats rows
 F_SLOT = tl.constexpr(9)       # Tiger first stats slot
-NFIELDS = tl.constexpr(10)
+F_GIVEN_NAN = tl.constexpr(10)   # Tiger: index of the given NaN count in `stats`, or -1
+F_GIVEN_SUMSQ = tl.constexpr(11)  # Tiger: index of the given sum(s) of squares, or -1
+F_GIVEN_N = tl.constexpr(12)     # Tiger: n of the RMS of the given sums
+NFIELDS = tl.constexpr(13)
 
 # NOTE: [stochastic rounding bits] salts 0x9E3779B9 * (stream + 1), wrapped to uint32.
 SALT_PARAM = tl.constexpr(0x9E3779B9)
@@ -355,7 +358,8 @@ def tiger_rows_kernel(
     role = tl.load(row + F_ROLE)
     step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
     kk = tl.cast(k, tl.int64)
-    need_sq = (((step + 1) % kk) == 0) & (role >= ROLE_EMBEDDING)
+    # Given statistics (NOTE: [Tiger statistics input]) are not computed here: θ is not read.
+    need_sq = (((step + 1) % kk) == 0) & (role >= ROLE_EMBEDDING) & (tl.load(row + F_GIVEN_SUMSQ) < 0)
 
     acc_sq = tl.zeros([ROWS], dtype=tl.float64)
     acc_nan = tl.zeros([ROWS], dtype=tl.int32)
@@ -409,10 +413,13 @@ def tiger_rows_kernel(
 def tiger_finish_kernel(
     tensors, row_sumsq, row_nan,
     t_nan, t_rms, row_rms,
+    stats,                                 # fp64 given statistics (NOTE: [Tiger statistics input])
     BLOCK: tl.constexpr,
 ):
     """Pass 2, one program per tensor, fixed order (deterministic): NaN flag, whole-tensor
-    RMS (matrix role) and per-row RMS (embedding role), rms = fp32(sqrt(sumsq / n)) in fp64."""
+    RMS (matrix role) and per-row RMS (embedding role), rms = fp32(sqrt(sumsq / n)) in fp64.
+    Where the table gives an index into ``stats`` (sharded tensors), the given NaN count and
+    sums of squares of the whole tensor replace this call's own."""
     ti = tl.program_id(0).to(tl.int64)
     row = tensors + ti * NFIELDS
     numel = tl.load(row + F_NUMEL)
@@ -420,6 +427,11 @@ def tiger_finish_kernel(
     nrows = tl.load(row + F_NROWS)
     slot = tl.load(row + F_SLOT)
     role = tl.load(row + F_ROLE)
+    at_nan = tl.load(row + F_GIVEN_NAN)
+    at_sq = tl.load(row + F_GIVEN_SUMSQ)
+    given_n = tl.load(row + F_GIVEN_N).to(tl.float64)
+    given_rows = (at_sq >= 0) & (role == ROLE_EMBEDDING)
+    row_n = tl.where(given_rows, given_n, row_len.to(tl.float64))
     nan = tl.zeros([BLOCK], dtype=tl.int32)
     sq = tl.zeros([BLOCK], dtype=tl.float64)
     for r0 in range(0, nrows, BLOCK):
@@ -428,8 +440,14 @@ def tiger_finish_kernel(
         nan += tl.load(row_nan + slot + r, mask=ok, other=0)
         s = tl.load(row_sumsq + slot + r, mask=ok, other=0.0)
         sq += s
-        rr = tl.sqrt(s / row_len.to(tl.float64)).to(tl.float32)
+        # NOTE: [scalar masks]
+        s_given = tl.load(stats + tl.maximum(at_sq, 0) + r, mask=r < tl.where(given_rows, nrows, 0), other=0.0)
+        s = tl.where(given_rows, s_given, s)
+        rr = tl.sqrt(s / row_n).to(tl.float32)
         tl.store(row_rms + slot + r, rr, mask=r < tl.where(role == ROLE_EMBEDDING, nrows, 0))
-    tl.store(t_nan + ti, (tl.sum(nan, axis=0) > 0).to(tl.int32))
-    n = tl.maximum(numel, 1).to(tl.float64)
-    tl.store(t_rms + ti, tl.sqrt(tl.sum(sq, axis=0) / n).to(tl.float32))
+    own_nan = tl.sum(nan, axis=0) > 0
+    given_nan = tl.load(stats + tl.maximum(at_nan, 0)) != 0.0
+    tl.store(t_nan + ti, tl.where(at_nan >= 0, given_nan, own_nan).to(tl.int32))
+    total = tl.where(at_sq >= 0, tl.load(stats + tl.maximum(at_sq, 0)), tl.sum(sq, axis=0))
+    n = tl.where(at_sq >= 0, given_n, tl.maximum(numel, 1).to(tl.float64))
+    tl.store(t_rms + ti, tl.sqrt(total / n).to(tl.float32))

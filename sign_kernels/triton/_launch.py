@@ -92,7 +92,7 @@ def _ranges(counts: torch.Tensor, step: int) -> torch.Tensor:
     return torch.stack([idx, j * step], dim=1)
 
 
-def _build_plan(algo, params, grads, states, steps, roles, seeds, device) -> Plan:
+def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=None) -> Plan:
     n = len(params)
     addr = torch.tensor([list(map(_data_ptr, lst)) for lst in (params, grads, states, steps)],
                         dtype=torch.int64)  # [4, n]
@@ -112,6 +112,10 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device) -> Pla
         table[:, K.F_SLOT.value] = torch.cumsum(nrows, 0) - nrows
         tasks_t = _ranges(nrows, STAT_ROWS)
         slot = int(nrows.sum())
+        # NOTE: [Tiger statistics input]: indices of the given statistics, -1 when none.
+        table[:, K.F_GIVEN_NAN.value] = torch.tensor(given[0], dtype=torch.int64) if given else -1
+        table[:, K.F_GIVEN_SUMSQ.value] = torch.tensor(given[1], dtype=torch.int64) if given else -1
+        table[:, K.F_GIVEN_N.value] = torch.tensor(given[2], dtype=torch.int64) if given else 0
     else:
         tasks_t = torch.zeros((0, 2), dtype=torch.int64)
         slot = 0
@@ -133,7 +137,7 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device) -> Pla
     return plan
 
 
-def _get_plan(algo, params, grads, states, steps, roles, seeds, device) -> Plan:
+def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=None) -> Plan:
     # NOTE: [plan key] The table holds raw addresses and sizes, so any change of a data_ptr
     # (e.g. grads re-allocated after zero_grad(set_to_none=True) landing elsewhere), a shape,
     # a role or a seed gives a new key and a new table. With the caching allocator the grads
@@ -144,10 +148,10 @@ def _get_plan(algo, params, grads, states, steps, roles, seeds, device) -> Plan:
            tuple(map(_data_ptr, params)), tuple(map(_data_ptr, grads)),
            tuple(map(_data_ptr, states)), tuple(map(_data_ptr, steps)),
            tuple(map(_shape, params)),
-           tuple(roles) if roles is not None else None, tuple(seeds))
+           tuple(roles) if roles is not None else None, tuple(seeds), given)
     plan = _plans.get(key)
     if plan is None:
-        plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device)
+        plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given)
         _plans[key] = plan
         while len(_plans) > _PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
@@ -237,6 +241,33 @@ def _scalar_tensor(t: Optional[torch.Tensor], device, name: str, op: str):
     return t.detach().reshape(()).to(device)
 
 
+def _check_given(params, roles, device, stats, stats_nan, stats_sumsq, stats_n):
+    """Tiger's given statistics (NOTE: [Tiger statistics input]) as a hashable triple, or None."""
+    parts = (stats, stats_nan, stats_sumsq, stats_n)
+    if all(x is None for x in parts):
+        return None
+    if any(x is None for x in parts):
+        raise ValueError("tiger_: stats, stats_nan, stats_sumsq and stats_n are given together or not at all")
+    if stats.dtype != torch.float64 or stats.dim() != 1 or stats.device != device:
+        raise ValueError(f"tiger_: stats must be a 1-D float64 tensor on {device}, got {stats.dtype} of shape "
+                         f"{tuple(stats.shape)} on {stats.device}")
+    n, length = len(params), stats.numel()
+    given = (tuple(int(x) for x in stats_nan), tuple(int(x) for x in stats_sumsq), tuple(int(x) for x in stats_n))
+    if any(len(lst) != n for lst in given):
+        raise ValueError(f"tiger_: stats_nan, stats_sumsq and stats_n must have one entry per param ({n})")
+    for i, p in enumerate(params):
+        at_nan, at_sq, sn = given[0][i], given[1][i], given[2][i]
+        rows = p.numel() // p.shape[-1] if int(roles[i]) == ROLE_EMBEDDING and p.dim() and p.shape[-1] else 1
+        if not -1 <= at_nan < length:
+            raise ValueError(f"tiger_: stats_nan[{i}] = {at_nan} is neither -1 nor an index of stats (numel {length})")
+        if at_sq < -1 or (at_sq >= 0 and at_sq + rows > length):
+            raise ValueError(f"tiger_: stats_sumsq[{i}] = {at_sq} is neither -1 nor the start of {rows} entries "
+                             f"of stats (numel {length})")
+        if at_sq >= 0 and sn < 1:
+            raise ValueError(f"tiger_: stats_n[{i}] must be >= 1 where stats_sumsq[{i}] is given, got {sn}")
+    return given
+
+
 def step_config(algo, pdt, gdt, sdt, *, has_lr_t, has_scale, has_found, sr, aligned) -> dict:
     """Constexpr arguments and launch options of ``sign_step_kernel`` for one call: what
     ``run`` launches and what ``tests/test_triton_codegen.py`` compiles for sm_90."""
@@ -279,17 +310,19 @@ def _device_guard(device: torch.device):
 
 def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weight_decay=0.0,
         beta1=0.0, beta2=0.0, shrink=1.0, k=1, window=0, threshold=0, grad_scale=None,
-        found_inf=None, stochastic_rounding=False) -> None:
+        found_inf=None, stochastic_rounding=False, stats=None, stats_nan=None, stats_sumsq=None,
+        stats_n=None) -> None:
     if len(params) == 0:
         return
     op = _ALGO_NAME[algo]
     device = _check(algo, params, grads, states, steps, roles, seeds)
+    given = _check_given(params, roles, device, stats, stats_nan, stats_sumsq, stats_n)
     if algo == ALGO_TIGER and int(k) < 1:
         raise ValueError(f"{op}: grad_accum_steps must be >= 1, got {k}")
     lr_t = _scalar_tensor(lr_t, device, "lr_t", op)
     grad_scale = _scalar_tensor(grad_scale, device, "grad_scale", op)
     found_inf = _scalar_tensor(found_inf, device, "found_inf", op)
-    plan = _get_plan(algo, params, grads, states, steps, roles, seeds, device)
+    plan = _get_plan(algo, params, grads, states, steps, roles, seeds, device, given)
     if plan.n_blocks == 0:
         return
     dummy = plan.meta
@@ -304,8 +337,9 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
                 K.tiger_rows_kernel[(plan.n_tasks,)](
                     plan.tensors, plan.tasks, scale_ptr, found_ptr, int(k), row_sumsq, row_nan,
                     **rows_config(pdt, gdt, has_scale=has_scale, aligned=plan.aligned))
+            stats_ptr = stats if given is not None and stats.numel() > 0 else row_sumsq  # unread when unused
             K.tiger_finish_kernel[(plan.n,)](
-                plan.tensors, row_sumsq, row_nan, t_nan, t_rms, row_rms, **finish_config())
+                plan.tensors, row_sumsq, row_nan, t_nan, t_rms, row_rms, stats_ptr, **finish_config())
         else:
             t_nan = t_rms = row_rms = dummy
         K.sign_step_kernel[(plan.n_blocks,)](
@@ -328,10 +362,12 @@ def lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
 
 
 def tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay, grad_accum_steps,
-           shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding) -> None:
+           shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding, stats=None, stats_nan=None,
+           stats_sumsq=None, stats_n=None) -> None:
     run(ALGO_TIGER, params, grads, exp_avgs, steps, roles, seeds, lr=lr, lr_t=lr_t,
         weight_decay=weight_decay, beta1=beta, shrink=shrink_ratio, k=grad_accum_steps,
-        grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding)
+        grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding,
+        stats=stats, stats_nan=stats_nan, stats_sumsq=stats_sumsq, stats_n=stats_n)
 
 
 def simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count, weight_decay,
