@@ -233,3 +233,17 @@ def test_capturable_reads_lr_from_the_device_and_changes_no_result(cls):
     opt.param_groups[0]["lr"] = 0.25
     opt.step()
     assert [float(t) for t in opt._device_scalars.values()] == [0.25]
+
+
+def test_distributed_lion_refuses_the_flags_it_does_not_implement():
+    from sign_kernels.distributed import DistributedLion
+
+    p = [nn.Parameter(torch.randn(3))]
+    for flag in ("maximize", "capturable"):
+        opt = DistributedLion(p, backend="reference" if flag == "maximize" else "auto")
+        opt.param_groups[0][flag] = True  # set on the group later: refused before anything is written
+        p[0].grad = torch.randn(3)
+        p0 = p[0].detach().clone()
+        with pytest.raises(ValueError, match=rf"DistributedLion does not implement {flag}=True"):
+            opt.step()
+        assert torch.equal(p[0].detach(), p0) and not opt.state

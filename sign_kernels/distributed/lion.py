@@ -173,6 +173,9 @@ class DistributedLion(Lion):
         super()._validate_hparams(group, where)
         if group.get("stochastic_rounding", False):
             raise ValueError(f"{where}: DistributedLion does not implement stochastic_rounding")
+        for flag in ("maximize", "capturable"):  # Lion's flags its pack/apply passes do not take
+            if group.get(flag, False):
+                raise ValueError(f"{where}: DistributedLion does not implement {flag}=True")
 
     def _validate_group(self, group, group_index: int, params: bool = True) -> None:
         if params:
