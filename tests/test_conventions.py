@@ -56,7 +56,7 @@ def _trained(cls, backend, named=False, extra_group=False, **kw):
     return params, opt
 
 
-@pytest.mark.parametrize("backend", LOCAL_BACKENDS)
+@pytest.mark.parametrize("backend", MAX_BACKENDS)
 @pytest.mark.parametrize("named", [False, True], ids=["ids", "names"])
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 def test_save_load_save_is_identical(cls, backend, named):

@@ -460,3 +460,27 @@ def test_more_than_2_31_elements():
     op("lion_")([p], [g], [m], steps_of(1), 1e-2, None, 0.9, 0.99, 0.1, None, None, [7], False)
     for w, (pw, mw) in zip(windows, expect):
         assert torch.equal(p[w], pw) and torch.equal(m[w], mw)
+
+
+# ------------------------------------------------------------------ torch.optim flags on CUDA
+@pytest.mark.parametrize("cls", [sign_kernels.Lion, sign_kernels.Tiger, sign_kernels.Simba], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_maximize_is_the_step_on_minus_g(cls, backend):
+    """maximize=True on the device equals the run on negated gradients, bit for bit."""
+    if backend == "triton" and sign_kernels.available_backends()["triton"] is not None:
+        pytest.skip("triton unavailable")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    init = [torch.randn(s, device="cuda", generator=gen) for s in [(4097,), (65, 63)]]
+    grads = [[torch.randn_like(x) for x in init] for _ in range(3)]
+    grads[1][0][5] = float("nan")
+    runs = []
+    for maximize in (True, False):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = cls(params, backend=backend, maximize=maximize, capturable=True)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone() if maximize else -g
+            opt.step()
+        runs.append([p.detach() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
