@@ -143,7 +143,8 @@ def _corrupt(sd, how, state_key):
     if how == "missing_state_key":
         del sd["state"][first][state_key]
     elif how == "wrong_shape":
-        sd["state"][first][state_key] = sd["state"][first][state_key].reshape(-1)[:3].clone()
+        buf = sd["state"][first][state_key]
+        sd["state"][first][state_key] = torch.zeros(buf.numel() + 1, dtype=buf.dtype)  # never the param's shape
     elif how == "negative_step":
         sd["state"][first]["step"] = torch.tensor(-2)
     elif how == "fractional_step":
@@ -169,7 +170,7 @@ def _corrupt(sd, how, state_key):
 
 CORRUPTIONS = {
     "missing_state_key": r"param group 0, param 0 \(id 0\): its state has no tensor",
-    "wrong_shape": r"has shape \(3,\), the parameter \(6,\)",
+    "wrong_shape": r"has shape \(7,\), the parameter \(6,\)",
     "negative_step": r"'step' must be a whole number >= 0, got -2",
     "fractional_step": r"'step' must be a whole number >= 0, got 1.5",
     "int_momentum": r"must be a floating-point tensor|must hold whole numbers",
