@@ -187,7 +187,7 @@ class OptimizerMachine(RuleBasedStateMachine):
                 assert torch.equal(p.detach().isnan(), t.detach().isnan())
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:Detected call of .lr_scheduler.step\(\).:UserWarning")
+pytestmark = pytest.mark.filterwarnings(r"ignore:Detected call of .lr_scheduler.step\(\).:UserWarning")
 
 OptimizerMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=15, deadline=None,
