@@ -95,6 +95,10 @@ SCHEMAS["dist_lion_apply_"] = (
 SCHEMAS["dist_lion_vote_"] = (
     "dist_lion_vote_(Tensor received, Tensor(a!) out, int world_size, int out_bits, bool majority) -> ()"
 )
+# Ops implemented for CPU only: on CUDA, Distributed Lion's vote runs as a few torch ops on the
+# device (sign_kernels/distributed/_wire.py). Every other op has CPU and CUDA kernels
+# (scripts/cuda_build_check.sh checks it on the CUDA build).
+CPU_ONLY = frozenset({"dist_lion_vote_"})
 
 _lib = torch.library.Library(LIB_NAME, "DEF")
 for _schema in SCHEMAS.values():
