@@ -76,6 +76,26 @@ SCHEMAS = {
     ),
 }
 
+# Distributed Lion's two fused passes (sign_kernels/distributed; NOTE: [wire fields] in
+# csrc/core/dist_lion_math.h): (a) read g, m -> write m and the 2-bit fields of
+# d = sign(b1 m + (1-b1) g) into uint8 ``packed`` (ceil(numel / 4) bytes each); (b) read the
+# voted fields (``bits`` wide) and θ -> θ = θ (1 - lr wd) - lr (field / divisor). With
+# ``found_inf`` non-zero, (a) keeps m and writes 0 fields, (b) changes nothing.
+SCHEMAS["dist_lion_pack_"] = (
+    "dist_lion_pack_(Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] packed, float beta1, float beta2, "
+    "Tensor? grad_scale, Tensor? found_inf) -> ()"
+)
+SCHEMAS["dist_lion_apply_"] = (
+    "dist_lion_apply_(Tensor(a!)[] params, Tensor[] votes, int bits, int divisor, float lr, Tensor? lr_t, "
+    "float weight_decay, Tensor? found_inf) -> ()"
+)
+# The vote on one rank's slice: ``received`` holds N rows of S bytes of 2-bit fields (row k
+# from rank k); ``out`` gets the sign of each field's sum (majority, 2-bit fields) or the sum
+# (``out_bits`` 2, 4 or 8).
+SCHEMAS["dist_lion_vote_"] = (
+    "dist_lion_vote_(Tensor received, Tensor(a!) out, int world_size, int out_bits, bool majority) -> ()"
+)
+
 _lib = torch.library.Library(LIB_NAME, "DEF")
 for _schema in SCHEMAS.values():
     _lib.define(_schema)

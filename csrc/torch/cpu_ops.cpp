@@ -166,3 +166,95 @@ TORCH_LIBRARY_IMPL(sign_kernels, CPU, m) {
 }
 
 }  // namespace sign_kernels
+
+// ---------------------------------------------------------------------------------------
+// Distributed Lion's fused passes (sign_kernels/distributed; csrc/cpu/dist_lion.h).
+#include "../cpu/dist_lion.h"
+#include "dist_lion_checks.h"
+
+namespace sign_kernels {
+namespace {
+
+void dist_lion_pack_cpu(at::TensorList grads, at::TensorList exp_avgs, at::TensorList packed, double beta1,
+                        double beta2, const c10::optional<at::Tensor>& grad_scale,
+                        const c10::optional<at::Tensor>& found_inf) {
+  const auto nb = binding::check_dist_pack("dist_lion_pack_", grads, exp_avgs, packed, c10::kCPU);
+  binding::check_scalar("dist_lion_pack_", "grad_scale", grad_scale, c10::Device(c10::kCPU), true);
+  binding::check_scalar("dist_lion_pack_", "found_inf", found_inf, c10::Device(c10::kCPU), true);
+  const size_t n = grads.size();
+  std::vector<const void*> g(n);
+  std::vector<void*> m(n);
+  std::vector<uint8_t*> out(n);
+  std::vector<int64_t> numels(n);
+  for (size_t i = 0; i < n; ++i) {
+    g[i] = grads[i].data_ptr();
+    m[i] = exp_avgs[i].data_ptr();
+    out[i] = packed[i].data_ptr<uint8_t>();
+    numels[i] = grads[i].numel();
+  }
+  cpu::DistPackList t;
+  t.count = static_cast<int64_t>(n);
+  t.grads = g.data();
+  t.exp_avgs = m.data();
+  t.packed = out.data();
+  t.numels = numels.data();
+  t.grad_dtype = static_cast<cpu::DType>(binding::dtype_code(nb.grad));
+  t.state_dtype = static_cast<cpu::DType>(binding::dtype_code(nb.state));
+  cpu::DistPackArgs a;
+  a.beta1 = static_cast<float>(beta1);
+  a.beta2 = static_cast<float>(beta2);
+  a.has_grad_scale = grad_scale.has_value();
+  a.grad_scale = a.has_grad_scale ? grad_scale->item<float>() : 1.0f;
+  a.skip = found_inf.has_value() && found_inf->item<float>() != 0.0f;
+  const char* err = cpu::dist_lion_pack(t, a);
+  TORCH_CHECK(err == nullptr, "dist_lion_pack_: ", err);
+}
+
+void dist_lion_apply_cpu(at::TensorList params, at::TensorList votes, int64_t bits, int64_t divisor, double lr,
+                         const c10::optional<at::Tensor>& lr_t, double weight_decay,
+                         const c10::optional<at::Tensor>& found_inf) {
+  const auto dtype = binding::check_dist_apply("dist_lion_apply_", params, votes, bits, divisor, c10::kCPU);
+  binding::check_scalar("dist_lion_apply_", "lr_t", lr_t, c10::Device(c10::kCPU), true);
+  binding::check_scalar("dist_lion_apply_", "found_inf", found_inf, c10::Device(c10::kCPU), true);
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+  const size_t n = params.size();
+  std::vector<void*> p(n);
+  std::vector<const uint8_t*> v(n);
+  std::vector<int64_t> numels(n);
+  for (size_t i = 0; i < n; ++i) {
+    p[i] = params[i].data_ptr();
+    v[i] = votes[i].data_ptr<uint8_t>();
+    numels[i] = params[i].numel();
+  }
+  cpu::DistApplyList t;
+  t.count = static_cast<int64_t>(n);
+  t.params = p.data();
+  t.votes = v.data();
+  t.numels = numels.data();
+  t.param_dtype = static_cast<cpu::DType>(binding::dtype_code(dtype));
+  cpu::DistApplyArgs a;
+  a.bits = static_cast<int>(bits);
+  a.divisor = static_cast<float>(divisor);
+  a.lr = lr_t.has_value() ? lr_t->item<float>() : static_cast<float>(lr);
+  a.weight_decay = static_cast<float>(weight_decay);
+  const char* err = cpu::dist_lion_apply(t, a);
+  TORCH_CHECK(err == nullptr, "dist_lion_apply_: ", err);
+}
+
+void dist_lion_vote_cpu(const at::Tensor& received, const at::Tensor& out, int64_t world_size, int64_t out_bits,
+                        bool majority) {
+  binding::check_dist_vote("dist_lion_vote_", received, out, world_size, out_bits, majority, c10::kCPU);
+  const char* err = cpu::dist_lion_vote(received.data_ptr<uint8_t>(), world_size, received.numel() / world_size,
+                                        out.data_ptr<uint8_t>(), static_cast<int>(out_bits), majority);
+  TORCH_CHECK(err == nullptr, "dist_lion_vote_: ", err);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sign_kernels, CPU, m) {
+  m.impl("dist_lion_vote_", &dist_lion_vote_cpu);
+  m.impl("dist_lion_pack_", &dist_lion_pack_cpu);
+  m.impl("dist_lion_apply_", &dist_lion_apply_cpu);
+}
+
+}  // namespace sign_kernels

@@ -224,3 +224,91 @@ TORCH_LIBRARY_IMPL(sign_kernels, CUDA, m) {
 }
 
 }  // namespace sign_kernels
+
+// ---------------------------------------------------------------------------------------
+// Distributed Lion's fused passes (sign_kernels/distributed; csrc/cuda/dist_lion.h).
+#include "../cuda/dist_lion.h"
+#include "dist_lion_checks.h"
+
+namespace sign_kernels {
+namespace {
+
+// An optional scalar as a device fp32 pointer (NOTE: [device scalars]); `hold` keeps a
+// converted copy alive until the kernels are enqueued (the caching allocator orders its reuse).
+const float* device_scalar(const c10::optional<at::Tensor>& t, c10::Device device, at::Tensor& hold) {
+  if (!t.has_value()) return nullptr;
+  hold = t->to(device, at::kFloat).contiguous();
+  return hold.data_ptr<float>();
+}
+
+void dist_lion_pack_cuda(at::TensorList grads, at::TensorList exp_avgs, at::TensorList packed, double beta1,
+                         double beta2, const c10::optional<at::Tensor>& grad_scale,
+                         const c10::optional<at::Tensor>& found_inf) {
+  const auto info = binding::check_dist_pack("dist_lion_pack_", grads, exp_avgs, packed, c10::kCUDA);
+  if (grads.empty()) return;
+  const c10::Device device = grads[0].device();
+  binding::check_scalar("dist_lion_pack_", "grad_scale", grad_scale, device, false);
+  binding::check_scalar("dist_lion_pack_", "found_inf", found_inf, device, false);
+  const c10::cuda::CUDAGuard guard(device);
+  const size_t n = grads.size();
+  std::vector<const void*> g(n);
+  std::vector<void*> m(n);
+  std::vector<uint8_t*> out(n);
+  std::vector<int64_t> numels(n);
+  for (size_t i = 0; i < n; ++i) {
+    g[i] = grads[i].data_ptr();
+    m[i] = exp_avgs[i].data_ptr();
+    out[i] = packed[i].data_ptr<uint8_t>();
+    numels[i] = grads[i].numel();
+  }
+  at::Tensor scale_hold, found_hold;
+  core::DistPackArgs a;
+  a.beta1 = static_cast<float>(beta1);
+  a.beta2 = static_cast<float>(beta2);
+  a.grad_scale = device_scalar(grad_scale, device, scale_hold);
+  a.found_inf = device_scalar(found_inf, device, found_hold);
+  const cudaError_t err = core::dist_lion_pack(static_cast<int64_t>(n), g.data(), m.data(), out.data(), numels.data(),
+                                               core_dtype(info.grad), core_dtype(info.state), a,
+                                               c10::cuda::getCurrentCUDAStream(device.index()));
+  TORCH_CHECK(err == cudaSuccess, "dist_lion_pack_: CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+void dist_lion_apply_cuda(at::TensorList params, at::TensorList votes, int64_t bits, int64_t divisor, double lr,
+                          const c10::optional<at::Tensor>& lr_t, double weight_decay,
+                          const c10::optional<at::Tensor>& found_inf) {
+  const auto dtype = binding::check_dist_apply("dist_lion_apply_", params, votes, bits, divisor, c10::kCUDA);
+  if (params.empty()) return;
+  const c10::Device device = params[0].device();
+  binding::check_scalar("dist_lion_apply_", "lr_t", lr_t, device, false);
+  binding::check_scalar("dist_lion_apply_", "found_inf", found_inf, device, false);
+  const c10::cuda::CUDAGuard guard(device);
+  const size_t n = params.size();
+  std::vector<void*> p(n);
+  std::vector<const uint8_t*> v(n);
+  std::vector<int64_t> numels(n);
+  for (size_t i = 0; i < n; ++i) {
+    p[i] = params[i].data_ptr();
+    v[i] = votes[i].data_ptr<uint8_t>();
+    numels[i] = params[i].numel();
+  }
+  at::Tensor lr_hold, found_hold;
+  core::DistApplyArgs a;
+  a.bits = static_cast<int>(bits);
+  a.divisor = static_cast<float>(divisor);
+  a.lr = static_cast<float>(lr);
+  a.lr_t = device_scalar(lr_t, device, lr_hold);
+  a.weight_decay = static_cast<float>(weight_decay);
+  a.found_inf = device_scalar(found_inf, device, found_hold);
+  const cudaError_t err = core::dist_lion_apply(static_cast<int64_t>(n), p.data(), v.data(), numels.data(),
+                                                core_dtype(dtype), a, c10::cuda::getCurrentCUDAStream(device.index()));
+  TORCH_CHECK(err == cudaSuccess, "dist_lion_apply_: CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sign_kernels, CUDA, m) {
+  m.impl("dist_lion_pack_", &dist_lion_pack_cuda);
+  m.impl("dist_lion_apply_", &dist_lion_apply_cuda);
+}
+
+}  // namespace sign_kernels
