@@ -9,6 +9,15 @@ has the param's placements, Tiger's whole-tensor statistics are reduced once per
 optimizers use it by themselves; nothing there needs to be called by a user.
 """
 
-from .lion import DistributedLion, local_grad_hook
-
 __all__ = ["DistributedLion", "local_grad_hook"]
+
+
+def __getattr__(name):
+    # Imported on first use: sign_kernels.optim._base imports ._dtensor (which runs this
+    # file first) while sign_kernels.optim is still initialising, and .lion imports
+    # sign_kernels.optim.lion; an import here at the top would be circular.
+    if name in __all__:
+        from . import lion
+
+        return getattr(lion, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
