@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -99,6 +100,34 @@ def tiger_param_groups(
     return out
 
 
+# NOTE: [cached sums of squares] (issue 15) RMS(θ_{t-1}) of the matrix and embedding roles is
+# what made Tiger read θ twice per step. The op hands out the sums of squares of θ as it leaves
+# it (NOTE: [Tiger sums of squares out] in sign_kernels/_ops.py), summed in the order of its
+# own pre-pass; the optimizer keeps them per bucket (outside the state dict) with each param's
+# (version counter, data pointer) right after the call, and gives them back at the next call
+# while both are unchanged, so that call reads θ only to update it and its RMS is the same
+# bits. Anything that writes a param through autograd's view of it bumps its version: in-place
+# ops on the param (also under no_grad), ``model.load_state_dict`` (copy_), another optimizer
+# step (the op's write is counted below); ``p.data = t`` changes the data pointer. A write
+# that bypasses the version counter (through ``p.data``, or raw pointers) is not seen: call
+# ``optimizer.forget_rms()`` after one. ``load_state_dict`` of the optimizer forgets the sums.
+# Only the 'cpu' and 'reference' backends produce the sums; CUDA and Triton keep their pre-pass.
+_SUMSQ_BACKENDS = ("cpu", "reference")
+_SUMSQ_CACHE_SIZE = 64
+
+
+class _SumsqEntry:
+    """The sums of squares of one bucket's θ: where each tensor's are, and what they describe."""
+
+    __slots__ = ("buf", "at", "n", "seen")
+
+    def __init__(self, buf, at, n):
+        self.buf = buf  # fp64, one entry per matrix, one per embedding row
+        self.at = at    # index of each tensor's sums in buf, -1: none (element-wise roles, empty)
+        self.n = n      # the n of its RMS: numel (matrix) or row length (embedding)
+        self.seen: List[Optional[tuple]] = [None] * len(at)  # (version, data_ptr) they describe
+
+
 class Tiger(SignOptimizer):
     r"""Tiger: the sign of an EMA momentum, with gradient accumulation inside the momentum.
 
@@ -180,6 +209,67 @@ class Tiger(SignOptimizer):
     def _reset_caches(self) -> None:
         super()._reset_caches()
         self._role_cache: Dict[int, tuple] = {}
+        self._sumsq_cache: "OrderedDict[tuple, _SumsqEntry]" = OrderedDict()
+
+    def forget_rms(self) -> None:
+        """Forget the cached sums of squares of θ (NOTE: [cached sums of squares]).
+
+        Needed only after writing a parameter in a way its version counter does not see
+        (``p.data.copy_(...)``, a raw pointer); the next step then reads θ for its RMS.
+        """
+        self._sumsq_cache.clear()
+
+    def _sumsq_entry(self, group, bucket) -> Optional[_SumsqEntry]:
+        if bucket.sharded or bucket.backend.name not in _SUMSQ_BACKENDS:
+            return None
+        roles = self._roles(group)
+        key = (bucket.backend.name, tuple((id(p), p.shape, roles[j]) for p, j in zip(bucket.keys, bucket.positions)))
+        entry = self._sumsq_cache.get(key)
+        if entry is None:
+            at, n, size = [], [], 0
+            for p, j in zip(bucket.params, bucket.positions):
+                role = roles[j]
+                if p.numel() == 0 or role not in (ROLE_MATRIX, ROLE_EMBEDDING):
+                    at.append(-1)
+                    n.append(0)
+                    continue
+                at.append(size)
+                if role == ROLE_EMBEDDING:
+                    n.append(p.shape[-1])
+                    size += p.numel() // p.shape[-1]
+                else:
+                    n.append(p.numel())
+                    size += 1
+            buf = torch.zeros(size, dtype=torch.float64, device=bucket.params[0].device)
+            entry = self._sumsq_cache[key] = _SumsqEntry(buf, at, n)
+            while len(self._sumsq_cache) > _SUMSQ_CACHE_SIZE:
+                self._sumsq_cache.popitem(last=False)
+        else:
+            self._sumsq_cache.move_to_end(key)
+        return entry
+
+    def _op_extra(self, group, bucket) -> tuple:
+        entry = self._sumsq_entry(group, bucket)
+        if entry is None:
+            return bucket.extra
+        bucket.extra = (entry,)  # read back by _op_done
+        # Given where θ is as the sums left it; -1 (read θ) elsewhere.
+        given = [
+            at if at >= 0 and seen is not None and seen == (p._version, p.data_ptr()) else -1
+            for at, seen, p in zip(entry.at, entry.seen, bucket.keys)
+        ]
+        entry.seen = [None] * len(given)  # until the op has written them (a call that raises leaves none)
+        return (entry.buf, [-1] * len(given), given, entry.n, entry.buf, entry.at)
+
+    def _op_done(self, group, bucket) -> None:
+        if not (bucket.extra and isinstance(bucket.extra[0], _SumsqEntry)):
+            return
+        entry = bucket.extra[0]
+        bucket.extra = ()
+        # The compiled op writes through raw pointers: count its write, so that every other
+        # record of these params (another bucket, another optimizer) sees θ changed.
+        torch.autograd.graph.increment_version(bucket.keys)
+        entry.seen = [(p._version, p.data_ptr()) if at >= 0 else None for at, p in zip(entry.at, bucket.keys)]
 
     def _validate_hparams(self, group, where: str) -> None:
         _check_lr(group["lr"], where)
