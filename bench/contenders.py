@@ -111,6 +111,10 @@ def _ours(algo: str, backend: str) -> Contender:
         kwargs = dict(backend=backend)
         if algo != "simba":
             kwargs["momentum_dtype"] = ds.momentum
+        if algo == "tiger":
+            # Named: Tiger gives roles by name (role_of), as a model's named_parameters() would:
+            # GPT-2's wte/wpe are embeddings, ln_*.weight gains, biases element-wise.
+            params = [(getattr(p, "_bench_name", f"param{i}"), p) for i, p in enumerate(params)]
         return cls(params, **kwargs)
 
     def unavailable(device: torch.device) -> Optional[str]:
