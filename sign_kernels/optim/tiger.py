@@ -210,6 +210,7 @@ class Tiger(SignOptimizer):
         super()._reset_caches()
         self._role_cache: Dict[int, tuple] = {}
         self._sumsq_cache: "OrderedDict[tuple, _SumsqEntry]" = OrderedDict()
+        self._pending_sums: Dict[int, _SumsqEntry] = {}  # bucket -> entry, during its op call
 
     def forget_rms(self) -> None:
         """Forget the cached sums of squares of θ (NOTE: [cached sums of squares]).
@@ -220,10 +221,14 @@ class Tiger(SignOptimizer):
         self._sumsq_cache.clear()
 
     def _sumsq_entry(self, group, bucket) -> Optional[_SumsqEntry]:
-        if bucket.sharded or bucket.backend.name not in _SUMSQ_BACKENDS:
+        """The cached sums of a bucket (created empty), or None where the backend makes none.
+
+        Sums describe the tensors the kernels see (local shards of DTensors)."""
+        if bucket.backend.name not in _SUMSQ_BACKENDS:
             return None
         roles = self._roles(group)
-        key = (bucket.backend.name, tuple((id(p), p.shape, roles[j]) for p, j in zip(bucket.keys, bucket.positions)))
+        key = (bucket.backend.name,
+               tuple((id(k), p.shape, roles[j]) for k, p, j in zip(bucket.keys, bucket.params, bucket.positions)))
         entry = self._sumsq_cache.get(key)
         if entry is None:
             at, n, size = [], [], 0
@@ -248,28 +253,43 @@ class Tiger(SignOptimizer):
             self._sumsq_cache.move_to_end(key)
         return entry
 
+    @staticmethod
+    def _sums_valid(entry: _SumsqEntry, bucket) -> List[bool]:
+        """Which tensors' cached sums describe θ as it is now (version and storage unchanged)."""
+        return [at >= 0 and seen is not None and seen == (p._version, p.data_ptr())
+                for at, seen, p in zip(entry.at, entry.seen, bucket.params)]
+
+    def cached_local_sums(self, group, bucket):
+        """(buffer, index of each tensor's sums or -1 where they are not valid), or None.
+
+        The sharded step reduces these instead of reading θ (sign_kernels.distributed._dtensor)."""
+        entry = self._sumsq_entry(group, bucket)
+        if entry is None:
+            return None
+        return entry.buf, [at if ok else -1 for at, ok in zip(entry.at, self._sums_valid(entry, bucket))]
+
     def _op_extra(self, group, bucket) -> tuple:
+        self._pending_sums.clear()  # one op call at a time; a call that raised left its entry here
         entry = self._sumsq_entry(group, bucket)
         if entry is None:
             return bucket.extra
-        bucket.extra = (entry,)  # read back by _op_done
+        valid = self._sums_valid(entry, bucket)
+        entry.seen = [None] * len(valid)  # until the op has written them (a call that raises leaves none)
+        self._pending_sums[id(bucket)] = entry
+        if bucket.extra:  # a sharded bucket: the whole tensors' statistics (their sums came from these)
+            return tuple(bucket.extra) + (entry.buf, entry.at)
         # Given where θ is as the sums left it; -1 (read θ) elsewhere.
-        given = [
-            at if at >= 0 and seen is not None and seen == (p._version, p.data_ptr()) else -1
-            for at, seen, p in zip(entry.at, entry.seen, bucket.keys)
-        ]
-        entry.seen = [None] * len(given)  # until the op has written them (a call that raises leaves none)
+        given = [at if ok else -1 for at, ok in zip(entry.at, valid)]
         return (entry.buf, [-1] * len(given), given, entry.n, entry.buf, entry.at)
 
     def _op_done(self, group, bucket) -> None:
-        if not (bucket.extra and isinstance(bucket.extra[0], _SumsqEntry)):
+        entry = self._pending_sums.pop(id(bucket), None)
+        if entry is None:
             return
-        entry = bucket.extra[0]
-        bucket.extra = ()
         # The compiled op writes through raw pointers: count its write, so that every other
         # record of these params (another bucket, another optimizer) sees θ changed.
-        torch.autograd.graph.increment_version(bucket.keys)
-        entry.seen = [(p._version, p.data_ptr()) if at >= 0 else None for at, p in zip(entry.at, bucket.keys)]
+        torch.autograd.graph.increment_version(bucket.params)
+        entry.seen = [(p._version, p.data_ptr()) if at >= 0 else None for at, p in zip(entry.at, bucket.params)]
 
     def _validate_hparams(self, group, where: str) -> None:
         _check_lr(group["lr"], where)
