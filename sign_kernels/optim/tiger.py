@@ -149,6 +149,10 @@ class Tiger(SignOptimizer):
     :math:`\theta \leftarrow (\theta - c) s + c` with :math:`s` = ``shrink_ratio`` and :math:`c`
     the init centre (1 for ``gain``, else 0).
 
+    RMS(θ) is read from sums of squares the previous step left (backends ``cpu`` and
+    ``reference``; the same bits as reading θ) while the param's version counter and storage
+    are unchanged; after writing a param through ``p.data``, call :meth:`forget_rms`.
+
     Roles: a param group's ``role`` key sets the role of all its params; otherwise each param
     gets :func:`role_of` (by name when the optimizer was given ``model.named_parameters()``,
     else by ndim). :func:`tiger_param_groups` classifies a model by module type.
