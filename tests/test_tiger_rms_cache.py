@@ -96,6 +96,9 @@ def _run(backend: str, k: int, dtype, sr: bool, edits: bool = True) -> List[List
                 model.hard.data = model.hard.data * 2  # a new tensor behind the param
             elif step == 6:
                 model.long_rows.add_(1.0)
+            elif step == 7:  # before the skipped step: its sums are read from θ there
+                model.big.add_(0.5)
+                model.embed.mul_(0.5)
     return snaps
 
 
