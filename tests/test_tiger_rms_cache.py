@@ -207,3 +207,24 @@ def test_two_optimizers_on_one_param_see_each_others_writes():
         ref_b.step()
         ref_b.forget_rms()
         assert torch.equal(p, q), f"step {step}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_another_optimizer_writing_the_param_in_between(backend, no_cache):
+    """Lion (compiled kernels, raw pointers) steps θ between Tiger's steps: Tiger must see it."""
+    def run():
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(300, 250))
+        tiger = Tiger([p], lr=0.05, backend=backend)
+        lion = sign_kernels.Lion([p], lr=0.1, backend=backend)
+        out = []
+        for step in range(4):
+            p.grad = torch.randn(300, 250, generator=torch.Generator().manual_seed(step))
+            tiger.step()
+            lion.step()
+            out.append([p.detach().clone()])
+        return out
+
+    cached = run()
+    no_cache()
+    _assert_same(cached, run())

@@ -428,6 +428,10 @@ class SignOptimizer(Optimizer):
         if staged is not None:
             for i, p in staged:
                 p.copy_(params[i])
+        # NOTE: [version counters] The compiled kernels write through raw pointers, which
+        # autograd does not see: count the write, so that a version check (autograd's saved
+        # tensors, Tiger's cached sums of squares) sees every param this step changed.
+        torch.autograd.graph.increment_version(bucket.params)
         self._op_done(group, bucket)
         if fi is None:
             torch._foreach_add_(steps, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
@@ -119,13 +120,15 @@ _SUMSQ_CACHE_SIZE = 64
 class _SumsqEntry:
     """The sums of squares of one bucket's θ: where each tensor's are, and what they describe."""
 
-    __slots__ = ("buf", "at", "n", "seen")
+    __slots__ = ("buf", "at", "n", "seen", "owners")
 
-    def __init__(self, buf, at, n):
+    def __init__(self, buf, at, n, keys):
         self.buf = buf  # fp64, one entry per matrix, one per embedding row
         self.at = at    # index of each tensor's sums in buf, -1: none (element-wise roles, empty)
         self.n = n      # the n of its RMS: numel (matrix) or row length (embedding)
         self.seen: List[Optional[tuple]] = [None] * len(at)  # (version, data_ptr) they describe
+        # The params themselves (the key holds their ids, which a new param may reuse).
+        self.owners = [weakref.ref(k) for k in keys]
 
 
 class Tiger(SignOptimizer):
@@ -250,9 +253,11 @@ class Tiger(SignOptimizer):
                     n.append(p.numel())
                     size += 1
             buf = torch.zeros(size, dtype=torch.float64, device=bucket.params[0].device)
-            entry = self._sumsq_cache[key] = _SumsqEntry(buf, at, n)
+            entry = self._sumsq_cache[key] = _SumsqEntry(buf, at, n, bucket.keys)
             while len(self._sumsq_cache) > _SUMSQ_CACHE_SIZE:
                 self._sumsq_cache.popitem(last=False)
+        elif any(ref() is not k for ref, k in zip(entry.owners, bucket.keys)):
+            entry = self._sumsq_cache[key] = _SumsqEntry(entry.buf, entry.at, entry.n, bucket.keys)
         else:
             self._sumsq_cache.move_to_end(key)
         return entry
@@ -290,9 +295,7 @@ class Tiger(SignOptimizer):
         entry = self._pending_sums.pop(id(bucket), None)
         if entry is None:
             return
-        # The compiled op writes through raw pointers: count its write, so that every other
-        # record of these params (another bucket, another optimizer) sees θ changed.
-        torch.autograd.graph.increment_version(bucket.params)
+        # _run_bucket has counted the op's write in the versions (NOTE: [version counters]).
         entry.seen = [(p._version, p.data_ptr()) if at >= 0 else None for at, p in zip(entry.at, bucket.params)]
 
     def _validate_hparams(self, group, where: str) -> None:
