@@ -109,7 +109,8 @@ def tiger_param_groups(
 # while both are unchanged, so that call reads θ only to update it and its RMS is the same
 # bits. Anything that writes a param through autograd's view of it bumps its version: in-place
 # ops on the param (also under no_grad), ``model.load_state_dict`` (copy_), another optimizer
-# step (the op's write is counted below); ``p.data = t`` changes the data pointer. A write
+# step (every op call counts its write: NOTE: [version counters] in _base.py); ``p.data = t``
+# changes the data pointer. A write
 # that bypasses the version counter (through ``p.data``, or raw pointers) is not seen: call
 # ``optimizer.forget_rms()`` after one. ``load_state_dict`` of the optimizer forgets the sums.
 # Only the 'cpu' and 'reference' backends produce the sums; CUDA and Triton keep their pre-pass.
