@@ -12,9 +12,23 @@ with state_bytes the bytes of the optimizer state that scale with the parameter
     Simba        : read θ, g, s   write θ, s        16 B  (s int16; bf16 θ, g: 10 B)
     AdamW        : read θ, g, m, v  write θ, m, v   28 B  (bf16: 14 B)
 
-Tiger with grad_accum_steps=1 updates θ on every call, so every call is an "update step";
-its RMS(θ) scaling needs θ_{t-1}, which a two-pass implementation reads a second time:
-the model counts the single-pass minimum, so such an implementation shows below 100 %.
+Tiger moves more than that single pass, and what it moves depends on the role of each tensor,
+on the backend and on whether its RMS is cached (``tiger_bytes_per_element``; the bench rows of
+our Tiger count it, per role, for the steady step they time). Per element at fp32, update steps
+(grad_accum_steps=1: every call):
+
+    every role, every backend : the NaN guard reads g before anything is written     +4 B
+    matrix, cpu               : first step after θ changed outside the step: RMS pre-pass over θ
+                                +4 B (28); steady steps: the sums of squares come out of the
+                                previous write pass (NOTE: [cached sums of squares]): 24 B
+    embedding, cpu            : each row is summed in L1 next to its update: 24 B, first and
+                                steady (rows longer than 64K elements: +4 B, a pass of their own)
+    elementwise / gain        : 24 B
+    matrix, embedding on cuda, triton, reference: the statistics pre-pass reads θ: 28 B
+
+An accumulation micro-step ((t+1) mod k != 0) reads g twice (guard, momentum) and m, writes m:
+16 B (+4 B for θ once after θ changed outside the step, cpu). Peers' Tiger rows use the
+single-pass minimum (20 B): their passes are not known here.
 """
 
 from __future__ import annotations
@@ -86,6 +100,38 @@ def step_bytes(algo: str, numels: Sequence[int], ds: DtypeSetting) -> int:
 
 def bytes_per_element(algo: str, ds: DtypeSetting) -> float:
     return step_bytes(algo, [1], ds)
+
+
+TIGER_ROLES = ("elementwise", "gain", "embedding", "matrix")
+
+
+def tiger_bytes_per_element(role: str, backend: str, ds: DtypeSetting, *, steady: bool = True,
+                            update: bool = True, row_len: int = 0) -> int:
+    """Bytes one Tiger call moves per element of a tensor of ``role`` (see the module doc).
+
+    ``steady``: θ was last written by the previous step (its sums of squares are cached, on
+    the backends that cache them); else the first step, or the first after an edit.
+    ``update``: (t + 1) mod k == 0; else an accumulation micro-step.
+    """
+    p, g, m = itemsize(ds.param), itemsize(ds.grad), itemsize(ds.momentum_dtype())
+    rms_role = role in ("embedding", "matrix")
+    cached = backend == "cpu"  # NOTE: [cached sums of squares] in sign_kernels/optim/tiger.py
+    if not update:
+        return 2 * g + 2 * m + (p if rms_role and cached and not steady else 0)
+    total = 2 * p + g + 2 * m + g  # the single pass, and the NaN guard's pre-read of g
+    if rms_role:
+        if not cached:
+            total += p  # the statistics pre-pass reads θ
+        elif role == "matrix" and not steady:
+            total += p  # the RMS pre-pass over θ
+        elif role == "embedding" and row_len > (1 << 16):
+            total += p  # rows longer than a kernel chunk: a pass over θ of their own
+    return total
+
+
+def tiger_step_bytes(tensors: Sequence[tuple], backend: str, ds: DtypeSetting, *, steady: bool = True) -> int:
+    """Bytes of one Tiger update step over ``tensors``: (numel, role, row length) triples."""
+    return sum(n * tiger_bytes_per_element(role, backend, ds, steady=steady, row_len=d) for n, role, d in tensors)
 
 
 def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -111,6 +111,19 @@ def _ours(algo: str, backend: str) -> Contender:
         kwargs = dict(backend=backend)
         if algo != "simba":
             kwargs["momentum_dtype"] = ds.momentum
+        if algo == "tiger":
+            # Named: Tiger gives roles by name (role_of), as a model's named_parameters() would:
+            # GPT-2's wte/wpe are embeddings, ln_*.weight gains, biases element-wise. Its own θ
+            # (the grads stay shared): the interleaved schedule steps every contender on the
+            # workspace's params, and a write by another optimizer sends Tiger back to its
+            # first-step path (θ read again for the RMS), which a training run meets only after
+            # θ was changed outside the step.
+            own = []
+            for i, p in enumerate(params):
+                q = torch.nn.Parameter(p.detach().clone())
+                q.grad = p.grad
+                own.append((getattr(p, "_bench_name", f"param{i}"), q))
+            params = own
         return cls(params, **kwargs)
 
     def unavailable(device: torch.device) -> Optional[str]:

@@ -205,6 +205,10 @@ def table_section(result: Dict, pset: str, dtype: str) -> List[str]:
             f"{r['bytes_per_step'] / r['n_elements']:>8.1f}{r['state_bytes_per_param']:>10.2f}"
             f"{_f(r['launches'], 'd'):>8}"
         )
+        if r.get("tiger_bytes_per_element"):
+            parts = [f"{role} {v['steady']:g}/{v['first']:g} ({v['elements'] / 1e6:.1f}M)"
+                     for role, v in r["tiger_bytes_per_element"].items()]
+            lines.append(f"{'':<4}Tiger B/elem by role, steady/first step: " + ", ".join(parts))
     return lines
 
 

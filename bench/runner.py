@@ -132,6 +132,8 @@ def _finish_row(row: Dict, c: Contender, opt: torch.optim.Optimizer, pset: Param
     nbytes = accounting.step_bytes_from_state(pset.numels, ds, state_total)
     if model is not None and held != model:
         row["note"] = f"state held {held} B, byte model {model} B"
+    if c.algo == "tiger" and c.group == "ours":
+        nbytes = _tiger_bytes(row, c, opt, ds)
     row.update(
         steps=len(ms), state_dtype=_state_dtypes(opt), ms_median=timing.median, ms_p10=timing.percentile(10),
         ms_p90=timing.percentile(90), ms_min=min(ms), bytes_per_step=nbytes,
@@ -139,6 +141,31 @@ def _finish_row(row: Dict, c: Contender, opt: torch.optim.Optimizer, pset: Param
         state_bytes_per_param=state_total / pset.n_elements,
         state_bytes_model=model, state_bytes_held=held, launches=launches, ms=list(ms),
     )
+
+
+def _tiger_bytes(row: Dict, c: Contender, opt: torch.optim.Optimizer, ds: DtypeSetting) -> int:
+    """Our Tiger's real traffic (accounting.tiger_bytes_per_element), per role, from the roles the
+    optimizer gave the params; returns the bytes of the steady step the row timed."""
+    from sign_kernels.optim.tiger import ROLES
+
+    names = {code: name for name, code in ROLES.items()}
+    tensors = []
+    for group in opt.param_groups:
+        for p, code in zip(group["params"], opt._roles(group)):
+            tensors.append((p.numel(), names[code], p.shape[-1] if p.dim() else 1))
+    per_role = {}
+    for role in accounting.TIGER_ROLES:
+        n = sum(t[0] for t in tensors if t[1] == role)
+        if n:
+            sel = [t for t in tensors if t[1] == role]
+            per_role[role] = dict(
+                elements=n,
+                steady=accounting.tiger_step_bytes(sel, c.backend, ds, steady=True) / n,
+                first=accounting.tiger_step_bytes(sel, c.backend, ds, steady=False) / n,
+            )
+    row["tiger_bytes_per_element"] = per_role
+    row["bytes_first_step"] = accounting.tiger_step_bytes(tensors, c.backend, ds, steady=False)
+    return accounting.tiger_step_bytes(tensors, c.backend, ds, steady=True)
 
 
 def run_one(c: Contender, ws: Optional[Workspace], pset: ParamSet, ds: DtypeSetting,

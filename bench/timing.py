@@ -70,6 +70,7 @@ class Workspace:
                 else:
                     p.normal_(0.0, 0.02, generator=self._gen)
             p.grad = self.grad_flat[off:off + n].view(shape)
+            p._bench_name = name  # the model's parameter name: Tiger gives roles by it
             self.params.append(p)
         self.refill()
 

@@ -46,6 +46,27 @@ given or all omitted:
 Omitted, the op computes exactly what it computed before these arguments existed (the
 unsharded path is unchanged, bit for bit). The same inputs serve any other source of the
 sums, e.g. sums of squares cached from the previous step's write pass.
+
+NOTE: [Tiger sums of squares out]
+The sums of squares the next call needs can come out of this one (issue 15: no read-only pass
+over θ on the steady path). Two more optional arguments, given together or not at all:
+
+* ``sumsq_out``: a 1-D fp64 tensor on the params' device (it may be ``stats`` itself);
+* ``sumsq_out_at[i]``: index in ``sumsq_out`` of tensor i's sums (matrix role: one value;
+  embedding role: one per row of the last dim, from that index on), or -1: none wanted.
+  Ignored for the element-wise roles.
+
+After the call, every wanted entry holds the sum of squares of θ *as the call leaves it*,
+summed exactly as this backend's own pre-pass sums θ (the CPU kernels: the same calls over
+the same chunks and rows; the reference: the same torch expressions), so handing them to the
+next call as ``stats_sumsq`` (with ``stats_n`` the tensor's numel, or its row length) gives
+the RMS that call would compute from θ itself, bit for bit. This holds whatever the call
+does: an update (the sums are a by-product of the write pass), the NaN guard (likewise),
+an accumulation micro-step or a step GradScaler skips (θ is not written: the sums are read
+from θ, unless they are the given ones in place -- ``sumsq_out`` is ``stats`` and
+``sumsq_out_at[i] == stats_sumsq[i]`` -- which then stay as they are). Backends that do not
+produce them (CUDA, Triton today) refuse the arguments; the optimizer passes them only to
+``cpu`` and ``reference`` (sign_kernels/optim/tiger.py).
 """
 
 from __future__ import annotations
@@ -57,6 +78,8 @@ LIB_NAME = "sign_kernels"
 _COMMON_TAIL = "Tensor? grad_scale, Tensor? found_inf, int[] seeds, bool stochastic_rounding) -> ()"
 # Tiger's statistics given from outside (NOTE: [Tiger statistics input]).
 _TIGER_STATS = "Tensor? stats=None, int[]? stats_nan=None, int[]? stats_sumsq=None, int[]? stats_n=None"
+# Tiger's sums of squares of θ as the call leaves it (NOTE: [Tiger sums of squares out]).
+_TIGER_SUMSQ_OUT = "Tensor(c!)? sumsq_out=None, int[]? sumsq_out_at=None"
 
 SCHEMAS = {
     "lion_": (
@@ -67,7 +90,7 @@ SCHEMAS = {
         "tiger_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] steps, "
         "int[] roles, float lr, Tensor? lr_t, float beta, float weight_decay, "
         "int grad_accum_steps, float shrink_ratio, "
-        + _COMMON_TAIL.replace(") -> ()", ", " + _TIGER_STATS + ") -> ()")
+        + _COMMON_TAIL.replace(") -> ()", ", " + _TIGER_STATS + ", " + _TIGER_SUMSQ_OUT + ") -> ()")
     ),
     "simba_": (
         "simba_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] sign_counts, Tensor[] steps, "

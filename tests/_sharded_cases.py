@@ -159,6 +159,16 @@ def _sharded_vs_single(shard: Callable[[nn.Module], None], what: str, backend: s
         net = make_net()
         shard(net)
         opt = make_opt(kind, net, backend, **kw)
+        used = []  # Tiger: local sums of squares taken from the previous write pass, per call
+        if kind == "tiger":
+            real = opt.cached_local_sums
+
+            def spy(group, bucket):
+                out = real(group, bucket)
+                used.append(0 if out is None else sum(a >= 0 for a in out[1]))
+                return out
+
+            opt.cached_local_sums = spy
         for t in range(STEPS):
             _set_grads(net, full_grads(net, t, nan))
             with _CountAllReduce() as counter:
@@ -168,6 +178,9 @@ def _sharded_vs_single(shard: Callable[[nn.Module], None], what: str, backend: s
                 assert counter.calls and all(n == 1 for n in counter.calls.values()), (what, counter.calls)
             else:
                 assert not counter.calls, (what, kind, counter.calls)
+        if kind == "tiger" and backend in ("cpu", "reference") and used:
+            # NOTE: [cached sums in the collective]: no pass over θ before the all-reduce after the first step.
+            assert used[0] == 0 and sum(used) > 0, (what, used)
         compare(kind, ref_net, ref_opt, net, opt, f"{what} {kind} {backend}")
 
 

@@ -208,7 +208,15 @@ def test_result_file_schema(tmp_path, capsys):
         assert r["ms_median"] > 0 and r["ms_p10"] <= r["ms_median"] <= r["ms_p90"]
         assert r["ratio_vs_fused_adamw"] is not None and r["fraction"] is not None
         assert r["launches"] is None  # CPU: nothing to count
-        assert r["bytes_per_step"] == accounting.step_bytes(r["algo"], [4096] if r["param_set"] == "flat-4K" else [768] * 8, DTYPE_SETTINGS[r["dtype"]])
+        numels = [4096] if r["param_set"] == "flat-4K" else [768] * 8
+        ds = DTYPE_SETTINGS[r["dtype"]]
+        if r["algo"] == "tiger" and r["group"] == "ours":
+            # Our Tiger's real traffic, by role (1-d tensors: element-wise, +1 read of g for the NaN guard).
+            assert r["bytes_per_step"] == accounting.tiger_step_bytes([(n, "elementwise", n) for n in numels], r["backend"], ds)
+            assert r["bytes_per_step"] == accounting.step_bytes("tiger", numels, ds) + sum(numels) * ds.grad.itemsize
+            assert set(r["tiger_bytes_per_element"]) == {"elementwise"}
+        else:
+            assert r["bytes_per_step"] == accounting.step_bytes(r["algo"], numels, ds)
     for r in rows:
         assert r["status"] == "ok" or r["status"].startswith("skipped: ")
     if _sign_kernels_reference_ok():
@@ -325,3 +333,29 @@ def test_table_warns_loudly_when_the_machine_was_loaded_or_the_ceiling_drifted()
     assert "the bandwidth ceiling drifted" in text
     assert "120*" in text and "* above 100 % of the ceiling" in text  # explained, not silent
     assert "   7     1.00 [0.90, 1.10]" in text  # the steps the row really timed, one number format
+
+
+def test_tiger_bytes_per_role():
+    """What our Tiger moves per element (bench/accounting.py): the NaN guard reads g once more;
+    θ is read again for the RMS on the first step (cpu, matrices) or every step (GPU kernels)."""
+    ds = DTYPE_SETTINGS["fp32"]
+    f = accounting.tiger_bytes_per_element
+    assert f("matrix", "cpu", ds, steady=True) == 24 and f("matrix", "cpu", ds, steady=False) == 28
+    assert f("embedding", "cpu", ds, steady=True, row_len=768) == f("embedding", "cpu", ds, steady=False, row_len=768) == 24
+    assert f("embedding", "cpu", ds, row_len=70_000) == 28
+    assert f("elementwise", "cpu", ds) == f("gain", "triton", ds) == 24
+    assert f("matrix", "triton", ds) == f("embedding", "cuda", ds) == 28
+    assert f("matrix", "cpu", ds, update=False) == 16 and f("matrix", "cpu", ds, update=False, steady=False) == 20
+    assert f("matrix", "cpu", DTYPE_SETTINGS["bf16"], steady=False) == 14
+
+
+def test_bench_tiger_gets_the_models_roles():
+    """The Tiger contender names its params as the model does, so GPT-2's tables are embeddings."""
+    from bench.timing import Workspace
+
+    pset = paramsets.ParamSet("mini-gpt2", (("wte.weight", (10, 4)), ("h.0.ln_1.weight", (4,)),
+                                            ("h.0.attn.c_attn.bias", (12,)), ("h.0.attn.c_attn.weight", (4, 12))))
+    ds = DTYPE_SETTINGS["fp32"]
+    ws = Workspace(pset, ds, torch.device("cpu"))
+    opt = contenders._ours("tiger", "reference").make(ws.params, ds)
+    assert opt._roles(opt.param_groups[0]) == (2, 1, 0, 3)  # embedding, gain, element-wise, matrix

@@ -56,6 +56,13 @@ struct TigerArgs {
   const int64_t* stats_nan = nullptr;
   const int64_t* stats_sumsq = nullptr;
   const int64_t* stats_n = nullptr;
+  // Sums of squares of theta as the call leaves it (NOTE: [Tiger sums of squares out] in
+  // sign_kernels/_ops.py). Null: none wanted. Else, per tensor, an index into `sumsq_out`
+  // (matrix: one entry; embedding: one per row) or -1; ignored for the element-wise roles.
+  double* sumsq_out = nullptr;
+  const int64_t* sumsq_out_at = nullptr;
+  // GradScaler found an inf: nothing is updated; only sumsq_out is filled where it must be.
+  bool skip = false;
 };
 
 struct SimbaArgs {

@@ -140,6 +140,33 @@ inline bool check_tiger_stats(const char* op, at::TensorList params, c10::IntArr
   return true;
 }
 
+// Tiger's sums of squares out (NOTE: [Tiger sums of squares out] in sign_kernels/_ops.py);
+// returns whether they are wanted.
+inline bool check_tiger_sumsq_out(const char* op, at::TensorList params, c10::IntArrayRef roles,
+                                  const c10::optional<at::Tensor>& sumsq_out, at::OptionalIntArrayRef sumsq_out_at,
+                                  c10::Device device) {
+  if (!sumsq_out.has_value() && !sumsq_out_at.has_value()) return false;
+  TORCH_CHECK(sumsq_out.has_value() && sumsq_out_at.has_value(), op,
+              ": sumsq_out and sumsq_out_at are given together or not at all");
+  const at::Tensor& s = *sumsq_out;
+  TORCH_CHECK(s.scalar_type() == at::kDouble && s.dim() == 1 && s.is_contiguous(), op,
+              ": sumsq_out must be a contiguous 1-D float64 tensor, got ", s.scalar_type(), " of shape ", s.sizes());
+  TORCH_CHECK(s.device() == device, op, ": sumsq_out is on ", s.device(), ", the params on ", device);
+  const size_t n = params.size();
+  TORCH_CHECK(sumsq_out_at->size() == n, op, ": sumsq_out_at must have one entry per param (", n, "), got ",
+              sumsq_out_at->size());
+  const int64_t len = s.numel();
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t at = (*sumsq_out_at)[i];
+    const int64_t count = roles[i] == kRoleEmbedding && params[i].dim() > 0 && params[i].size(-1) > 0
+                              ? params[i].numel() / params[i].size(-1)
+                              : 1;
+    TORCH_CHECK(at >= -1 && (at < 0 || at + count <= len), op, ": sumsq_out_at[", i, "] = ", at,
+                " is neither -1 nor the start of ", count, " entries of sumsq_out (numel ", len, ")");
+  }
+  return true;
+}
+
 inline void check_simba_window(const char* op, int64_t window_size, int64_t threshold_count) {
   TORCH_CHECK(window_size >= 1 && window_size <= 32767, op, ": window_size must be in [1, 32767], got ",
               window_size);

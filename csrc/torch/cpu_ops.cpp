@@ -94,7 +94,8 @@ void tiger_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& stats,
                at::OptionalIntArrayRef stats_nan, at::OptionalIntArrayRef stats_sumsq,
-               at::OptionalIntArrayRef stats_n) {
+               at::OptionalIntArrayRef stats_n, const c10::optional<at::Tensor>& sumsq_out,
+               at::OptionalIntArrayRef sumsq_out_at) {
   const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCPU, false);
   const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
   const bool given = binding::check_tiger_stats("tiger_", params, roles, stats, stats_nan, stats_sumsq, stats_n,
@@ -107,7 +108,14 @@ void tiger_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
     a.stats_sumsq = stats_sumsq->data();
     a.stats_n = stats_n->data();
   }
-  if (!common_args("tiger_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) return;
+  if (binding::check_tiger_sumsq_out("tiger_", params, roles, sumsq_out, sumsq_out_at, c10::Device(c10::kCPU))) {
+    a.sumsq_out = sumsq_out->data_ptr<double>();  // NOTE: [Tiger sums of squares out]
+    a.sumsq_out_at = sumsq_out_at->data();
+  }
+  if (!common_args("tiger_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) {
+    if (a.sumsq_out == nullptr) return;
+    a.skip = true;  // nothing is updated; the sums out still describe theta
+  }
   a.beta = static_cast<float>(beta);
   a.weight_decay = static_cast<float>(weight_decay);
   a.shrink_ratio = static_cast<float>(shrink_ratio);

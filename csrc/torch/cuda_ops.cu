@@ -162,8 +162,13 @@ void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                 c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& stats,
                 at::OptionalIntArrayRef stats_nan, at::OptionalIntArrayRef stats_sumsq,
-                at::OptionalIntArrayRef stats_n) {
+                at::OptionalIntArrayRef stats_n, const c10::optional<at::Tensor>& sumsq_out,
+                at::OptionalIntArrayRef sumsq_out_at) {
   const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCUDA, false);
+  // NOTE: [Tiger sums of squares out]: not produced by the CUDA kernels yet (they keep their pre-pass).
+  TORCH_CHECK(!sumsq_out.has_value() && !sumsq_out_at.has_value(),
+              "tiger_: sumsq_out/sumsq_out_at are not supported by the CUDA kernels (backends 'cpu' and 'reference' "
+              "produce them)");
   const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
   if (params.empty()) return;
   const c10::Device device = params[0].device();

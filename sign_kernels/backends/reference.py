@@ -131,6 +131,34 @@ def _check_tiger_stats(params, roles, stats, stats_nan, stats_sumsq, stats_n) ->
     return True
 
 
+def _check_sumsq_out(params, roles, sumsq_out, sumsq_out_at) -> bool:
+    """Whether Tiger's sums of squares out are wanted (NOTE: [Tiger sums of squares out])."""
+    if sumsq_out is None and sumsq_out_at is None:
+        return False
+    if sumsq_out is None or sumsq_out_at is None:
+        raise ValueError("tiger_: sumsq_out and sumsq_out_at are given together or not at all")
+    if sumsq_out.dtype != torch.float64 or sumsq_out.dim() != 1:
+        raise ValueError(f"tiger_: sumsq_out must be a 1-D float64 tensor, got {sumsq_out.dtype} of shape "
+                         f"{tuple(sumsq_out.shape)}")
+    if len(sumsq_out_at) != len(params):
+        raise ValueError(f"tiger_: sumsq_out_at has {len(sumsq_out_at)} entries for {len(params)} params")
+    for i, p in enumerate(params):
+        rows = p.numel() // p.shape[-1] if roles[i] == ROLE_EMBEDDING and p.dim() and p.shape[-1] else 1
+        at = sumsq_out_at[i]
+        if at < -1 or (at >= 0 and at + rows > sumsq_out.numel()):
+            raise ValueError(f"tiger_: sumsq_out_at[{i}] = {at} is neither -1 nor the start of {rows} entries of "
+                             f"sumsq_out (numel {sumsq_out.numel()})")
+    return True
+
+
+def tiger_sumsq(p: torch.Tensor, role: int) -> torch.Tensor:
+    """The fp64 sums of squares behind :func:`tiger_rms`: one (matrix) or one per row (embedding)."""
+    x = p.detach().to(torch.float64)
+    if role == ROLE_EMBEDDING:
+        return x.reshape(-1, p.shape[-1]).square().sum(dim=1)
+    return x.square().sum().reshape(1)
+
+
 def _given_rms(p: torch.Tensor, role: int, stats: torch.Tensor, at: int, n: int) -> torch.Tensor:
     """RMS from sums of squares given in ``stats`` (fp64), in the layout of tiger_rms."""
     if role == ROLE_EMBEDDING:
@@ -161,9 +189,30 @@ def tiger_(
     stats_nan: Optional[Sequence[int]] = None,
     stats_sumsq: Optional[Sequence[int]] = None,
     stats_n: Optional[Sequence[int]] = None,
+    sumsq_out: Optional[torch.Tensor] = None,
+    sumsq_out_at: Optional[Sequence[int]] = None,
 ) -> None:
     ext = _check_tiger_stats(params, roles, stats, stats_nan, stats_sumsq, stats_n)
+    out = _check_sumsq_out(params, roles, sumsq_out, sumsq_out_at)
+    if out:
+        # NOTE: [Tiger sums of squares out]: after the call the wanted entries describe θ as the
+        # call leaves it. Here, after each tensor's update (or at once for a skipped step), from
+        # θ with the expressions of tiger_rms, unless they are the given sums in place and θ is
+        # not written.
+        def fill(i: int, p: torch.Tensor, written: bool) -> None:
+            at = sumsq_out_at[i]
+            if at < 0 or roles[i] not in (ROLE_MATRIX, ROLE_EMBEDDING) or p.numel() == 0:
+                return
+            if not written and ext and stats is sumsq_out and stats_sumsq[i] == at:
+                return
+            sums = tiger_sumsq(p, roles[i])
+            sumsq_out[at:at + sums.numel()].copy_(sums)
+    else:
+        def fill(i: int, p: torch.Tensor, written: bool) -> None:
+            pass
     if _skip(found_inf):
+        for i, p in enumerate(params):
+            fill(i, p, False)
         return
     k = int(grad_accum_steps)
     for i, (p, g, m, step, role, seed) in enumerate(zip(params, grads, exp_avgs, steps, roles, seeds)):
@@ -184,6 +233,7 @@ def tiger_(
             centre = _scalar(1.0 if role == ROLE_GAIN else 0.0, dt, dev)
             p_new = (p_ - centre) * _scalar(shrink_ratio, dt, dev) + centre
             _write(p, p_new, seed, t, _rng.STREAM_PARAM, stochastic_rounding)
+            fill(i, p, True)
             continue
         b1 = beta_ if t % k == 0 else one
         coef = (one - beta_) / _scalar(float(k), dt, dev)
@@ -205,6 +255,7 @@ def tiger_(
             p_new = p_ - lr_p * (_sign(m_new) + wd_p * p_)
             _write(p, p_new, seed, t, _rng.STREAM_PARAM, stochastic_rounding)
         _write(m, m_new, seed, t, _rng.STREAM_STATE, stochastic_rounding)
+        fill(i, p, (t + 1) % k == 0)
 
 
 def simba_(

@@ -306,8 +306,16 @@ def tiger_global_stats(opt, plan, grad_scale: Optional[torch.Tensor]) -> None:
 
     f64 = torch.float64
     pieces = []
+    cached_sums = getattr(opt, "cached_local_sums", None)
     for bno, nan_ks, sq_ks, row_ks in layout.per_bucket:
-        b = buckets[bno][1]
+        group, b = buckets[bno]
+        # NOTE: [cached sums in the collective] The local sums of squares the previous step's
+        # write pass left (NOTE: [cached sums of squares] in sign_kernels/optim/tiger.py) stand
+        # in for the norms of θ where they still describe it: no pass over θ before the
+        # all-reduce. They are the kernel's fp64 sums, the norms fp32/fp64 foreach norms
+        # squared: the same value to about an fp32 ulp (as the sharded RMS already was).
+        cache = cached_sums(group, b) if cached_sums is not None and (sq_ks or row_ks) else None
+        sums, at = cache if cache is not None else (None, [-1] * len(b.params))
         # NOTE: [statistics from foreach norms] One fused foreach L2 norm per bucket for the
         # grads and one for the matrices, instead of a pass per tensor. The norm of g is NaN
         # exactly when g holds a NaN (squares of infinities and overflows give inf, never
@@ -320,17 +328,33 @@ def tiger_global_stats(opt, plan, grad_scale: Optional[torch.Tensor]) -> None:
             grads = [b.grads[k] for k in nan_ks]
             pieces.append(torch.stack(torch._foreach_norm(grads, 2, _norm_dtype(grads[0]))).to(f64))
         if sq_ks:
-            params = [b.params[k] for k in sq_ks]
-            pieces.append(torch.stack(torch._foreach_norm(params, 2, _norm_dtype(params[0]))).to(f64))
+            fresh = [k for k in sq_ks if at[k] < 0]
+            if fresh:
+                params = [b.params[k] for k in fresh]
+                norms = torch.stack(torch._foreach_norm(params, 2, _norm_dtype(params[0]))).to(f64)
+                norms = norms * norms
+            if len(fresh) == len(sq_ks):
+                pieces.append(norms)
+            else:
+                piece = sums.index_select(0, torch.tensor([max(at[k], 0) for k in sq_ks], device=sums.device))
+                if fresh:
+                    pos = torch.tensor([i for i, k in enumerate(sq_ks) if at[k] < 0], device=sums.device)
+                    piece.index_copy_(0, pos, norms)
+                pieces.append(piece)
         for k in row_ks:
             local = b.params[k]
-            pieces.append(torch.linalg.vector_norm(local, 2, dim=-1, dtype=_norm_dtype(local)).reshape(-1).to(f64))
+            if at[k] >= 0:
+                pieces.append(sums[at[k]:at[k] + local.shape[:-1].numel()])
+            else:
+                norms = torch.linalg.vector_norm(local, 2, dim=-1, dtype=_norm_dtype(local)).reshape(-1).to(f64)
+                pieces.append(norms * norms)
     raw = torch.cat(pieces)
     if layout.perm is not None:
         raw = raw.index_select(0, layout.perm)
-    # g / grad_scale is NaN where g is (GradScaler's scale is finite and > 0).
+    # g / grad_scale is NaN where g is (GradScaler's scale is finite and > 0). The NaN entries
+    # are norms of g, the others sums of squares of θ.
     flags = raw if grad_scale is None else raw / grad_scale.to(device=device, dtype=f64)
-    vals = torch.where(layout.nan_mask, flags.isnan().to(f64), raw * raw)
+    vals = torch.where(layout.nan_mask, flags.isnan().to(f64), raw)
     for pg, sl in layout.collectives:
         if isinstance(sl, slice):
             dist.all_reduce(vals[sl], group=pg)

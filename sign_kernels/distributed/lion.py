@@ -354,6 +354,7 @@ class DistributedLion(Lion):
                 params = [p if p.is_contiguous() else p.contiguous() for p in call.params]
                 votes = [b.gathered[o * k:(o + nb) * k] for o, nb in zip(call.offsets, call.nbytes)]
                 call.apply(params, votes, out_bits, divisor, lr_f, lr_t, float(call.group["weight_decay"]), fi)
+                torch.autograd.graph.increment_version(params)  # NOTE: [version counters] in optim/_base.py
                 for p, q in zip(call.params, params):
                     if q is not p:
                         p.copy_(q)

@@ -371,6 +371,13 @@ class SignOptimizer(Optimizer):
     def _prepare_sharded(self, plan, grad_scale: Optional[torch.Tensor]) -> None:
         """Collectives a sharded step needs before its op calls (none: element-wise math)."""
 
+    def _op_extra(self, group: Dict[str, Any], bucket: _Bucket) -> tuple:
+        """The op's trailing optional arguments for this bucket (Tiger's statistics)."""
+        return bucket.extra
+
+    def _op_done(self, group: Dict[str, Any], bucket: _Bucket) -> None:
+        """Called after a bucket's op call (and the copy-back of staged params)."""
+
     def _run_bucket(self, group, bucket: _Bucket, seeds: List[int], grad_scale, found_inf) -> None:
         states = []
         for p in bucket.keys:
@@ -417,10 +424,15 @@ class SignOptimizer(Optimizer):
             lr_f, lr_t = float(lr), None
         fn = bucket.backend.fn(self._op_name)
         fn(params, grads, bufs, steps, *self._op_args(group, bucket, lr_f, lr_t), gs, fi, seeds,
-           bool(group["stochastic_rounding"]), *bucket.extra)
+           bool(group["stochastic_rounding"]), *self._op_extra(group, bucket))
         if staged is not None:
             for i, p in staged:
                 p.copy_(params[i])
+        # NOTE: [version counters] The compiled kernels write through raw pointers, which
+        # autograd does not see: count the write, so that a version check (autograd's saved
+        # tensors, Tiger's cached sums of squares) sees every param this step changed.
+        torch.autograd.graph.increment_version(bucket.params)
+        self._op_done(group, bucket)
         if fi is None:
             torch._foreach_add_(steps, 1)
         else:

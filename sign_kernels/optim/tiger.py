@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -99,6 +101,37 @@ def tiger_param_groups(
     return out
 
 
+# NOTE: [cached sums of squares] (issue 15) RMS(θ_{t-1}) of the matrix and embedding roles is
+# what made Tiger read θ twice per step. The op hands out the sums of squares of θ as it leaves
+# it (NOTE: [Tiger sums of squares out] in sign_kernels/_ops.py), summed in the order of its
+# own pre-pass; the optimizer keeps them per bucket (outside the state dict) with each param's
+# (version counter, data pointer) right after the call, and gives them back at the next call
+# while both are unchanged, so that call reads θ only to update it and its RMS is the same
+# bits. Anything that writes a param through autograd's view of it bumps its version: in-place
+# ops on the param (also under no_grad), ``model.load_state_dict`` (copy_), another optimizer
+# step (every op call counts its write: NOTE: [version counters] in _base.py); ``p.data = t``
+# changes the data pointer. A write
+# that bypasses the version counter (through ``p.data``, or raw pointers) is not seen: call
+# ``optimizer.forget_rms()`` after one. ``load_state_dict`` of the optimizer forgets the sums.
+# Only the 'cpu' and 'reference' backends produce the sums; CUDA and Triton keep their pre-pass.
+_SUMSQ_BACKENDS = ("cpu", "reference")
+_SUMSQ_CACHE_SIZE = 64
+
+
+class _SumsqEntry:
+    """The sums of squares of one bucket's θ: where each tensor's are, and what they describe."""
+
+    __slots__ = ("buf", "at", "n", "seen", "owners")
+
+    def __init__(self, buf, at, n, keys):
+        self.buf = buf  # fp64, one entry per matrix, one per embedding row
+        self.at = at    # index of each tensor's sums in buf, -1: none (element-wise roles, empty)
+        self.n = n      # the n of its RMS: numel (matrix) or row length (embedding)
+        self.seen: List[Optional[tuple]] = [None] * len(at)  # (version, data_ptr) they describe
+        # The params themselves (the key holds their ids, which a new param may reuse).
+        self.owners = [weakref.ref(k) for k in keys]
+
+
 class Tiger(SignOptimizer):
     r"""Tiger: the sign of an EMA momentum, with gradient accumulation inside the momentum.
 
@@ -119,6 +152,10 @@ class Tiger(SignOptimizer):
     NaN guard, per tensor: if its gradient holds a NaN, ``exp_avg`` is kept and
     :math:`\theta \leftarrow (\theta - c) s + c` with :math:`s` = ``shrink_ratio`` and :math:`c`
     the init centre (1 for ``gain``, else 0).
+
+    RMS(θ) is read from sums of squares the previous step left (backends ``cpu`` and
+    ``reference``; the same bits as reading θ) while the param's version counter and storage
+    are unchanged; after writing a param through ``p.data``, call :meth:`forget_rms`.
 
     Roles: a param group's ``role`` key sets the role of all its params; otherwise each param
     gets :func:`role_of` (by name when the optimizer was given ``model.named_parameters()``,
@@ -180,6 +217,87 @@ class Tiger(SignOptimizer):
     def _reset_caches(self) -> None:
         super()._reset_caches()
         self._role_cache: Dict[int, tuple] = {}
+        self._sumsq_cache: "OrderedDict[tuple, _SumsqEntry]" = OrderedDict()
+        self._pending_sums: Dict[int, _SumsqEntry] = {}  # bucket -> entry, during its op call
+
+    def forget_rms(self) -> None:
+        """Forget the cached sums of squares of θ (NOTE: [cached sums of squares]).
+
+        Needed only after writing a parameter in a way its version counter does not see
+        (``p.data.copy_(...)``, a raw pointer); the next step then reads θ for its RMS.
+        """
+        self._sumsq_cache.clear()
+
+    def _sumsq_entry(self, group, bucket) -> Optional[_SumsqEntry]:
+        """The cached sums of a bucket (created empty), or None where the backend makes none.
+
+        Sums describe the tensors the kernels see (local shards of DTensors)."""
+        if bucket.backend.name not in _SUMSQ_BACKENDS:
+            return None
+        roles = self._roles(group)
+        key = (bucket.backend.name,
+               tuple((id(k), p.shape, roles[j]) for k, p, j in zip(bucket.keys, bucket.params, bucket.positions)))
+        entry = self._sumsq_cache.get(key)
+        if entry is None:
+            at, n, size = [], [], 0
+            for p, j in zip(bucket.params, bucket.positions):
+                role = roles[j]
+                if p.numel() == 0 or role not in (ROLE_MATRIX, ROLE_EMBEDDING):
+                    at.append(-1)
+                    n.append(0)
+                    continue
+                at.append(size)
+                if role == ROLE_EMBEDDING:
+                    n.append(p.shape[-1])
+                    size += p.numel() // p.shape[-1]
+                else:
+                    n.append(p.numel())
+                    size += 1
+            buf = torch.zeros(size, dtype=torch.float64, device=bucket.params[0].device)
+            entry = self._sumsq_cache[key] = _SumsqEntry(buf, at, n, bucket.keys)
+            while len(self._sumsq_cache) > _SUMSQ_CACHE_SIZE:
+                self._sumsq_cache.popitem(last=False)
+        elif any(ref() is not k for ref, k in zip(entry.owners, bucket.keys)):
+            entry = self._sumsq_cache[key] = _SumsqEntry(entry.buf, entry.at, entry.n, bucket.keys)
+        else:
+            self._sumsq_cache.move_to_end(key)
+        return entry
+
+    @staticmethod
+    def _sums_valid(entry: _SumsqEntry, bucket) -> List[bool]:
+        """Which tensors' cached sums describe θ as it is now (version and storage unchanged)."""
+        return [at >= 0 and seen is not None and seen == (p._version, p.data_ptr())
+                for at, seen, p in zip(entry.at, entry.seen, bucket.params)]
+
+    def cached_local_sums(self, group, bucket):
+        """(buffer, index of each tensor's sums or -1 where they are not valid), or None.
+
+        The sharded step reduces these instead of reading θ (sign_kernels.distributed._dtensor)."""
+        entry = self._sumsq_entry(group, bucket)
+        if entry is None:
+            return None
+        return entry.buf, [at if ok else -1 for at, ok in zip(entry.at, self._sums_valid(entry, bucket))]
+
+    def _op_extra(self, group, bucket) -> tuple:
+        self._pending_sums.clear()  # one op call at a time; a call that raised left its entry here
+        entry = self._sumsq_entry(group, bucket)
+        if entry is None:
+            return bucket.extra
+        valid = self._sums_valid(entry, bucket)
+        entry.seen = [None] * len(valid)  # until the op has written them (a call that raises leaves none)
+        self._pending_sums[id(bucket)] = entry
+        if bucket.extra:  # a sharded bucket: the whole tensors' statistics (their sums came from these)
+            return tuple(bucket.extra) + (entry.buf, entry.at)
+        # Given where θ is as the sums left it; -1 (read θ) elsewhere.
+        given = [at if ok else -1 for at, ok in zip(entry.at, valid)]
+        return (entry.buf, [-1] * len(given), given, entry.n, entry.buf, entry.at)
+
+    def _op_done(self, group, bucket) -> None:
+        entry = self._pending_sums.pop(id(bucket), None)
+        if entry is None:
+            return
+        # _run_bucket has counted the op's write in the versions (NOTE: [version counters]).
+        entry.seen = [(p._version, p.data_ptr()) if at >= 0 else None for at, p in zip(entry.at, bucket.params)]
 
     def _validate_hparams(self, group, where: str) -> None:
         _check_lr(group["lr"], where)

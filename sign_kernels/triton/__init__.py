@@ -126,10 +126,10 @@ def lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
 
 def tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay, grad_accum_steps,
            shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding, stats=None, stats_nan=None,
-           stats_sumsq=None, stats_n=None) -> None:
+           stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None) -> None:
     _backend().tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay,
                      grad_accum_steps, shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding,
-                     stats, stats_nan, stats_sumsq, stats_n)
+                     stats, stats_nan, stats_sumsq, stats_n, sumsq_out, sumsq_out_at)
 
 
 def simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count, weight_decay,

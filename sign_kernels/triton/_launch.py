@@ -363,7 +363,11 @@ def lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
 
 def tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay, grad_accum_steps,
            shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding, stats=None, stats_nan=None,
-           stats_sumsq=None, stats_n=None) -> None:
+           stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None) -> None:
+    if sumsq_out is not None or sumsq_out_at is not None:
+        # NOTE: [Tiger sums of squares out]: the Triton kernels keep their pre-pass over θ.
+        raise ValueError("tiger_: sumsq_out/sumsq_out_at are not supported by the Triton kernels (backends 'cpu' "
+                         "and 'reference' produce them)")
     run(ALGO_TIGER, params, grads, exp_avgs, steps, roles, seeds, lr=lr, lr_t=lr_t,
         weight_decay=weight_decay, beta1=beta, shrink=shrink_ratio, k=grad_accum_steps,
         grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding,

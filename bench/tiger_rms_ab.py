@@ -1,0 +1,68 @@
+"""Interleaved A/B of Tiger's cached RMS on the GPT-2 list (fp32, cpu backend, 2 threads).
+
+    python -m bench.tiger_rms_ab [rounds]
+
+Three optimizers on their own copies of the same params and grads take one step each per round,
+in a rotated order: Tiger with the sums of squares cached by the previous write pass (the
+steady step), Tiger told to forget them before every step (θ read again for the RMS: the step
+before issue 15, and every step after θ was changed outside the optimizer), and Lion. Prints the
+median step times and the medians of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import sign_kernels
+
+from .paramsets import gpt2_small
+
+
+def _params(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for name, shape in gpt2_small().tensors:
+        p = torch.nn.Parameter(torch.randn(shape, generator=g) * 0.02)
+        p.grad = torch.randn(shape, generator=g)
+        out.append((name, p))
+    return out
+
+
+def main(rounds: int = 15) -> None:
+    torch.set_num_threads(2)
+    cached = sign_kernels.Tiger(_params(), backend="cpu")
+    reread = sign_kernels.Tiger(_params(), backend="cpu")
+    lion = sign_kernels.Lion([p for _, p in _params()], backend="cpu")
+    steps = {"tiger-cached": (cached, None), "tiger-reread": (reread, reread.forget_rms), "lion": (lion, None)}
+    for opt, before in steps.values():
+        for _ in range(2):
+            if before:
+                before()
+            opt.step()
+    ms = {k: [] for k in steps}
+    keys = list(steps)
+    for r in range(rounds):
+        for k in keys[r % 3:] + keys[:r % 3]:
+            opt, before = steps[k]
+            if before:
+                before()
+            t0 = time.perf_counter()
+            opt.step()
+            ms[k].append((time.perf_counter() - t0) * 1e3)
+
+    def ratio(a, b):
+        return statistics.median(x / y for x, y in zip(ms[a], ms[b]))
+
+    print("median ms:", {k: round(statistics.median(v), 1) for k, v in ms.items()})
+    print(f"per-round medians: cached/reread {ratio('tiger-cached', 'tiger-reread'):.3f}, "
+          f"cached/lion {ratio('tiger-cached', 'lion'):.3f}, reread/lion {ratio('tiger-reread', 'lion'):.3f}")
+    print("load average at the end:", [round(x, 2) for x in os.getloadavg()])
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 15)
