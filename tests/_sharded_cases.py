@@ -447,3 +447,32 @@ def case_bad_input(backend):
         # A plain grad for a DTensor param.
         rep.grad = torch.randn(5)
         _expect_refusal(opt, ["param 1", "plain"], f"{cls.__name__} plain grad")
+
+
+def case_fsdp_backward(backend: str, kinds: str = KINDS):
+    """step_in_backward on FSDP2 params, each rank with its own data (a real reduce-scatter):
+    the same params as backward(); step(); zero_grad(), and no gradient left after a backward.
+    Tiger's statistics collective then runs once per flushed bucket, on every rank alike."""
+    import sign_kernels as sk
+    from torch.distributed.fsdp import fully_shard
+
+    for kind in kinds.split(","):
+        runs = []
+        for in_backward in (False, True):
+            net = make_net()
+            fully_shard(net)
+            opt = make_opt(kind, net, backend)
+            handle = sk.step_in_backward(opt) if in_backward else None
+            for t in range(STEPS):
+                gen = torch.Generator().manual_seed(2000 + 17 * t + dist.get_rank())
+                net(torch.randint(0, 11, (4, 5), generator=gen)).square().mean().backward()
+                if in_backward:
+                    assert all(p.grad is None for p in net.parameters()), f"fsdp backward {kind}: a grad survived"
+                else:
+                    opt.step()
+                    opt.zero_grad()
+            if handle is not None:
+                handle.remove()
+            runs.append(net)
+        for (name, p), (_, q) in zip(runs[0].named_parameters(), runs[1].named_parameters()):
+            _close(kind, _full(q.detach()), _full(p.detach()), f"fsdp step_in_backward {kind} {backend}: {name}")

@@ -56,7 +56,7 @@ def checkpoint_of_two_ranks():
         specs = [
             f"fsdp:{COMPILED}", "fsdp:reference", f"fsdp_bf16_momentum:{COMPILED}", f"fsdp_accum:{COMPILED}",
             f"tp:{COMPILED}",
-            f"ddp:{COMPILED}", f"bad_input:{COMPILED}", f"checkpoints:{COMPILED}:{ckpt}",
+            f"ddp:{COMPILED}", f"bad_input:{COMPILED}", f"checkpoints:{COMPILED}:{ckpt}", f"fsdp_backward:{COMPILED}",
             f"dcp_save:{COMPILED}:{ckpt}",
         ]
         if TRITON:

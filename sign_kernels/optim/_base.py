@@ -361,7 +361,7 @@ class SignOptimizer(Optimizer):
         GradScaler here: its inf check needs every gradient (see step_in_backward).
         """
         plan = self._plan(select)
-        if any(b.sharded for _, _, bs in plan for b in bs):  # untested with step_in_backward
+        if any(b.sharded for _, _, bs in plan for b in bs):  # tested: _sharded_cases.case_fsdp_backward
             self._prepare_sharded(plan, None)
         for group, offset, buckets in plan:
             seeds = self._group_seeds(group, offset)
