@@ -344,29 +344,28 @@ class SignOptimizer(Optimizer):
         grad_scale: Optional[torch.Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
 
-        plan = self._plan()
-        if any(b.sharded for _, _, bs in plan for b in bs):
-            self._prepare_sharded(plan, grad_scale)
-        for group, offset, buckets in plan:
-            seeds = self._group_seeds(group, offset)
-            for bucket in buckets:
-                self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], grad_scale, found_inf)
+        self._run_plan(self._plan(), grad_scale, found_inf)
         return loss
 
     @torch.no_grad()
     def _step_selected(self, select: Dict[int, List[int]]) -> None:
         """step() on some params only ({group index: positions}); step_in_backward's path.
 
-        Same plan, op calls, seeds and hyperparameters as step() gives those params. No
-        GradScaler here: its inf check needs every gradient (see step_in_backward).
+        Same plan, op calls, seeds and hyperparameters as step() gives those params (sharded
+        Tiger: its statistics collective per flushed bucket; tested in
+        _sharded_cases.case_fsdp_backward). No GradScaler here: its inf check needs every
+        gradient (see step_in_backward).
         """
-        plan = self._plan(select)
-        if any(b.sharded for _, _, bs in plan for b in bs):  # tested: _sharded_cases.case_fsdp_backward
-            self._prepare_sharded(plan, None)
+        self._run_plan(self._plan(select), None, None)
+
+    def _run_plan(self, plan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+        """The writes of a validated plan: the sharded step's collectives, then one op call per bucket."""
+        if any(b.sharded for _, _, bs in plan for b in bs):
+            self._prepare_sharded(plan, grad_scale)
         for group, offset, buckets in plan:
             seeds = self._group_seeds(group, offset)
             for bucket in buckets:
-                self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], None, None)
+                self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], grad_scale, found_inf)
 
     def _prepare_sharded(self, plan, grad_scale: Optional[torch.Tensor]) -> None:
         """Collectives a sharded step needs before its op calls (none: element-wise math)."""
