@@ -1,12 +1,14 @@
-"""Interleaved A/B of Tiger's cached RMS on the GPT-2 list (fp32, cpu backend, 2 threads).
+"""Interleaved A/B of Tiger's CPU step on the GPT-2 list (fp32, cpu backend, 2 threads).
 
     python -m bench.tiger_rms_ab [rounds]
 
-Three optimizers on their own copies of the same params and grads take one step each per round,
+Four optimizers on their own copies of the same params and grads take one step each per round,
 in a rotated order: Tiger with the sums of squares cached by the previous write pass (the
-steady step), Tiger told to forget them before every step (θ read again for the RMS: the step
-before issue 15, and every step after θ was changed outside the optimizer), and Lion. Prints the
-median step times and the medians of the per-round ratios.
+steady step), the same with the kernel's windows switched off (one pre-pass over the whole
+list, then one update pass: NOTE: [Tiger windows] in csrc/cpu/sign_cpu.cpp), Tiger told to
+forget its sums before every step (θ read again for the RMS: the step before issue 15, and
+every step after θ was changed outside the optimizer), and Lion. Prints the median step times
+and the medians of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -38,29 +40,46 @@ def main(rounds: int = 15) -> None:
     cached = sign_kernels.Tiger(_params(), backend="cpu")
     reread = sign_kernels.Tiger(_params(), backend="cpu")
     lion = sign_kernels.Lion([p for _, p in _params()], backend="cpu")
-    steps = {"tiger-cached": (cached, None), "tiger-reread": (reread, reread.forget_rms), "lion": (lion, None)}
-    for opt, before in steps.values():
+    unwindowed = sign_kernels.Tiger(_params(), backend="cpu")
+    from sign_kernels import _C
+
+    window = _C.cpu_tiger_window()
+
+    def no_windows():
+        _C.cpu_tiger_window(1 << 62)
+
+    def windows():
+        _C.cpu_tiger_window(window)
+
+    steps = {"tiger-cached": (cached, None, None), "tiger-unwindowed": (unwindowed, no_windows, windows),
+             "tiger-reread": (reread, reread.forget_rms, None), "lion": (lion, None, None)}
+    for opt, before, after in steps.values():
         for _ in range(2):
             if before:
                 before()
             opt.step()
+            if after:
+                after()
     ms = {k: [] for k in steps}
     keys = list(steps)
     for r in range(rounds):
-        for k in keys[r % 3:] + keys[:r % 3]:
-            opt, before = steps[k]
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            opt, before, after = steps[k]
             if before:
                 before()
             t0 = time.perf_counter()
             opt.step()
             ms[k].append((time.perf_counter() - t0) * 1e3)
+            if after:
+                after()
 
     def ratio(a, b):
         return statistics.median(x / y for x, y in zip(ms[a], ms[b]))
 
     print("median ms:", {k: round(statistics.median(v), 1) for k, v in ms.items()})
     print(f"per-round medians: cached/reread {ratio('tiger-cached', 'tiger-reread'):.3f}, "
-          f"cached/lion {ratio('tiger-cached', 'lion'):.3f}, reread/lion {ratio('tiger-reread', 'lion'):.3f}")
+          f"cached/lion {ratio('tiger-cached', 'lion'):.3f}, unwindowed/lion {ratio('tiger-unwindowed', 'lion'):.3f}, "
+          f"reread/lion {ratio('tiger-reread', 'lion'):.3f}")
     print("load average at the end:", [round(x, 2) for x in os.getloadavg()])
 
 

@@ -228,3 +228,26 @@ def test_another_optimizer_writing_the_param_in_between(backend, no_cache):
     cached = run()
     no_cache()
     _assert_same(cached, run())
+
+
+@pytest.fixture
+def cpu_window():
+    """Set the CPU Tiger kernel's window (NOTE: [Tiger windows]); restored afterwards."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the compiled CPU kernels are not built")
+    from sign_kernels import _C
+
+    old = _C.cpu_tiger_window()
+    yield lambda n: _C.cpu_tiger_window(n)
+    _C.cpu_tiger_window(old)
+
+
+@pytest.mark.parametrize("window", [1, 600, 80_000])
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("dtype,sr", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-sr"])
+def test_cpu_windows_give_the_same_bits(window, k, dtype, sr, cpu_window):
+    """The CPU kernel runs its two passes window by window; where the list is cut must not
+    matter (every role, NaN steps, a skipped step, edits, given and computed sums)."""
+    whole = _run("cpu", k, dtype, sr)  # the default window holds each call's whole list
+    assert cpu_window(window) == 1 << 20
+    _assert_same(whole, _run("cpu", k, dtype, sr))

@@ -78,7 +78,54 @@ const char* isa() {
 #endif
 
 const char* lion_step(const TensorList& t, const LionArgs& a) { return SK_DISPATCH(lion_step, t, a); }
-const char* tiger_step(const TensorList& t, const TigerArgs& a) { return SK_DISPATCH(tiger_step, t, a); }
+// NOTE: [Tiger windows]
+// The NaN guard must see a tensor's whole gradient before any of it is written, so Tiger
+// reads g twice: in its read-only pre-pass and in its update pass. Both passes run over a
+// window of consecutive tensors (about g_tiger_window elements; a larger tensor is a
+// window of its own) before the next window starts, so the update pass finds the window's
+// g -- and, on a first step, theta -- still in the last-level cache instead of reading it
+// from memory again (GPT-2 small on a 2-core VM: 1.36 -> 1.21 x Lion's step time). Each
+// window is a whole call on a sub-list, and nothing in a call couples tensors (the chunk
+// partial sums are combined per tensor), so the results are the same bits for any cut.
+// A tensor larger than the cache (an embedding table) still reads its g from memory twice.
+namespace {
+int64_t g_tiger_window = int64_t{1} << 20;
+}  // namespace
+
+int64_t set_tiger_window(int64_t n) {
+  const int64_t old = g_tiger_window;
+  if (n >= 1) g_tiger_window = n;
+  return old;
+}
+
+const char* tiger_step(const TensorList& t, const TigerArgs& a) {
+  for (int64_t begin = 0; begin < t.count;) {
+    int64_t end = begin + 1, elems = t.numels[begin];
+    while (end < t.count && elems + t.numels[end] <= g_tiger_window) elems += t.numels[end++];
+    TensorList tw = t;
+    tw.count = end - begin;
+    tw.params = t.params + begin;
+    tw.grads = t.grads + begin;
+    tw.states = t.states + begin;
+    tw.numels = t.numels + begin;
+    tw.steps = t.steps + begin;
+    tw.seeds = t.seeds + begin;
+    TigerArgs aw = a;
+    aw.roles = a.roles + begin;
+    aw.row_sizes = a.row_sizes + begin;
+    if (a.stats != nullptr) {
+      aw.stats_nan = a.stats_nan + begin;
+      aw.stats_sumsq = a.stats_sumsq + begin;
+      aw.stats_n = a.stats_n + begin;
+    }
+    if (a.sumsq_out != nullptr) aw.sumsq_out_at = a.sumsq_out_at + begin;
+    // Every window has the same dtypes: an unsupported combination fails in the first,
+    // before anything is written.
+    if (const char* err = SK_DISPATCH(tiger_step, tw, aw)) return err;
+    begin = end;
+  }
+  return nullptr;
+}
 const char* simba_step(const TensorList& t, const SimbaArgs& a) { return SK_DISPATCH(simba_step, t, a); }
 
 }  // namespace cpu

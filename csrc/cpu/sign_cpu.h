@@ -84,6 +84,12 @@ const char* simba_step(const TensorList& t, const SimbaArgs& a);
 using ParallelFor = void (*)(int64_t n, void* ctx, void (*body)(void* ctx, int64_t begin, int64_t end));
 void set_parallel_for(ParallelFor fn);
 
+// Tiger's pre-pass and update pass run window by window (NOTE: [Tiger windows] in
+// sign_cpu.cpp): about this many elements per window (default 1 << 20). Results do not
+// depend on it; tests set small windows to cut their lists in many places. Returns the
+// previous value; n < 1 leaves it unchanged.
+int64_t set_tiger_window(int64_t n);
+
 // The instruction set the kernels run with: "avx2" where the CPU has it, else
 // "baseline" (the compiler's default target). SIGN_KERNELS_CPU_ISA=baseline forces the
 // baseline (tests run both).

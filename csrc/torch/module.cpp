@@ -36,6 +36,13 @@ PyObject* cpu_threads_used(PyObject*, PyObject* args, PyObject* kwargs) {
   return PyLong_FromLongLong(sign_kernels::cpu_threads_used(items));
 }
 
+PyObject* cpu_tiger_window(PyObject*, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"elems", nullptr};
+  long long elems = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|L", const_cast<char**>(keywords), &elems)) return nullptr;
+  return PyLong_FromLongLong(sign_kernels::cpu::set_tiger_window(elems));
+}
+
 PyMethodDef methods[] = {
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "Whether the CUDA kernels were compiled into this module."},
     {"cpu_isa", cpu_isa, METH_NOARGS,
@@ -45,6 +52,11 @@ PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "cpu_threads_used(items=1024): how many threads the CPU kernels' parallel loop spreads `items` work "
      "items over: torch.get_num_threads() for a correct build, 1 if it was compiled without torch's OpenMP."},
+    {"cpu_tiger_window", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(cpu_tiger_window)),
+     METH_VARARGS | METH_KEYWORDS,
+     "cpu_tiger_window(elems=0): the elements per window of the CPU Tiger kernel's two passes "
+     "(NOTE: [Tiger windows] in csrc/cpu/sign_cpu.cpp); sets it when elems >= 1 and returns the previous "
+     "value. Results do not depend on it (tests use small windows)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
