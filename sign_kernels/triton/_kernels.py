@@ -227,10 +227,11 @@ def _sign(x):
 # the update's blocks).
 @triton.jit
 def _tree_sum(x, LOG2: tl.constexpr):
-    """Sum of a 1-D fp64 tensor of 2**LOG2 elements: adjacent pairs, level by level."""
+    """Sum of a 1-D fp64 tensor of 2**LOG2 elements: adjacent pairs, level by level. Each level
+    is a tl.sum over an axis of 2: one add of two values, whatever the layout (a tl.split there
+    compiles to layout conversions: 208 registers for 2048 elements, against 32)."""
     for _ in tl.static_range(LOG2):
-        a, b = tl.split(tl.reshape(x, [x.shape[0] // 2, 2]))
-        x = a + b
+        x = tl.sum(tl.reshape(x, [x.shape[0] // 2, 2]), axis=1)
     return tl.sum(x, axis=0)  # one element left: exact
 
 
