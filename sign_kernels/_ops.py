@@ -58,15 +58,18 @@ over θ on the steady path). Two more optional arguments, given together or not 
 
 After the call, every wanted entry holds the sum of squares of θ *as the call leaves it*,
 summed exactly as this backend's own pre-pass sums θ (the CPU kernels: the same calls over
-the same chunks and rows; the reference: the same torch expressions), so handing them to the
+the same chunks and rows; the CUDA kernels: the same device functions over the same chunks,
+NOTE: [CUDA sums of squares out] in csrc/cuda/sign_functors.cuh; Triton: the same fixed
+pairwise order over the update's blocks, NOTE: [Triton sums of squares] in
+sign_kernels/triton/_kernels.py; the reference: the same torch expressions), so handing them to the
 next call as ``stats_sumsq`` (with ``stats_n`` the tensor's numel, or its row length) gives
 the RMS that call would compute from θ itself, bit for bit. This holds whatever the call
 does: an update (the sums are a by-product of the write pass), the NaN guard (likewise),
 an accumulation micro-step or a step GradScaler skips (θ is not written: the sums are read
 from θ, unless they are the given ones in place -- ``sumsq_out`` is ``stats`` and
-``sumsq_out_at[i] == stats_sumsq[i]`` -- which then stay as they are). Backends that do not
-produce them (CUDA, Triton today) refuse the arguments; the optimizer passes them only to
-``cpu`` and ``reference`` (sign_kernels/optim/tiger.py).
+``sumsq_out_at[i] == stats_sumsq[i]`` -- which then stay as they are). Every backend produces
+them (cpu, cuda, triton, reference); the optimizer caches them (NOTE: [cached sums of squares]
+in sign_kernels/optim/tiger.py).
 """
 
 from __future__ import annotations

@@ -6,10 +6,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import os
+
 import pytest
 import torch
 
-import sign_kernels
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (scripts/test.sh
+# exports this too). It must be set before triton is first imported, and importing
+# sign_kernels below asks whether triton can run: a test module that set it later would find
+# the kernels already compiled for a GPU ("Cannot call @triton.jit'd outside of the scope of
+# a kernel"). TRITON_INTERPRET=0 on a GPU machine tests the compiled kernels.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import sign_kernels  # noqa: E402
 
 AVAILABLE = sign_kernels.available_backends()
 # Backends of the optimizer tests here (Triton and CUDA have their own test files).

@@ -8,38 +8,82 @@ NaN steps, skipped steps and params edited between steps.
 
 from __future__ import annotations
 
-from typing import List
+import os
 
-import pytest
-import torch
-from torch import nn
+# The Triton backend runs in its interpreter on CPU tensors unless TRITON_INTERPRET=0 is set (a
+# GPU machine: compiled kernels on CUDA tensors); set before triton first decorates the kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import sign_kernels
-from sign_kernels import Tiger
-from sign_kernels.optim import tiger as tiger_mod
-from conftest import binade_values
+from typing import List  # noqa: E402
 
-BACKENDS = ["reference"] + (["cpu"] if "cpu" in sign_kernels.available_backends() else [])
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import sign_kernels  # noqa: E402
+from sign_kernels import Tiger  # noqa: E402
+from sign_kernels.optim import tiger as tiger_mod  # noqa: E402
+from conftest import binade_values  # noqa: E402
+
+_AVAILABLE = sign_kernels.available_backends()
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _device(backend: str) -> str:
+    if backend == "cuda" or (backend == "triton" and not _INTERPRETED):
+        return "cuda"
+    return "cpu"
+
+
+def _param(backend: str):
+    """The backend as a test parameter: skipped, saying why, where it cannot run here (cuda
+    without a GPU; triton without triton, or compiled without a GPU)."""
+    reason = _AVAILABLE.get(backend)
+    if reason is None and _device(backend) == "cuda" and not torch.cuda.is_available():
+        reason = "no CUDA device"
+    marks = [pytest.mark.skipif(True, reason=f"{backend}: {reason}")] if reason else []
+    if backend == "triton":  # numpy warns about the Inf/NaN of the hard values
+        marks.append(pytest.mark.filterwarnings("ignore::RuntimeWarning"))
+    return pytest.param(backend, marks=marks, id=backend)
+
+
+BACKENDS = [_param(b) for b in ("reference", "cpu", "triton", "cuda")]
+
+
+def _small(backend: str) -> bool:
+    return backend == "triton" and _INTERPRETED
+
+
+def _skip_in_interpreter(backend: str, why: str) -> None:
+    """The Triton interpreter takes ~0.5 s per optimizer step of _Model: cases that check the
+    optimizer's cache logic (the same Python on every backend, tested on reference and cpu)
+    run on the compiled kernels only (TRITON_INTERPRET=0 on a GPU)."""
+    if _small(backend):
+        pytest.skip(f"triton interpreter: {why}")
 
 
 class _Model(nn.Module):
-    """Every role; a matrix over two CPU chunks, embedding rows inside a chunk and longer than one."""
+    """Every role; a matrix over two CPU chunks, embedding rows inside a chunk and longer than one
+    (Triton: a matrix over 37 update blocks, rows inside a block, across two and across 35)."""
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, device="cpu", small=False):
         super().__init__()
         g = torch.Generator().manual_seed(0)
 
         def rnd(*shape, scale=1.0):
             return nn.Parameter((torch.randn(*shape, generator=g) * scale).to(dtype))
 
-        self.big = rnd(300, 250)  # 75000 elements: two chunks of the CPU kernels
+        # small (the Triton interpreter, ~100x slower per element): a matrix over 3 update
+        # blocks, rows across 3 blocks; the same roles, events and edits.
+        self.big = rnd(40, 130) if small else rnd(300, 250)  # 75000 elements: two chunks of the CPU kernels
         self.hard = nn.Parameter(binade_values(torch.float32, 512, g).reshape(16, 32).to(dtype))
         self.zero = nn.Parameter(torch.zeros(3, 3, dtype=dtype))  # RMS 0: never moves
         self.empty = nn.Parameter(torch.zeros(0, 5, dtype=dtype))
         self.embed = rnd(40, 24, scale=2.0)
-        self.long_rows = rnd(2, 70_000)  # rows longer than a chunk
+        self.long_rows = rnd(2, 4500) if small else rnd(2, 70_000)  # rows longer than a chunk
         self.bias = rnd(4097)
         self.gain = nn.Parameter((1 + torch.randn(7, generator=g) * 0.1).to(dtype))
+        self.to(device)
 
     def groups(self):
         return [
@@ -52,6 +96,7 @@ class _Model(nn.Module):
 
 def _grads(model, step, dtype):
     g = torch.Generator().manual_seed(100 + step)
+    device = model.big.device
     out = {}
     for name, p in model.named_parameters():
         x = torch.randn(p.shape, generator=g)
@@ -61,14 +106,14 @@ def _grads(model, step, dtype):
             x.view(-1)[x.numel() // 2] = float("nan")  # the NaN guard fires for that tensor
         if step == 1 and name == "bias":
             x.view(-1)[::7] = 0.0
-        out[name] = x.to(dtype)
+        out[name] = x.to(dtype).to(device)
     return out
 
 
 def _run(backend: str, k: int, dtype, sr: bool, edits: bool = True) -> List[List[torch.Tensor]]:
     """Ten calls with edits between them; a snapshot of every param and momentum after each."""
     torch.manual_seed(0)
-    model = _Model(dtype)
+    model = _Model(dtype, _device(backend), small=_small(backend))
     opt = Tiger(model.groups(), lr=0.05, beta=0.9, weight_decay=0.1, grad_accum_steps=k, backend=backend,
                 stochastic_rounding=sr, seed=3)
     snaps = []
@@ -125,6 +170,8 @@ def no_cache(monkeypatch):
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("dtype,sr", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-sr"])
 def test_cached_sums_give_the_same_bits(backend, k, dtype, sr, no_cache):
+    if (k == 1) != (dtype == torch.float32):
+        _skip_in_interpreter(backend, "fp32 with k=1 and bf16+SR with k=4 cover its kernels")
     cached = _run(backend, k, dtype, sr)
     no_cache()
     fresh = _run(backend, k, dtype, sr)
@@ -148,7 +195,7 @@ def _spy(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_steady_steps_are_given_the_sums_and_edits_take_them_away(backend, monkeypatch):
     calls = _spy(monkeypatch)
-    model = _Model(torch.float32)
+    model = _Model(torch.float32, _device(backend), small=_small(backend))
     opt = Tiger(model.groups(), lr=0.05, backend=backend)
 
     def step():
@@ -179,6 +226,7 @@ def test_a_stale_sum_would_change_the_result(backend, no_cache):
     """The edits of _run matter: ignoring them (a cache without the version check) would differ.
 
     Guards the test above against edits that happen not to change the RMS."""
+    _skip_in_interpreter(backend, "the edits' effect is the same on every backend")
     cached = _run(backend, 1, torch.float32, False)
     no_cache()
     unedited = _run(backend, 1, torch.float32, False, edits=False)
@@ -187,8 +235,8 @@ def test_a_stale_sum_would_change_the_result(backend, no_cache):
 
 def test_two_optimizers_on_one_param_see_each_others_writes():
     """The compiled op's write bumps the version: a second optimizer's cached sums go stale."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("the compiled CPU kernels are not built")
+    if _AVAILABLE["cpu"] is not None:
+        pytest.skip(f"cpu: {_AVAILABLE['cpu']}")
     p = nn.Parameter(torch.randn(64, 64))
     a = Tiger([p], lr=0.1, backend="cpu")
     b = Tiger([p], lr=0.1, backend="cpu")
@@ -214,12 +262,13 @@ def test_another_optimizer_writing_the_param_in_between(backend, no_cache):
     """Lion (compiled kernels, raw pointers) steps θ between Tiger's steps: Tiger must see it."""
     def run():
         torch.manual_seed(0)
-        p = nn.Parameter(torch.randn(300, 250))
+        shape = (40, 130) if _small(backend) else (300, 250)
+        p = nn.Parameter(torch.randn(shape).to(_device(backend)))
         tiger = Tiger([p], lr=0.05, backend=backend)
         lion = sign_kernels.Lion([p], lr=0.1, backend=backend)
         out = []
         for step in range(4):
-            p.grad = torch.randn(300, 250, generator=torch.Generator().manual_seed(step))
+            p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(step)).to(p.device)
             tiger.step()
             lion.step()
             out.append([p.detach().clone()])
@@ -230,11 +279,146 @@ def test_another_optimizer_writing_the_param_in_between(backend, no_cache):
     _assert_same(cached, run())
 
 
+# ---------------------------------------------------------------- the op's sums out, directly
+# matrix over many blocks and chunks, odd matrix, element-wise (ignored), embedding rows inside
+# a block, across two blocks (2049), across several (5000), long rows of a 2-d+ embedding.
+_SHAPES = [(300, 250), (3, 7), (7,), (40, 24), (5, 2049), (2, 5000), (2, 2, 33)]
+_ROLES = [3, 3, 0, 2, 2, 2, 2]
+_SENTINEL = -7.0
+
+
+def _op_case(backend, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dev = _device(backend)
+    ps = [(torch.randn(s, generator=g) * 3).to(dtype).to(dev) for s in _SHAPES]
+    gs = [torch.randn(s, generator=g).to(dtype).to(dev) for s in _SHAPES]
+    gs[1].view(-1)[4] = float("nan")  # the NaN guard: θ shrinks, its sums are of the shrunk θ
+    ms = [torch.zeros(s, dtype=dtype, device=dev) for s in _SHAPES]
+    at, size = [], 0
+    for s, r in zip(_SHAPES, _ROLES):
+        at.append(size)  # the element-wise tensor too: it must be ignored
+        size += torch.Size(s).numel() // s[-1] if r == 2 else 1
+    return ps, gs, ms, at, size
+
+
+def _tiger(backend, ps, gs, ms, step, k=1, found_inf=None, **kw):
+    fn = sign_kernels.backends.get(backend).fn("tiger_")
+    steps = [torch.tensor(step, device=p.device) for p in ps]
+    fn(ps, gs, ms, steps, _ROLES, 0.05, None, 0.9, 0.1, k, 0.99, None, found_inf, list(range(len(ps))), False, **kw)
+
+
+def _sums(backend, ps, gs, ms, at, size, step, k=1, found_inf=None, out=None, **kw):
+    if out is None:
+        out = torch.full((size,), _SENTINEL, dtype=torch.float64, device=ps[0].device)
+    _tiger(backend, ps, gs, ms, step, k, found_inf, sumsq_out=out, sumsq_out_at=at, **kw)
+    return out
+
+
+def _bits(x):
+    return x.cpu().view(torch.int64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sums_out_are_the_sums_a_read_of_theta_gives(backend, dtype):
+    """The write pass's sums (update, NaN guard) equal, bit for bit, those the backend's read of θ
+    gives: a step GradScaler skips, and an accumulation micro-step (θ not written, sums read)."""
+    ps, gs, ms, at, size = _op_case(backend, dtype)
+    written = _sums(backend, ps, gs, ms, at, size, step=0)
+    gs[1].view(-1)[4] = 0.0  # no NaN guard below: θ is not written there
+    assert _bits(written)[at[2]] == _bits(torch.tensor(_SENTINEL, dtype=torch.float64)), "element-wise: no sums"
+    before = [p.clone() for p in ps]
+    skipped = _sums(backend, ps, gs, ms, at, size, step=1, found_inf=torch.tensor(1.0, device=ps[0].device))
+    assert all(torch.equal(a, b) for a, b in zip(before, ps)), "a skipped step writes nothing"
+    assert torch.equal(_bits(skipped), _bits(written))
+    micro = _sums(backend, ps, gs, ms, at, size, step=0, k=2)  # t = 0, k = 2: θ not written
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+    assert torch.equal(_bits(micro), _bits(written))
+    # and both are the sums of θ (the reference's, up to the summation order)
+    ref = torch.cat([(p.double() ** 2).reshape(-1, p.shape[-1]).sum(1) if r == 2 else (p.double() ** 2).sum().reshape(1)
+                     for p, r in zip(ps, _ROLES)]).cpu()
+    keep = torch.tensor([i != at[2] for i in range(size)])
+    torch.testing.assert_close(written.cpu()[keep], ref[keep], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_given_sums_in_place_stay_while_theta_is_not_written(backend):
+    """sumsq_out is stats and each tensor's sums are the given ones: kept on a micro-step (even
+    when they are not θ's: they are the caller's), rewritten when θ is written."""
+    ps, gs, ms, at, size = _op_case(backend, torch.float32)
+    gs[1].view(-1)[4] = 0.0  # no NaN guard: θ is not written on the micro-step
+    n = [p.shape[-1] if r == 2 else p.numel() for p, r in zip(ps, _ROLES)]
+    stats = torch.full((size,), 5.0, dtype=torch.float64, device=ps[0].device)
+    kw = dict(stats=stats, stats_nan=[-1] * len(ps), stats_sumsq=at, stats_n=n)
+    _sums(backend, ps, gs, ms, at, size, step=0, k=2, out=stats, **kw)
+    assert torch.equal(stats.cpu(), torch.full((size,), 5.0, dtype=torch.float64))
+    _sums(backend, ps, gs, ms, at, size, step=1, k=2, out=stats, **kw)  # the window's last: θ written
+    read = _sums(backend, ps, gs, ms, at, size, step=1, found_inf=torch.tensor(1.0, device=ps[0].device))
+    keep = torch.tensor([i != at[2] for i in range(size)])
+    assert torch.equal(_bits(stats)[keep], _bits(read)[keep])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sums_out_arguments_are_checked(backend):
+    ps, gs, ms, at, size = _op_case(backend, torch.float32)
+    dev = ps[0].device
+    out = torch.zeros(size, dtype=torch.float64, device=dev)
+    errors = (ValueError, RuntimeError)
+    with pytest.raises(errors, match="given together or not at all"):
+        _tiger(backend, ps, gs, ms, 0, sumsq_out=out)
+    with pytest.raises(errors, match="sumsq_out must be a"):
+        _tiger(backend, ps, gs, ms, 0, sumsq_out=out.float(), sumsq_out_at=at)
+    with pytest.raises(errors, match="sumsq_out_at.*entr"):
+        _tiger(backend, ps, gs, ms, 0, sumsq_out=out, sumsq_out_at=at[:-1])
+    bad = list(at)
+    bad[3] = size - 2  # 40 rows do not fit there
+    with pytest.raises(errors, match=r"sumsq_out_at\[3\] = .* is neither -1 nor the start of 40 entries"):
+        _tiger(backend, ps, gs, ms, 0, sumsq_out=out, sumsq_out_at=bad)
+
+
+def test_triton_sums_out_are_its_pre_pass_sums():
+    """Triton: the update's sums out equal what the next call's own pre-pass computes from θ
+    (read from the launcher's statistics buffers), bit for bit (NOTE: [Triton sums of squares])."""
+    backend = "triton"
+    if _AVAILABLE[backend] is not None or (_device(backend) == "cuda" and not torch.cuda.is_available()):
+        pytest.skip(f"triton: {_AVAILABLE[backend] or 'no CUDA device'}")
+    from sign_kernels.triton import _launch as L
+    from sign_kernels.triton import _kernels as K
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ps, gs, ms, at, size = _op_case(backend, dtype, seed=1)
+        out = _sums(backend, ps, gs, ms, at, size, step=0)
+        _tiger(backend, ps, gs, ms, 0)  # reads θ for its RMS
+        plan = next(reversed(L._plans.values()))
+        row_sumsq, t_sumsq = plan.stats[0].cpu(), plan.stats[6].cpu()
+        table = plan.tensors.reshape(len(ps), -1).cpu()
+        for i, (p, r) in enumerate(zip(ps, _ROLES)):
+            if r == 3:
+                pre = t_sumsq[i:i + 1]
+            elif r == 2:
+                slot, rows = int(table[i, K.F_SLOT.value]), p.numel() // p.shape[-1]
+                pre = row_sumsq[slot:slot + rows]
+            else:
+                continue
+            assert torch.equal(_bits(out[at[i]:at[i] + pre.numel()]), _bits(pre)), f"{dtype}, tensor {i}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_the_version_check_the_cache_would_be_stale(backend, monkeypatch, no_cache):
+    """test_cached_sums_give_the_same_bits fails when the cache ignores the param versions."""
+    _skip_in_interpreter(backend, "the version check is the same Python on every backend")
+    monkeypatch.setattr(tiger_mod.Tiger, "_sums_valid", staticmethod(
+        lambda entry, bucket: [at >= 0 and seen is not None for at, seen in zip(entry.at, entry.seen)]))
+    stale = _run(backend, 1, torch.float32, False)
+    no_cache()
+    fresh = _run(backend, 1, torch.float32, False)
+    assert not all(torch.equal(u, v) for a, b in zip(stale, fresh) for u, v in zip(a, b))
+
 @pytest.fixture
 def cpu_window():
     """Set the CPU Tiger kernel's window (NOTE: [Tiger windows]); restored afterwards."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("the compiled CPU kernels are not built")
+    if _AVAILABLE.get("cpu") is not None:
+        pytest.skip(f"cpu: {_AVAILABLE['cpu']}")
     from sign_kernels import _C
 
     old = _C.cpu_tiger_window()

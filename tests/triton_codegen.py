@@ -53,10 +53,11 @@ def step_specs(all_flags: bool):
             if L.dtype_error(algo, pdt, gdt, sdt) is not None:
                 continue
             srs = (False, True) if torch.bfloat16 in (pdt, sdt) else (False,)
-            for sr, aligned in itertools.product(srs, (True, False)):
+            sums = (False, True) if algo == L.ALGO_TIGER else (False,)
+            for sr, aligned, sumsq in itertools.product(srs, (True, False), sums):
                 for lr_t, scale, found in (flag_sets if aligned else [(True, True, True)]):
                     cfg = L.step_config(algo, pdt, gdt, sdt, has_lr_t=lr_t, has_scale=scale,
-                                        has_found=found, sr=sr, aligned=aligned)
+                                        has_found=found, sr=sr, aligned=aligned, sumsq=sumsq)
                     sig = dict(tensors="*i64", blocks="*i64", lr="fp32",
                                lr_t="*fp32" if lr_t else "*i64",
                                scale_ptr="*fp32" if scale else "*i64",
@@ -65,10 +66,13 @@ def step_specs(all_flags: bool):
                                k="i32", window="i32", threshold="i32",
                                t_nan="*i32" if algo == L.ALGO_TIGER else "*i64",
                                t_rms="*fp32" if algo == L.ALGO_TIGER else "*i64",
-                               row_rms="*fp32" if algo == L.ALGO_TIGER else "*i64")
+                               row_rms="*fp32" if algo == L.ALGO_TIGER else "*i64",
+                               blk="*fp64" if algo == L.ALGO_TIGER else "*i64",
+                               sumsq_out="*fp64" if sumsq else "*i64")
                     name = (f"sign_step_kernel[{L._ALGO_NAME[algo]} p={_dt(pdt)} g={_dt(gdt)} "
                             f"m={_dt(sdt)} sr={int(sr)} aligned={int(aligned)} lr_t={int(lr_t)} "
-                            f"scale={int(scale)} found={int(found)}]")
+                            f"scale={int(scale)} found={int(found)}"
+                            + (" sumsq=1]" if sumsq else "]"))
                     # 16-byte vectors a thread needs per buffer in the full-block path
                     per_thread = cfg["BLOCK"] // (32 * cfg["num_warps"])
                     reads = [pdt, gdt, sdt]
@@ -84,20 +88,32 @@ def stats_specs():
 
     pairs = sorted({(p, g) for p, g, m in itertools.product(DTYPES, repeat=3)
                     if L.dtype_error(L.ALGO_TIGER, p, g, m) is None}, key=str)
-    for (pdt, gdt), scale, aligned in itertools.product(pairs, (False, True), (True, False)):
-        cfg = L.rows_config(pdt, gdt, has_scale=scale, aligned=aligned)
-        sig = dict(tensors="*i64", tasks="*i64", scale_ptr="*fp32" if scale else "*i64",
-                   found_ptr="*i64", k="i32", row_sumsq="*fp64", row_nan="*i32")
+    for gdt, scale, aligned in itertools.product(sorted({g for _, g in pairs}, key=str), (False, True),
+                                                 (True, False)):
+        cfg = L.rows_config(gdt, has_scale=scale, aligned=aligned)
+        sig = dict(tensors="*i64", tasks="*i64", scale_ptr="*fp32" if scale else "*i64", row_nan="*i32")
         per_thread = cfg["ROWS"] * cfg["COLS"] // (32 * cfg["num_warps"])
         yield dict(kernel="tiger_rows_kernel", sig=sig, cfg=cfg, aligned=aligned,
-                   name=f"tiger_rows_kernel[p={_dt(pdt)} g={_dt(gdt)} scale={int(scale)} "
-                        f"aligned={int(aligned)}]",
-                   min_v4_loads=sum(per_thread * d.itemsize // 16 for d in (pdt, gdt)),
-                   min_v4_stores=0)
+                   name=f"tiger_rows_kernel[g={_dt(gdt)} scale={int(scale)} aligned={int(aligned)}]",
+                   min_v4_loads=per_thread * gdt.itemsize // 16, min_v4_stores=0)
+    # NOTE: [Triton sums of squares]: the pre-pass over θ, on the update's blocks.
+    for pdt, aligned in itertools.product(sorted({p for p, _ in pairs}, key=str), (True, False)):
+        cfg = L.sumsq_config(pdt, aligned=aligned)
+        per_thread = cfg["BLOCK"] // (32 * cfg["num_warps"])
+        yield dict(kernel="tiger_sumsq_kernel", cfg=cfg, aligned=aligned,
+                   sig=dict(tensors="*i64", blocks="*i64", k="i32", row_sumsq="*fp64", blk="*fp64"),
+                   name=f"tiger_sumsq_kernel[p={_dt(pdt)} aligned={int(aligned)}]",
+                   min_v4_loads=per_thread * pdt.itemsize // 16, min_v4_stores=0)
     yield dict(kernel="tiger_finish_kernel", name="tiger_finish_kernel", cfg=L.finish_config(),
-               sig=dict(tensors="*i64", row_sumsq="*fp64", row_nan="*i32", t_nan="*i32",
-                        t_rms="*fp32", row_rms="*fp32", stats="*fp64"),
+               sig=dict(tensors="*i64", row_nan="*i32", row_sumsq="*fp64", blk="*fp64", k="i32",
+                        t_nan="*i32", t_rms="*fp32", row_rms="*fp32", t_sumsq="*fp64", stats="*fp64"),
                aligned=False, min_v4_loads=0, min_v4_stores=0)
+    for found in (False, True):
+        yield dict(kernel="tiger_sumsq_out_kernel", name=f"tiger_sumsq_out_kernel[found={int(found)}]",
+                   cfg=L.sumsq_out_config(has_found=found),
+                   sig=dict(tensors="*i64", blk="*fp64", t_nan="*i32", found_ptr="*fp32" if found else "*i64",
+                            k="i32", sumsq_out="*fp64"),
+                   aligned=False, min_v4_loads=0, min_v4_stores=0)
 
 
 _V4_LD = re.compile(r"^\s*(@%p\d+\s+)?ld\.global(\.\w+)*\.v4\.", re.M)

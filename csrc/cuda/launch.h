@@ -72,6 +72,12 @@ struct TigerArgs {
   const int64_t* stats_nan = nullptr;
   const int64_t* stats_sumsq = nullptr;
   const int64_t* stats_n = nullptr;
+  // Sums of squares of θ as the call leaves it (NOTE: [Tiger sums of squares out] in
+  // sign_kernels/_ops.py; NOTE: [CUDA sums of squares out] in sign_functors.cuh): sumsq_out a
+  // device fp64 array (may be stats itself), null when none are wanted; sumsq_out_at a host
+  // array, per tensor: index of its sums (matrix: one; embedding: one per row) or -1.
+  double* sumsq_out = nullptr;
+  const int64_t* sumsq_out_at = nullptr;
 };
 
 struct SimbaArgs {

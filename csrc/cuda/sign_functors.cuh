@@ -157,10 +157,12 @@ struct TigerMeta {
   uint32_t seed;
   int32_t index;      // position of the tensor in the call (Workspace::info)
   int32_t role;       // TigerRole
+  int32_t out_kept;   // the wanted sums out are the given ones, in place (NOTE: [CUDA sums of squares out])
   // Given statistics (NOTE: [Tiger statistics input]): indices into TigerHyper::stats, -1 = own.
   int64_t given_nan;
   int64_t given_sumsq;
   int64_t given_n;    // n of the RMS of the given sums
+  int64_t out_at;     // index of the sums out in TigerHyper::sumsq_out, -1: none wanted
 };
 
 struct TigerTensorInfo {
@@ -185,6 +187,7 @@ struct TigerHyper {
   int64_t grad_accum_steps;
   TigerWorkspace ws;
   const double* stats;  // given statistics, or null
+  double* sumsq_out;    // sums of squares out, or null (NOTE: [CUDA sums of squares out])
 
   __device__ __forceinline__ TigerScalars scalars(int64_t t, int role) const {
     return tiger_scalars(t, grad_accum_steps, beta, weight_decay, shrink_ratio, role);
@@ -216,6 +219,111 @@ __device__ __forceinline__ double sq(T x) {
   return v * v;
 }
 
+// NOTE: [CUDA sums of squares out] The sums of squares of θ handed out for the next call
+// (NOTE: [Tiger sums of squares out] in sign_kernels/_ops.py) must be the bits the pre-pass
+// would compute from θ, so both go through the same three functions, in the same chunks:
+//  * matrix: thread_sumsq over a kChunkElems chunk (each thread its contiguous packs, in
+//    order; a fixed layout whatever the alignment), block_sum, one slot per chunk, then
+//    sum_slots over the tensor's slots in slot order;
+//  * embedding: rows_sumsq over the whole rows of a row-aligned chunk (a row's sum depends on
+//    the row alone: a warp per row, or a block for rows longer than kWarpRowMax).
+// The update pass adds the squares of the values it stores to its per-thread sum where its
+// packs are those of thread_sumsq (the contiguous, aligned layout; matrices), and otherwise,
+// right after writing the chunk (__syncthreads makes the block's writes visible to it), reads
+// the chunk back while it is still in L1/L2, as the CPU kernels do (embedding rows, whose
+// warp-per-row order no element-per-thread layout gives; misaligned chunks). When sums are
+// wanted for an embedding, the update takes the pre-pass's row-aligned chunks for it. A step
+// that does not write θ (accumulation micro-step, found_inf) reads θ with the same functions,
+// unless the wanted sums are the given ones in place (out_kept), which then stay.
+// The pre-pass sums a matrix chunk in its contiguous layout even where θ or g is misaligned
+// (before, such a chunk was summed in the strided layout of its NaN scan): the one change of
+// the pre-pass's bits, only for misaligned tensors.
+
+// This thread's share of the sum of squares of chunk c of p, in the fixed layout above.
+template <typename P>
+__device__ __forceinline__ double thread_sumsq(const P* p, const Chunk& c) {
+  const bool aligned = aligned16(p + c.begin);
+  double acc = 0.0;
+  for_each_pack(c, true, [&](const PackSlot& slot) {
+    PackSlot s = slot;
+    s.vector = s.vector && aligned;  // contiguous packs, scalar loads when p is misaligned
+    Pack<P> pk;
+    load_pack(pk, p, s);  // masked lanes load 0
+#pragma unroll
+    for (int j = 0; j < kILP; ++j) acc += sq(pk.v[j]);
+  });
+  return acc;
+}
+
+// Sum of n fp64 slots, in a fixed order; every thread must call it; thread 0 gets the sum.
+__device__ __forceinline__ double sum_slots(const double* v, int64_t n) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += v[i];
+  return block_sum(acc);
+}
+
+// The sums of squares of rows [r0, r1) of p (rows of d elements): out(r, sum) for each row;
+// every thread must call it.
+template <typename P, typename Out>
+__device__ __forceinline__ void rows_sumsq(const P* p, int64_t d, int64_t r0, int64_t r1, Out&& out) {
+  if (d <= kWarpRowMax) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t r = r0 + (threadIdx.x >> 5); r < r1; r += blockDim.x >> 5) {
+      const P* row = p + r * d;
+      double acc = 0.0;
+#pragma unroll 4
+      for (int64_t k = lane; k < d; k += 32) acc += sq(row[k]);
+      acc = warp_sum(acc);
+      if (lane == 0) out(r, acc);
+    }
+  } else {
+    for (int64_t r = r0; r < r1; ++r) {
+      const P* row = p + r * d;
+      double acc = 0.0;
+      for (int64_t k = threadIdx.x; k < d; k += blockDim.x) acc += sq(row[k]);
+      acc = block_sum(acc);
+      if (threadIdx.x == 0) out(r, acc);
+    }
+  }
+}
+
+// Pre-pass chunk of a tensor: ordinary, or whole rows for embeddings (NOTE: [Tiger pre-pass]).
+__host__ __device__ inline int64_t prepass_chunk(int64_t role, int64_t row_size) {
+  if (role != kRoleEmbedding) return kChunkElems;
+  if (row_size <= kWarpRowMax) return (kChunkElems / row_size) * row_size;
+  return row_size;
+}
+
+// Whether this call fills tensor `meta`'s sums out (NOTE: [CUDA sums of squares out]): wanted,
+// and θ is written or the wanted sums are not the given ones in place. Uniform over a block.
+__device__ __forceinline__ bool fills_sums(const TigerHyper& h, const TigerMeta& meta, bool skip) {
+  if (h.sumsq_out == nullptr || meta.out_at < 0) return false;
+  if (!meta.out_kept) return true;
+  if (skip) return false;  // θ is not written (and the pre-pass left no flags)
+  return h.ws.info[meta.index].nan || h.scalars(*meta.step, meta.role).update;
+}
+
+// The sums out of chunk c after the update wrote it (or left it): `acc` is this thread's
+// thread_sumsq share where in_regs (matrix, computed from the stored values), else θ is read back.
+template <typename P, typename Table>
+__device__ __forceinline__ void chunk_sums_out(const TigerHyper& h, const Table& tl, const Chunk& c,
+                                               const TigerMeta& meta, bool in_regs, double acc) {
+  const P* p = static_cast<const P*>(tl.ptrs[kParamIdx][c.tensor]);
+  if (meta.role == kRoleMatrix) {
+    if (!in_regs) {
+      __syncthreads();  // the block's writes of this chunk, visible to every thread of it
+      acc = thread_sumsq(p, c);
+    }
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) h.ws.chunk_sumsq[meta.slot_base + c.index] = acc;  // summed per tensor after
+  } else {
+    __syncthreads();
+    const int64_t d = meta.row_size;  // the chunk holds whole rows (prepass_chunk)
+    double* out = h.sumsq_out + meta.out_at;
+    rows_sumsq(p, d, c.begin / d, c.end / d, [&](int64_t r, double s) { out[r] = s; });
+  }
+}
+
 // Pre-pass over lists (θ, g), in chunks whose size is TigerMeta-dependent (row-aligned for
 // embeddings). Writes chunk_nan / chunk_sumsq of its slot and row_rms of its rows.
 template <typename P, typename G>
@@ -237,20 +345,25 @@ struct TigerPrepassFunctor {
     int nan = 0;
     double sumsq = 0.0;
     const bool scan_nan = meta.given_nan < 0;  // a given NaN count: g is not read here
-    if (scan_nan || matrix_rms) for_each_pack(c, all_aligned16(c.begin, p, g), [&](const PackSlot& s) {
+    // θ's sums in the layout of thread_sumsq (NOTE: [CUDA sums of squares out]): in the NaN
+    // scan's loop when that layout is the contiguous one, else on their own.
+    const bool aligned = all_aligned16(c.begin, p, g);
+    const bool fused_sq = matrix_rms && aligned;
+    if (scan_nan || fused_sq) for_each_pack(c, aligned, [&](const PackSlot& s) {
       if (scan_nan) {
         Pack<G> gk;
         load_pack(gk, g, s);
 #pragma unroll
         for (int j = 0; j < kILP; ++j) nan |= s.valid(j) && isnan(unscale(gk.v[j], scale));
       }
-      if (matrix_rms) {
+      if (fused_sq) {
         Pack<P> pk;
         load_pack(pk, p, s);  // masked lanes load 0
 #pragma unroll
         for (int j = 0; j < kILP; ++j) sumsq += sq(pk.v[j]);
       }
     });
+    if (matrix_rms && !aligned) sumsq = thread_sumsq(p, c);
     nan = __syncthreads_or(nan);
     if (matrix_rms) sumsq = block_sum(sumsq);
     if (threadIdx.x == 0) {
@@ -266,24 +379,8 @@ struct TigerPrepassFunctor {
         const double* given = h.stats + meta.given_sumsq;
         const double n = static_cast<double>(meta.given_n);
         for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) out[r] = static_cast<float>(sqrt(given[r] / n));
-      } else if (d <= kWarpRowMax) {
-        const int lane = threadIdx.x & 31;
-        for (int64_t r = r0 + (threadIdx.x >> 5); r < r1; r += blockDim.x >> 5) {
-          const P* row = p + r * d;
-          double acc = 0.0;
-#pragma unroll 4
-          for (int64_t k = lane; k < d; k += 32) acc += sq(row[k]);
-          acc = warp_sum(acc);
-          if (lane == 0) out[r] = static_cast<float>(sqrt(acc / static_cast<double>(d)));
-        }
       } else {
-        for (int64_t r = r0; r < r1; ++r) {
-          const P* row = p + r * d;
-          double acc = 0.0;
-          for (int64_t k = threadIdx.x; k < d; k += blockDim.x) acc += sq(row[k]);
-          acc = block_sum(acc);
-          if (threadIdx.x == 0) out[r] = static_cast<float>(sqrt(acc / static_cast<double>(d)));
-        }
+        rows_sumsq(p, d, r0, r1, [&](int64_t r, double s) { out[r] = static_cast<float>(sqrt(s / static_cast<double>(d))); });
       }
     }
   }
@@ -299,13 +396,10 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) tiger_finalize
   const bool matrix_rms = h.scalars(*meta.step, meta.role).update && meta.role == kRoleMatrix;
   const int64_t nchunks = (tl.numel[t] + tl.chunk_elems[t] - 1) / tl.chunk_elems[t];
   int nan = 0;
-  double sumsq = 0.0;
-  for (int64_t i = threadIdx.x; i < nchunks; i += blockDim.x) {
-    nan |= h.ws.chunk_nan[meta.slot_base + i];
-    if (matrix_rms) sumsq += h.ws.chunk_sumsq[meta.slot_base + i];
-  }
+  for (int64_t i = threadIdx.x; i < nchunks; i += blockDim.x) nan |= h.ws.chunk_nan[meta.slot_base + i];
   nan = __syncthreads_or(nan);
-  if (matrix_rms) sumsq = block_sum(sumsq);
+  // NOTE: [CUDA sums of squares out]: tiger_sums_out_kernel sums the update's slots the same way.
+  double sumsq = matrix_rms ? sum_slots(h.ws.chunk_sumsq + meta.slot_base, nchunks) : 0.0;
   if (threadIdx.x == 0) {
     TigerTensorInfo info;
     info.nan = meta.given_nan >= 0 ? h.stats[meta.given_nan] != 0.0 : nan != 0;
@@ -317,15 +411,33 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) tiger_finalize
   }
 }
 
-// The update, in ordinary chunks, after the pre-pass and finalisation of every tensor.
+// After the update (NOTE: [CUDA sums of squares out]), one block per tensor of an update
+// table: a matrix's sums out from the update's chunk slots, summed as tiger_finalize_kernel sums
+// the pre-pass's. (Embedding rows were written by the update itself.)
+template <typename Table>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM) tiger_sums_out_kernel(const SK_GRID_CONSTANT Table tl,
+                                                                       const SK_GRID_CONSTANT TigerHyper h) {
+  const int t = blockIdx.x;
+  const TigerMeta& meta = tl.meta[t];
+  if (meta.role != kRoleMatrix || !fills_sums(h, meta, h.common.skip())) return;
+  const int64_t nchunks = (tl.numel[t] + tl.chunk_elems[t] - 1) / tl.chunk_elems[t];
+  const double sumsq = sum_slots(h.ws.chunk_sumsq + meta.slot_base, nchunks);
+  if (threadIdx.x == 0) h.sumsq_out[meta.out_at] = sumsq;
+}
+
+// The update, in ordinary chunks (row-aligned ones for embeddings whose sums are wanted),
+// after the pre-pass and finalisation of every tensor.
 template <typename P, typename G, typename S>
 struct TigerUpdateFunctor {
   TigerHyper h;
 
   template <typename Table>
   __device__ __forceinline__ void operator()(const Table& tl, const Chunk& c) const {
-    if (h.common.skip()) return;
     const TigerMeta& meta = tl.meta[c.tensor];
+    if (h.common.skip()) {  // nothing is written; the sums out are read from θ where wanted
+      if (fills_sums(h, meta, true)) chunk_sums_out<P>(h, tl, c, meta, false, 0.0);
+      return;
+    }
     const int64_t t = *meta.step;
     const TigerScalars sc = h.scalars(t, meta.role);
     const TigerTensorInfo info = h.ws.info[meta.index];
@@ -335,9 +447,15 @@ struct TigerUpdateFunctor {
     P* p = static_cast<P*>(tl.ptrs[kParamIdx][c.tensor]);
     const G* g = static_cast<const G*>(tl.ptrs[kGradIdx][c.tensor]);
     S* m = static_cast<S*>(tl.ptrs[kStateIdx][c.tensor]);
+    // NOTE: [CUDA sums of squares out]: this thread's share of a matrix chunk's sums, from the
+    // values stored, where the packs are thread_sumsq's (contiguous layout).
+    const bool fill = fills_sums(h, meta, false);
+    const bool sum_regs = fill && meta.role == kRoleMatrix;
+    double acc = 0.0;
 
     if (info.nan) {  // NaN guard: m unchanged, θ shrunk towards its centre
-      for_each_pack(c, all_aligned16(c.begin, p), [&](const PackSlot& s) {
+      const bool aligned = all_aligned16(c.begin, p);
+      for_each_pack(c, aligned, [&](const PackSlot& s) {
         Pack<P> pk;
         load_pack(pk, p, s);
 #pragma unroll
@@ -345,9 +463,11 @@ struct TigerUpdateFunctor {
           float pf = to_f32(pk.v[j]);
           tiger_shrink(pf, sc);
           store(&pk.v[j], pf, key_p, s.index(j), sr);
+          if (sum_regs && aligned) acc += s.valid(j) ? sq(pk.v[j]) : 0.0;
         }
         store_pack(p, pk, s);
       });
+      if (fill) chunk_sums_out<P>(h, tl, c, meta, aligned, acc);
       return;
     }
 
@@ -367,6 +487,7 @@ struct TigerUpdateFunctor {
         }
         store_pack(m, mk, s);
       });
+      if (fill) chunk_sums_out<P>(h, tl, c, meta, false, 0.0);  // θ as it is, read for the sums
       return;
     }
 
@@ -375,7 +496,8 @@ struct TigerUpdateFunctor {
     const float lr_tensor = tiger_lr(lr, meta.role, info.rms);  // unused for embeddings
     const int64_t d = meta.row_size;
     const float* row_rms = h.ws.row_rms + meta.row_base;
-    for_each_pack(c, all_aligned16(c.begin, p, g, m), [&](const PackSlot& s) {
+    const bool aligned = all_aligned16(c.begin, p, g, m);
+    for_each_pack(c, aligned, [&](const PackSlot& s) {
       Pack<P> pk;
       Pack<G> gk;
       Pack<S> mk;
@@ -403,10 +525,12 @@ struct TigerUpdateFunctor {
         tiger_update(pf, mf, unscale(gk.v[j], scale), lr_p, sc);
         store(&pk.v[j], pf, key_p, s.index(j), sr);
         store(&mk.v[j], mf, key_s, s.index(j), sr);
+        if (sum_regs && aligned) acc += s.valid(j) ? sq(pk.v[j]) : 0.0;
       }
       store_pack(p, pk, s);
       store_pack(m, mk, s);
     });
+    if (fill) chunk_sums_out<P>(h, tl, c, meta, aligned, acc);
   }
 };
 

@@ -8,13 +8,6 @@ namespace sign_kernels {
 namespace cuda {
 namespace {
 
-// Pre-pass chunk of a tensor: ordinary, or whole rows for embeddings (NOTE: [Tiger pre-pass]).
-int64_t prepass_chunk(int64_t role, int64_t row_size) {
-  if (role != kRoleEmbedding) return kChunkElems;
-  if (row_size <= kWarpRowMax) return (kChunkElems / row_size) * row_size;
-  return row_size;
-}
-
 size_t align16(size_t n) { return (n + 15) & ~static_cast<size_t>(15); }
 
 struct Layout {
@@ -27,6 +20,7 @@ Layout layout(const TensorList& t, const TigerArgs& a, std::vector<TigerMeta>* m
   Layout L;
   if (!list_ok(t) || (t.count > 0 && (a.roles == nullptr || a.row_sizes == nullptr))) return L;
   if (a.stats != nullptr && (a.stats_nan == nullptr || a.stats_sumsq == nullptr || a.stats_n == nullptr)) return L;
+  if (a.sumsq_out != nullptr && a.sumsq_out_at == nullptr) return L;
   if (t.count > 0x7FFFFFFF) return L;
   if (metas) metas->resize(static_cast<size_t>(t.count));
   int64_t slots = 0, rows = 0;
@@ -48,6 +42,10 @@ Layout layout(const TensorList& t, const TigerArgs& a, std::vector<TigerMeta>* m
       m.given_nan = given ? a.stats_nan[i] : -1;
       m.given_sumsq = given ? a.stats_sumsq[i] : -1;
       m.given_n = given ? a.stats_n[i] : 0;
+      // NOTE: [CUDA sums of squares out]: element-wise roles have none.
+      const bool out = a.sumsq_out != nullptr && role >= kRoleEmbedding;
+      m.out_at = out ? a.sumsq_out_at[i] : -1;
+      m.out_kept = out && a.stats != nullptr && a.stats == a.sumsq_out && a.stats_sumsq[i] == m.out_at;
     }
     if (n == 0) continue;
     const int64_t chunk = prepass_chunk(role, d);
@@ -92,6 +90,7 @@ cudaError_t tiger(const TensorList& t, const TigerArgs& a, cudaStream_t stream) 
   h.ws.chunk_sumsq = reinterpret_cast<double*>(ws + L.chunk_sumsq);
   h.ws.row_rms = reinterpret_cast<float*>(ws + L.row_rms);
   h.stats = a.stats;
+  h.sumsq_out = a.sumsq_out;
 
   auto meta_of = [&](int64_t i) { return metas[static_cast<size_t>(i)]; };
   auto chunk_of = [&](int64_t i) { return prepass_chunk(a.roles[i], a.row_sizes[i]); };
@@ -121,12 +120,29 @@ cudaError_t tiger(const TensorList& t, const TigerArgs& a, cudaStream_t stream) 
         return cudaGetLastError();
       });
       if (err != cudaSuccess) return err;
-      // 3: the update.
+      // 3: the update; 4: with sums out, the matrices' sums from its chunk slots (NOTE: [CUDA
+      // sums of squares out]: embeddings whose sums are wanted are updated in the pre-pass's
+      // row-aligned chunks).
       return visit_state<P>(t.state_dtype, [&](auto s_tag) {
         using S = decltype(s_tag);
-        TigerUpdateFunctor<P, G, S> up;
+        using Up = TigerUpdateFunctor<P, G, S>;
+        using UpTable = TensorTable<3, TigerMeta>;
+        static_assert(sizeof(UpTable) + sizeof(Up) <= kArgBytes, "kernel arguments exceed the parameter limit");
+        static_assert(sizeof(Up) <= kFunctorArgBytes, "functor arguments exceed their budget");
+        Up up;
         up.h = h;
-        return multi_tensor_apply<3, TigerMeta>(lists3(t), meta_of, up, stream);
+        auto up_chunk = [&](int64_t i) {
+          const bool rows_out = a.sumsq_out != nullptr && a.roles[i] == kRoleEmbedding && a.sumsq_out_at[i] >= 0;
+          return rows_out ? prepass_chunk(a.roles[i], a.row_sizes[i]) : kChunkElems;
+        };
+        return for_each_table<3, TigerMeta>(lists3(t), meta_of, up_chunk, [&](const UpTable& tl) {
+          multi_tensor_apply_kernel<3, TigerMeta, Up>
+              <<<static_cast<unsigned>(tl.block_start[tl.num_tensors]), kBlockThreads, 0, stream>>>(tl, up);
+          cudaError_t e = cudaGetLastError();
+          if (e != cudaSuccess || a.sumsq_out == nullptr) return e;
+          tiger_sums_out_kernel<UpTable><<<static_cast<unsigned>(tl.num_tensors), kBlockThreads, 0, stream>>>(tl, h);
+          return cudaGetLastError();
+        });
       });
     });
   });

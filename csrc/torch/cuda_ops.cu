@@ -103,19 +103,23 @@ Scalar scalar_arg(const char* op, const char* name, const c10::optional<at::Tens
   return s;
 }
 
-// Fills the shared arguments; returns false when a CPU found_inf is set (nothing to do).
-// Scalars hold the device copies referenced by `c` and must outlive the launch call.
+// Fills the shared arguments; returns false when a CPU found_inf is set (nothing to do), unless
+// `run_skipped` (a skipped Tiger step still fills its sums out): then the set flag is staged on
+// the device, where the kernels read it. Scalars hold the device copies referenced by `c` and
+// must outlive the launch call.
 bool common_args(const char* op, core::Common& c, std::vector<Scalar>& keep, double lr,
                  const c10::optional<at::Tensor>& lr_t, const c10::optional<at::Tensor>& grad_scale,
-                 const c10::optional<at::Tensor>& found_inf, bool stochastic_rounding, c10::Device device) {
-  keep.reserve(4);  // the references below must survive the push_back of a staged scale
+                 const c10::optional<at::Tensor>& found_inf, bool stochastic_rounding, c10::Device device,
+                 bool run_skipped = false) {
+  keep.reserve(5);  // the references below must survive the push_back of a staged scale or flag
   keep.push_back(scalar_arg(op, "lr_t", lr_t, device));
   keep.push_back(scalar_arg(op, "grad_scale", grad_scale, device));
   keep.push_back(scalar_arg(op, "found_inf", found_inf, device));
   const Scalar& l = keep[0];
   const Scalar& gs = keep[1];
   const Scalar& fi = keep[2];
-  if (fi.on_host && fi.host != 0.0f) return false;  // NaN != 0 too, as on the device
+  const bool skipped = fi.on_host && fi.host != 0.0f;  // NaN != 0 too, as on the device
+  if (skipped && !run_skipped) return false;
   c.lr = l.on_host ? l.host : static_cast<float>(lr);
   c.lr_ptr = l.ptr();
   if (gs.on_host) {
@@ -125,7 +129,12 @@ bool common_args(const char* op, core::Common& c, std::vector<Scalar>& keep, dou
   } else {
     c.grad_scale = gs.ptr();
   }
-  c.found_inf = fi.ptr();
+  if (skipped) {
+    keep.push_back(Scalar{at::full({}, 1.0f, at::TensorOptions().dtype(at::kFloat).device(device))});
+    c.found_inf = keep.back().ptr();
+  } else {
+    c.found_inf = fi.ptr();
+  }
   c.stochastic_rounding = stochastic_rounding;
   return true;
 }
@@ -165,20 +174,18 @@ void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::OptionalIntArrayRef stats_n, const c10::optional<at::Tensor>& sumsq_out,
                 at::OptionalIntArrayRef sumsq_out_at) {
   const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCUDA, false);
-  // NOTE: [Tiger sums of squares out]: not produced by the CUDA kernels yet (they keep their pre-pass).
-  TORCH_CHECK(!sumsq_out.has_value() && !sumsq_out_at.has_value(),
-              "tiger_: sumsq_out/sumsq_out_at are not supported by the CUDA kernels (backends 'cpu' and 'reference' "
-              "produce them)");
   const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
   if (params.empty()) return;
   const c10::Device device = params[0].device();
   // NOTE: [Tiger statistics input]: read by the kernels on the device, never here.
   const bool given =
       binding::check_tiger_stats("tiger_", params, roles, stats, stats_nan, stats_sumsq, stats_n, device);
+  // NOTE: [Tiger sums of squares out]: written by the kernels (NOTE: [CUDA sums of squares out]).
+  const bool out = binding::check_tiger_sumsq_out("tiger_", params, roles, sumsq_out, sumsq_out_at, device);
   const c10::cuda::CUDAGuard guard(device);
   core::TigerArgs a;
   std::vector<Scalar> keep;
-  if (!common_args("tiger_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, device)) return;
+  if (!common_args("tiger_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, device, out)) return;
   a.beta = static_cast<float>(beta);
   a.weight_decay = static_cast<float>(weight_decay);
   a.shrink_ratio = static_cast<float>(shrink_ratio);
@@ -190,6 +197,10 @@ void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
     a.stats_nan = stats_nan->data();
     a.stats_sumsq = stats_sumsq->data();
     a.stats_n = stats_n->data();
+  }
+  if (out) {
+    a.sumsq_out = sumsq_out->data_ptr<double>();
+    a.sumsq_out_at = sumsq_out_at->data();
   }
   DeviceLists d("tiger_", params, grads, exp_avgs, steps, seeds, info);
   a.workspace_bytes = core::tiger_workspace_bytes(d.list, a);

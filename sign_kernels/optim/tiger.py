@@ -113,8 +113,8 @@ def tiger_param_groups(
 # changes the data pointer. A write
 # that bypasses the version counter (through ``p.data``, or raw pointers) is not seen: call
 # ``optimizer.forget_rms()`` after one. ``load_state_dict`` of the optimizer forgets the sums.
-# Only the 'cpu' and 'reference' backends produce the sums; CUDA and Triton keep their pre-pass.
-_SUMSQ_BACKENDS = ("cpu", "reference")
+# Every backend produces the sums (each in its own pre-pass's order).
+_SUMSQ_BACKENDS = ("cpu", "reference", "cuda", "triton")
 _SUMSQ_CACHE_SIZE = 64
 
 
@@ -153,8 +153,8 @@ class Tiger(SignOptimizer):
     :math:`\theta \leftarrow (\theta - c) s + c` with :math:`s` = ``shrink_ratio`` and :math:`c`
     the init centre (1 for ``gain``, else 0).
 
-    RMS(θ) is read from sums of squares the previous step left (backends ``cpu`` and
-    ``reference``; the same bits as reading θ) while the param's version counter and storage
+    RMS(θ) is read from sums of squares the previous step left (every backend; the same bits
+    as reading θ) while the param's version counter and storage
     are unchanged; after writing a param through ``p.data``, call :meth:`forget_rms`.
 
     Roles: a param group's ``role`` key sets the role of all its params; otherwise each param

@@ -37,7 +37,7 @@ numel, SR seed, Tiger role and statistics layout; (b) a row per program: (tensor
 element), BLOCK elements each; (c) Tiger's statistics tasks. Kernels cast the addresses with
 ``.to(tl.pointer_type(...))``. The plan is cached (LRU, 32 entries) under a key made of every
 data_ptr, shape, role and seed, so a GPT-2-sized list (148 tensors) costs one launch for Lion
-and Simba and three for Tiger, and no host-to-device copy after the first step as long as the
+and Simba and four for Tiger (five with sums out), and no host-to-device copy after the first step as long as the
 caching allocator hands the grads back at the same addresses. Steps, ``lr_t``,
 ``grad_scale`` and ``found_inf`` are read on the device: no host synchronisation, CUDA-graph
 friendly (the plan must then be built before capture, i.e. by one eager step). When
@@ -51,11 +51,16 @@ supported under the interpreter (the table would hold device addresses).
 
 Tiger needs two whole-tensor facts before any element can be written: whether g / grad_scale
 holds a NaN (the guard), and RMS(θ_{t-1}) (per tensor for the matrix role, per row of the
-last dim for the embedding role). Two small kernels run first: ``tiger_rows_kernel`` reduces
-rows (embedding rows, or virtual rows of ``STAT_COLS`` elements for other roles) to an fp64
-sum of squares and a NaN count, reading θ only where this call updates θ with an RMS role;
-``tiger_finish_kernel`` (one program per tensor, fixed order, hence deterministic) turns them
-into the NaN flag and rms = fp32(sqrt(sumsq / n)) computed in fp64, as the reference does.
+last dim for the embedding role). Small kernels run first: ``tiger_rows_kernel`` counts the
+NaNs of g / grad_scale per row (embedding rows, or virtual rows of ``STAT_COLS`` elements for
+other roles); ``tiger_sumsq_kernel`` sums θ² in fp64 over the update's blocks, in the fixed
+pairwise order of NOTE: [Triton sums of squares] (``_kernels``), only where this call updates
+θ with an RMS role and no sums are given; ``tiger_finish_kernel`` (one program per tensor,
+fixed order, hence deterministic) turns them into the NaN flag and rms = fp32(sqrt(sumsq / n))
+computed in fp64, as the reference does. With ``sumsq_out`` (NOTE: [Tiger sums of squares
+out] in ``sign_kernels._ops``) the update kernel (its ``SUMSQ`` specialisation) sums the θ it
+stores in that same order and ``tiger_sumsq_out_kernel`` combines the block partials, so the
+next call, given those sums, skips the read of θ and gets the same bits.
 The window logic (b1 = β on the first micro-step, θ written on the last) is computed per
 tensor from its device step t and k.
 

@@ -50,7 +50,10 @@ F_SLOT = tl.constexpr(9)       # Tiger first stats slot
 F_GIVEN_NAN = tl.constexpr(10)   # Tiger: index of the given NaN count in `stats`, or -1
 F_GIVEN_SUMSQ = tl.constexpr(11)  # Tiger: index of the given sum(s) of squares, or -1
 F_GIVEN_N = tl.constexpr(12)     # Tiger: n of the RMS of the given sums
-NFIELDS = tl.constexpr(13)
+F_OUT_AT = tl.constexpr(13)      # Tiger: index of the sums out in `sumsq_out`, or -1 (none wanted)
+F_OUT_KEPT = tl.constexpr(14)    # Tiger: 1 where the wanted sums are the given ones, in place
+F_BLK0 = tl.constexpr(15)        # Tiger: index of the tensor's first update block (blocks table)
+NFIELDS = tl.constexpr(16)
 
 # NOTE: [stochastic rounding bits] salts 0x9E3779B9 * (stream + 1), wrapped to uint32.
 SALT_PARAM = tl.constexpr(0x9E3779B9)
@@ -167,16 +170,22 @@ def _ld(ptr, offs, mask, DT: tl.constexpr):
 def _st(ptr, offs, x, mask, key, hi, lo0, DT: tl.constexpr, SR: tl.constexpr):
     # sign_math.h store(): fp32 exact, bf16 RNE or SR, fp16 RNE. The SR bits take the
     # element index hi * 2**32 + lo0 + offs (the launcher's blocks never cross 2**32).
+    # Returns the stored value as fp32 (what a later load gives; unused, it costs nothing).
     if DT == DT_F32:
         tl.store(ptr + offs, x, mask=mask)
+        v = x
     elif DT == DT_BF16:
         if SR:
             bits = _bf16_bits(x, _sr_bits_lohi(key, lo0 + offs.to(tl.uint32), hi), True)
         else:
             bits = _bf16_bits(x, 0, False)
         tl.store(ptr + offs, bits.to(tl.uint16), mask=mask)
+        v = ((bits & 0xFFFF) << 16).to(tl.float32, bitcast=True)
     else:
-        tl.store(ptr + offs, _fp16_bits(x).to(tl.uint16), mask=mask)
+        bits = _fp16_bits(x).to(tl.uint16)
+        tl.store(ptr + offs, bits, mask=mask)
+        v = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -193,17 +202,131 @@ def _sign(x):
     return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
 
 
+# ------------------------------------------------------------------ Tiger sums of squares
+# NOTE: [Triton sums of squares] Tiger's fp64 sums of squares of θ (RMS of the matrix and
+# embedding roles) are summed in one order, fixed by the values' positions alone, wherever
+# they are computed: by the read-only pre-pass (``tiger_sumsq_kernel``) from θ at the start of
+# a call, or as a by-product of the update (``sign_step_kernel`` with SUMSQ) from θ as the call
+# leaves it (NOTE: [Tiger sums of squares out] in sign_kernels/_ops.py). The two must give the
+# same bits, and a ``tl.sum`` cannot promise that: its order follows the register layout the
+# compiler picks for each kernel (sizes per thread, warps), which differs between kernels. So:
+# * the tensor is cut into the update's blocks of BLOCK elements (from element 0);
+# * a row (embedding: a row of the last dim; matrix: the whole tensor) meets a block in one
+#   segment; the segment's partial is a pairwise tree (``_tree_sum``: adjacent pairs, level
+#   by level) over the block's BLOCK positions, x² in the segment and 0 elsewhere (adding 0
+#   is exact, so a row's partial does not depend on the other rows in the block);
+# * a block stores the partial of its first row (head) and of its last row (tail) at
+#   blk[2 b], blk[2 b + 1], and the sum of every row lying whole in it directly;
+# * a row over several blocks sums its partials in block order, left to right
+#   (``_crossing_rows``); a matrix's total is ``_matrix_total``: pairwise trees over runs of
+#   FINISH_BLOCK block partials, added in order.
+# Every step is an explicit fp64 add of two values, so the interpreter and any compiled
+# layout give the same bits. The order differs from the reference's torch sum (the fp32 RMS
+# can differ by an ulp where it sits on a rounding boundary) and from the 16x256 row tiles
+# this backend summed before (those followed tl.sum's layout and could not be reproduced by
+# the update's blocks).
+@triton.jit
+def _tree_sum(x, LOG2: tl.constexpr):
+    """Sum of a 1-D fp64 tensor of 2**LOG2 elements: adjacent pairs, level by level. Each level
+    is a tl.sum over an axis of 2: one add of two values, whatever the layout (a tl.split there
+    compiles to layout conversions: 208 registers for 2048 elements, against 32)."""
+    for _ in tl.static_range(LOG2):
+        x = tl.sum(tl.reshape(x, [x.shape[0] // 2, 2]), axis=1)
+    return tl.sum(x, axis=0)  # one element left: exact
+
+
+@triton.jit
+def _row_in_block(offs, start, row_len, BLOCK: tl.constexpr):
+    """(q0, r0, ri): the row of the block's first element, its column, and each element's row
+    relative to q0 (int32; a row of >= BLOCK elements is crossed at most once in a block)."""
+    q0 = start // row_len
+    r0 = start - q0 * row_len
+    if row_len >= BLOCK:
+        ri = (offs >= tl.minimum(row_len - r0, BLOCK).to(tl.int32)).to(tl.int32)
+    else:
+        ri = (r0.to(tl.int32) + offs) // row_len.to(tl.int32)
+    return q0, r0, ri
+
+
+@triton.jit
+def _block_sums(x, count, bi, start, row_len, is_rows, rows_out, blk,
+                LOG2: tl.constexpr, BLOCK: tl.constexpr):
+    """The partial sums of squares of one block (NOTE: [Triton sums of squares]): x the block's
+    θ (fp32, BLOCK lanes, `count` of them real), bi its index in the blocks table; is_rows:
+    rows of ``row_len`` (embedding), else one row (matrix). Rows lying whole in the block go
+    to rows_out[row] (embedding only); head and tail partials to blk[2 bi], blk[2 bi + 1]."""
+    offs = tl.arange(0, BLOCK)
+    xd = x.to(tl.float64)
+    sq = tl.where(offs < count, xd * xd, 0.0)
+    if is_rows:
+        q0, r0, ri = _row_in_block(offs, start, row_len, BLOCK)
+        nr = (r0 + count - 1) // row_len + 1  # rows meeting the block
+        for r in range(0, nr):
+            part = _tree_sum(tl.where(ri == r, sq, 0.0), LOG2)
+            whole = ((r > 0) | (r0 == 0)) & ((r < nr - 1) | ((r0 + count) % row_len == 0))
+            if whole:
+                tl.store(rows_out + q0 + r, part)
+            if r == 0:
+                tl.store(blk + 2 * bi, part)
+            if r == nr - 1:
+                tl.store(blk + 2 * bi + 1, part)
+    else:
+        part = _tree_sum(sq, LOG2)
+        tl.store(blk + 2 * bi, part)
+        tl.store(blk + 2 * bi + 1, part)
+
+
+@triton.jit
+def _crossing_rows(blk, blk0, r, ok, row_len, UBLOCK: tl.constexpr):
+    """For rows r (a vector; ok: which to take): whether each spans several update blocks of
+    UBLOCK elements, and its sum of squares then: the tail partial of its first block, then the
+    head partials of the next ones, added in block order (NOTE: [Triton sums of squares])."""
+    first = r * row_len
+    b0 = first // UBLOCK
+    b1 = (first + row_len - 1) // UBLOCK
+    cross = ok & (b1 > b0)
+    s = tl.load(blk + 2 * (blk0 + b0) + 1, mask=cross, other=0.0)
+    for j in range(1, (row_len + UBLOCK - 2) // UBLOCK + 1):  # the most blocks a row spans, - 1
+        s = s + tl.load(blk + 2 * (blk0 + b0 + j), mask=cross & (b0 + j <= b1), other=0.0)
+    return cross, s
+
+
+@triton.jit
+def _matrix_total(blk, blk0, nblk, FB: tl.constexpr, LOG2_FB: tl.constexpr):
+    """A matrix's sum of squares from its block partials (NOTE: [Triton sums of squares])."""
+    total = tl.zeros([1], dtype=tl.float64)
+    for c0 in range(0, nblk, FB):
+        b = c0 + tl.arange(0, FB).to(tl.int64)
+        v = tl.load(blk + 2 * (blk0 + b), mask=b < nblk, other=0.0)
+        total = total + _tree_sum(v, LOG2_FB)
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def _sums_out(x, count, bi, start, row, written, sumsq_out, blk, LOG2: tl.constexpr, BLOCK: tl.constexpr):
+    """The by-product (NOTE: [Tiger sums of squares out]): x is θ as this call leaves the block.
+    Wanted where the table gives an index, unless θ is not written and the wanted sums are the
+    given ones in place (they already describe it)."""
+    out_at = tl.load(row + F_OUT_AT)
+    if (out_at >= 0) & (written | (tl.load(row + F_OUT_KEPT) == 0)):
+        _block_sums(x, count, bi, start, tl.load(row + F_ROWLEN), tl.load(row + F_ROLE) == ROLE_EMBEDDING,
+                    sumsq_out + out_at, blk, LOG2, BLOCK)
+
+
 # ------------------------------------------------------------------ the update kernel
 @triton.jit
 def _update_block(
     p_ptr, g_ptr, m_ptr, offs, mask, hi, lo0, step, ti, start, row,
     lr_, scale_ptr, weight_decay, beta1, beta2, shrink, k, window, threshold,
-    t_nan, t_rms, row_rms,
+    t_nan, t_rms, row_rms, bi, count, blk, sumsq_out,
     ALGO: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
     HAS_SCALE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr,
+    SUMSQ: tl.constexpr, LOG2_BLOCK: tl.constexpr,
 ):
     """One block of one tensor: pointers already advanced to the block start, offs an int32
-    arange, mask None (full block) or the tail mask."""
+    arange, mask None (full block) or the tail mask; bi the block's index in the blocks table,
+    count its real elements. SUMSQ (Tiger): the sums of squares of θ as the block leaves it
+    (NOTE: [Triton sums of squares])."""
     seed = tl.load(row + F_SEED).to(tl.uint32)
     wd = tl.cast(weight_decay, tl.float32)
     p = _ld(p_ptr, offs, mask, P_DT)
@@ -225,18 +348,23 @@ def _update_block(
         beta = tl.cast(beta1, tl.float32)
         role = tl.load(row + F_ROLE)
         kk = tl.cast(k, tl.int64)
-        if tl.load(t_nan + ti) != 0:
+        nan = tl.load(t_nan + ti) != 0
+        update = ((step + 1) % kk) == 0
+        p_out = p  # θ as the call leaves it (SUMSQ)
+        if nan:
             # NaN guard: p = (p - c) s + c, m unchanged.
             centre = tl.where(role == ROLE_GAIN, 1.0, 0.0)
             p_shrunk = (p - centre) * tl.cast(shrink, tl.float32) + centre
-            _st(p_ptr, offs, p_shrunk, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+            p_st = _st(p_ptr, offs, p_shrunk, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+            if SUMSQ:
+                p_out = p_st
         else:
             b1 = tl.where(step % kk == 0, beta, 1.0)
             coef = tl.math.div_rn(1.0 - beta, kk.to(tl.float32))
             g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
             m = _ld(m_ptr, offs, mask, M_DT)
             m_new = b1 * m + coef * g
-            if ((step + 1) % kk) == 0:
+            if update:
                 # lr_p: 0.5 lr (element-wise roles), lr * RMS(tensor) or lr * RMS(row).
                 elementwise = role < ROLE_EMBEDDING
                 if role == ROLE_EMBEDDING:
@@ -256,8 +384,12 @@ def _update_block(
                 lr_p = tl.where(elementwise, 0.5 * lr_, lr_ * rms)
                 wd_p = tl.where(elementwise, 0.0, wd)
                 p_upd = p - lr_p * (_sign(m_new) + wd_p * p)
-                _st(p_ptr, offs, p_upd, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+                p_st = _st(p_ptr, offs, p_upd, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+                if SUMSQ:
+                    p_out = p_st
             _st(m_ptr, offs, m_new, mask, _sr_key(seed, step, SALT_STATE), hi, lo0, M_DT, SR)
+        if SUMSQ:
+            _sums_out(p_out, count, bi, start, row, nan | update, sumsq_out, blk, LOG2_BLOCK, BLOCK)
     else:
         g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
         cnt = _load(m_ptr + offs, mask).to(tl.int32)
@@ -282,9 +414,11 @@ def sign_step_kernel(
     weight_decay, beta1, beta2, shrink,    # Lion: beta1, beta2; Tiger: beta1 = beta, shrink
     k, window, threshold,                  # Tiger: grad_accum_steps; Simba: W, T
     t_nan, t_rms, row_rms,                 # Tiger stats: per-tensor NaN flag, RMS, per-row RMS
+    blk, sumsq_out,                        # Tiger SUMSQ: block partials (fp64 [2 n_blocks]), the sums out
     ALGO: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
     HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
     SR: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    SUMSQ: tl.constexpr = False, LOG2_BLOCK: tl.constexpr = 11,
 ):
     pid = tl.program_id(0).to(tl.int64)
     ti = tl.load(blocks + 2 * pid)
@@ -293,9 +427,15 @@ def sign_step_kernel(
         start = tl.multiple_of(start, BLOCK)
     row = tensors + ti * NFIELDS
     numel = tl.load(row + F_NUMEL)
+    sums_only = False  # a compile-time False unless SUMSQ and HAS_FOUND
     if HAS_FOUND:
-        # GradScaler skipped this step: touch nothing (NaN counts as found).
-        numel = tl.where(tl.load(found_ptr).to(tl.float32) == 0.0, numel, 0)
+        # GradScaler skipped this step: touch nothing (NaN counts as found); with SUMSQ the
+        # blocks still read θ for the sums out.
+        skip = tl.load(found_ptr).to(tl.float32) != 0.0
+        if SUMSQ:
+            sums_only = skip
+        else:
+            numel = tl.where(skip, 0, numel)
     if start < numel:
         step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
         if HAS_LR_T:
@@ -310,43 +450,46 @@ def sign_step_kernel(
         lo0 = start.to(tl.uint32)
         offs = tl.arange(0, BLOCK)
         rem = numel - start
-        if rem >= BLOCK:
+        count = tl.minimum(rem, BLOCK)
+        if sums_only:
+            # Nothing written: the sums out of θ as it is.
+            if rem >= BLOCK:
+                p = _ld(p_ptr, offs, None, P_DT)
+            else:
+                p = _ld(p_ptr, offs, offs < rem.to(tl.int32), P_DT)
+            _sums_out(p, count, pid, start, row, False, sumsq_out, blk, LOG2_BLOCK, BLOCK)
+        elif rem >= BLOCK:
             _update_block(p_ptr, g_ptr, m_ptr, offs, None, hi, lo0, step, ti, start, row,
                           lr_, scale_ptr, weight_decay, beta1, beta2, shrink, k, window, threshold,
-                          t_nan, t_rms, row_rms, ALGO, P_DT, G_DT, M_DT, HAS_SCALE, SR, BLOCK)
+                          t_nan, t_rms, row_rms, pid, count, blk, sumsq_out,
+                          ALGO, P_DT, G_DT, M_DT, HAS_SCALE, SR, BLOCK, SUMSQ, LOG2_BLOCK)
         else:
             _update_block(p_ptr, g_ptr, m_ptr, offs, offs < rem.to(tl.int32), hi, lo0, step, ti,
                           start, row, lr_, scale_ptr, weight_decay, beta1, beta2, shrink, k,
-                          window, threshold, t_nan, t_rms, row_rms, ALGO, P_DT, G_DT, M_DT,
-                          HAS_SCALE, SR, BLOCK)
+                          window, threshold, t_nan, t_rms, row_rms, pid, count, blk, sumsq_out,
+                          ALGO, P_DT, G_DT, M_DT, HAS_SCALE, SR, BLOCK, SUMSQ, LOG2_BLOCK)
 
 
 # ------------------------------------------------------------------ Tiger statistics
 @triton.jit
-def _rows_chunk(g_ptr, p_ptr, offs, mask, scale_ptr, need_sq, acc_sq, acc_nan,
-                G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr):
-    # One [ROWS, COLS] chunk: NaN count of g / grad_scale per row, and (need_sq) the fp64 sum
-    # of θ² per row. θ is read only when needed (a scalar branch, not a mask).
+def _rows_chunk(g_ptr, offs, mask, scale_ptr, acc_nan, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    # One [ROWS, COLS] chunk: NaN count of g / grad_scale per row.
     g = _ld(g_ptr, offs, mask, G_DT)
     if HAS_SCALE:
         g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
     acc_nan += tl.sum((g != g).to(tl.int32), axis=1)
-    if need_sq:
-        x = _ld(p_ptr, offs, mask, P_DT).to(tl.float64)
-        acc_sq += tl.sum(x * x, axis=1)
-    return acc_sq, acc_nan
+    return acc_nan
 
 
-@triton.jit(do_not_specialize=["k"])
+@triton.jit
 def tiger_rows_kernel(
     tensors, tasks,                        # tasks: [n_tasks, 2] (tensor, first row)
-    scale_ptr, found_ptr, k,
-    row_sumsq, row_nan,                    # per stats slot: fp64 sum of θ², int32 NaN count of g
-    G_DT: tl.constexpr, P_DT: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
+    scale_ptr, row_nan,                    # per stats row: int32 NaN count of g / grad_scale
+    G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr,
 ):
-    """Pass 1: per stats row, the fp64 sum of squares of θ (only where an update with an RMS
-    role happens this call) and the number of NaNs in g / grad_scale."""
+    """Pass 1a: per stats row, the number of NaNs in g / grad_scale (integer counts: any order
+    gives the same result). The sums of squares of θ are pass 1b, ``tiger_sumsq_kernel``."""
     pid = tl.program_id(0).to(tl.int64)
     ti = tl.load(tasks + 2 * pid)
     row0 = tl.multiple_of(tl.load(tasks + 2 * pid + 1), ROWS)  # the launcher's tasks: step ROWS
@@ -355,71 +498,97 @@ def tiger_rows_kernel(
     row_len = tl.load(row + F_ROWLEN)
     nrows = tl.load(row + F_NROWS)
     slot = tl.load(row + F_SLOT)
-    role = tl.load(row + F_ROLE)
-    step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
-    kk = tl.cast(k, tl.int64)
-    # Given statistics (NOTE: [Tiger statistics input]) are not computed here: θ is not read.
-    need_sq = (((step + 1) % kk) == 0) & (role >= ROLE_EMBEDDING) & (tl.load(row + F_GIVEN_SUMSQ) < 0)
-
-    acc_sq = tl.zeros([ROWS], dtype=tl.float64)
-    acc_nan = tl.zeros([ROWS], dtype=tl.int32)
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, COLS)
-    # NOTE: [vector hints] Fast path: the tile's ROWS rows all exist and are whole, and the
-    # row length is a multiple of 8 elements (16 bytes of 16-bit data), so with the pointers
-    # advanced to the tile's first element every row of the tile starts 16-byte aligned
-    # (rl below carries that divisibility to the compiler) and full COLS chunks need no mask.
-    # Offsets inside the tile are int32 (row_len <= 2**26 keeps ROWS * row_len below 2**31).
-    if ((row0 + ROWS) * row_len <= numel) & (row_len % 8 == 0) & (row_len <= 67108864):
-        first = row0 * row_len
-        g_t = _typed_ptr(tl.load(row + F_GRAD), G_DT, ALIGNED) + first
-        p_t = _typed_ptr(tl.load(row + F_PARAM), P_DT, ALIGNED) + first
-        rl = (row_len.to(tl.int32) // 8) * 8
-        base = rows[:, None] * rl
-        n_full = (rl // COLS) * COLS
-        for c0 in range(0, n_full, COLS):
-            acc_sq, acc_nan = _rows_chunk(g_t, p_t, base + (c0 + cols)[None, :], None, scale_ptr,
-                                          need_sq, acc_sq, acc_nan, G_DT, P_DT, HAS_SCALE)
-        if n_full < rl:
-            tail = n_full + cols
-            msk = (rows[:, None] >= 0) & (tail[None, :] < rl)
-            acc_sq, acc_nan = _rows_chunk(g_t, p_t, base + tail[None, :], msk, scale_ptr,
-                                          need_sq, acc_sq, acc_nan, G_DT, P_DT, HAS_SCALE)
-    else:
-        # Any other tile (the last of a tensor, odd or huge rows, unaligned addresses): one row
-        # at a time in chunks of COLS, the row's start a scalar int64 and the offsets int32, so
-        # this path needs fewer registers than the fast one (it is slower, but it only takes the
-        # last tile of a tensor, rows of an odd length and huge rows).
-        g_b = _typed_ptr(tl.load(row + F_GRAD), G_DT, False)
-        p_b = _typed_ptr(tl.load(row + F_PARAM), P_DT, False)
-        lane = tl.arange(0, COLS)
-        for r in range(0, tl.minimum(nrows - row0, ROWS)):
-            first = (row0 + r) * row_len
-            n_r = tl.minimum(row_len, numel - first)  # the last virtual row may be short
-            s_sq = tl.zeros([1], dtype=tl.float64)
-            s_nan = tl.zeros([1], dtype=tl.int32)
-            for c1 in range(0, n_r, COLS):
-                s_sq, s_nan = _rows_chunk(g_b + first + c1, p_b + first + c1, lane[None, :],
-                                          (lane < (n_r - c1))[None, :], scale_ptr, need_sq,
-                                          s_sq, s_nan, G_DT, P_DT, HAS_SCALE)
-            acc_sq = tl.where(rows == r, acc_sq + tl.sum(s_sq, axis=0), acc_sq)
-            acc_nan = tl.where(rows == r, acc_nan + tl.sum(s_nan, axis=0), acc_nan)
-    out = row0 + rows.to(tl.int64)
-    tl.store(row_sumsq + slot + out, acc_sq, mask=out < nrows)
-    tl.store(row_nan + slot + out, acc_nan, mask=out < nrows)
+    # A given NaN count (NOTE: [Tiger statistics input]): g is not read here.
+    if tl.load(row + F_GIVEN_NAN) < 0:
+        acc_nan = tl.zeros([ROWS], dtype=tl.int32)
+        rows = tl.arange(0, ROWS)
+        cols = tl.arange(0, COLS)
+        # NOTE: [vector hints] Fast path: the tile's ROWS rows all exist and are whole, and the
+        # row length is a multiple of 8 elements (16 bytes of 16-bit data), so with the pointer
+        # advanced to the tile's first element every row of the tile starts 16-byte aligned
+        # (rl below carries that divisibility to the compiler) and full COLS chunks need no
+        # mask. Offsets inside the tile are int32 (row_len <= 2**26 keeps ROWS * row_len below
+        # 2**31).
+        if ((row0 + ROWS) * row_len <= numel) & (row_len % 8 == 0) & (row_len <= 67108864):
+            g_t = _typed_ptr(tl.load(row + F_GRAD), G_DT, ALIGNED) + row0 * row_len
+            rl = (row_len.to(tl.int32) // 8) * 8
+            base = rows[:, None] * rl
+            n_full = (rl // COLS) * COLS
+            for c0 in range(0, n_full, COLS):
+                acc_nan = _rows_chunk(g_t, base + (c0 + cols)[None, :], None, scale_ptr, acc_nan,
+                                      G_DT, HAS_SCALE)
+            if n_full < rl:
+                tail = n_full + cols
+                msk = (rows[:, None] >= 0) & (tail[None, :] < rl)
+                acc_nan = _rows_chunk(g_t, base + tail[None, :], msk, scale_ptr, acc_nan, G_DT, HAS_SCALE)
+        else:
+            # Any other tile (the last of a tensor, odd or huge rows, unaligned addresses): one
+            # row at a time in chunks of COLS, the row's start a scalar int64 and the offsets
+            # int32 (slower, but it only takes the last tile of a tensor, rows of an odd length
+            # and huge rows).
+            g_b = _typed_ptr(tl.load(row + F_GRAD), G_DT, False)
+            lane = tl.arange(0, COLS)
+            for r in range(0, tl.minimum(nrows - row0, ROWS)):
+                first = (row0 + r) * row_len
+                n_r = tl.minimum(row_len, numel - first)  # the last virtual row may be short
+                s_nan = tl.zeros([1], dtype=tl.int32)
+                for c1 in range(0, n_r, COLS):
+                    s_nan = _rows_chunk(g_b + first + c1, lane[None, :], (lane < (n_r - c1))[None, :],
+                                        scale_ptr, s_nan, G_DT, HAS_SCALE)
+                acc_nan = tl.where(rows == r, acc_nan + tl.sum(s_nan, axis=0), acc_nan)
+        out = row0 + rows.to(tl.int64)
+        tl.store(row_nan + slot + out, acc_nan, mask=out < nrows)
 
 
 @triton.jit
+def _needs_sums(row, k):
+    """Whether this call computes the RMS of the tensor from θ: an updating step of a matrix or
+    an embedding whose sums are not given (NOTE: [Tiger statistics input])."""
+    step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
+    kk = tl.cast(k, tl.int64)
+    return (((step + 1) % kk) == 0) & (tl.load(row + F_ROLE) >= ROLE_EMBEDDING) & (tl.load(row + F_GIVEN_SUMSQ) < 0)
+
+
+@triton.jit(do_not_specialize=["k"])
+def tiger_sumsq_kernel(
+    tensors, blocks, k,
+    row_sumsq, blk,                        # fp64: sums of rows whole in a block; block partials
+    P_DT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr,
+):
+    """Pass 1b, over the update's blocks: the partial sums of squares of θ where this call
+    needs an RMS (NOTE: [Triton sums of squares]: the very partials the update's SUMSQ pass
+    writes for the next call)."""
+    pid = tl.program_id(0).to(tl.int64)
+    ti = tl.load(blocks + 2 * pid)
+    start = tl.load(blocks + 2 * pid + 1)
+    if ALIGNED:
+        start = tl.multiple_of(start, BLOCK)
+    row = tensors + ti * NFIELDS
+    if _needs_sums(row, k):
+        rem = tl.load(row + F_NUMEL) - start
+        p_ptr = _typed_ptr(tl.load(row + F_PARAM), P_DT, ALIGNED) + start
+        offs = tl.arange(0, BLOCK)
+        if rem >= BLOCK:
+            x = _ld(p_ptr, offs, None, P_DT)
+        else:
+            x = _ld(p_ptr, offs, offs < rem.to(tl.int32), P_DT)
+        _block_sums(x, tl.minimum(rem, BLOCK), pid, start, tl.load(row + F_ROWLEN),
+                    tl.load(row + F_ROLE) == ROLE_EMBEDDING, row_sumsq + tl.load(row + F_SLOT), blk,
+                    LOG2_BLOCK, BLOCK)
+
+
+@triton.jit(do_not_specialize=["k"])
 def tiger_finish_kernel(
-    tensors, row_sumsq, row_nan,
-    t_nan, t_rms, row_rms,
+    tensors, row_nan, row_sumsq, blk, k,
+    t_nan, t_rms, row_rms, t_sumsq,        # t_sumsq: fp64 per tensor, the matrix sums used
     stats,                                 # fp64 given statistics (NOTE: [Tiger statistics input])
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, LOG2: tl.constexpr, UBLOCK: tl.constexpr,
 ):
     """Pass 2, one program per tensor, fixed order (deterministic): NaN flag, whole-tensor
-    RMS (matrix role) and per-row RMS (embedding role), rms = fp32(sqrt(sumsq / n)) in fp64.
-    Where the table gives an index into ``stats`` (sharded tensors), the given NaN count and
-    sums of squares of the whole tensor replace this call's own."""
+    RMS (matrix role) and per-row RMS (embedding role), rms = fp32(sqrt(sumsq / n)) in fp64,
+    the sums combined from pass 1b's partials (NOTE: [Triton sums of squares]). Where the table
+    gives an index into ``stats`` (sharded tensors, cached sums), the given NaN count and sums
+    of squares of the whole tensor replace this call's own."""
     ti = tl.program_id(0).to(tl.int64)
     row = tensors + ti * NFIELDS
     numel = tl.load(row + F_NUMEL)
@@ -427,27 +596,68 @@ def tiger_finish_kernel(
     nrows = tl.load(row + F_NROWS)
     slot = tl.load(row + F_SLOT)
     role = tl.load(row + F_ROLE)
+    blk0 = tl.load(row + F_BLK0)
     at_nan = tl.load(row + F_GIVEN_NAN)
     at_sq = tl.load(row + F_GIVEN_SUMSQ)
     given_n = tl.load(row + F_GIVEN_N).to(tl.float64)
-    given_rows = (at_sq >= 0) & (role == ROLE_EMBEDDING)
-    row_n = tl.where(given_rows, given_n, row_len.to(tl.float64))
+    need = _needs_sums(row, k)
     nan = tl.zeros([BLOCK], dtype=tl.int32)
-    sq = tl.zeros([BLOCK], dtype=tl.float64)
     for r0 in range(0, nrows, BLOCK):
         r = r0 + tl.arange(0, BLOCK).to(tl.int64)
-        ok = r < nrows
-        nan += tl.load(row_nan + slot + r, mask=ok, other=0)
-        s = tl.load(row_sumsq + slot + r, mask=ok, other=0.0)
-        sq += s
-        # NOTE: [scalar masks]
-        s_given = tl.load(stats + tl.maximum(at_sq, 0) + r, mask=r < tl.where(given_rows, nrows, 0), other=0.0)
-        s = tl.where(given_rows, s_given, s)
-        rr = tl.sqrt(s / row_n).to(tl.float32)
-        tl.store(row_rms + slot + r, rr, mask=r < tl.where(role == ROLE_EMBEDDING, nrows, 0))
+        nan += tl.load(row_nan + slot + r, mask=r < tl.where(at_nan < 0, nrows, 0), other=0)  # NOTE: [scalar masks]
+    if role == ROLE_EMBEDDING:
+        given_rows = at_sq >= 0
+        row_n = tl.where(given_rows, given_n, row_len.to(tl.float64))
+        for r0 in range(0, nrows, BLOCK):
+            r = r0 + tl.arange(0, BLOCK).to(tl.int64)
+            ok = r < nrows
+            ok_need = r < tl.where(need, nrows, 0)  # NOTE: [scalar masks]
+            cross, s_cross = _crossing_rows(blk, blk0, r, ok_need, row_len, UBLOCK)
+            s = tl.load(row_sumsq + slot + r, mask=ok_need & (~cross), other=0.0)
+            s = tl.where(cross, s_cross, s)
+            tl.store(row_sumsq + slot + r, s, mask=cross)  # every row's sum in row_sumsq from here
+            # NOTE: [scalar masks] the interpreter takes no mask made of a vector and a scalar
+            # condition: the scalar goes into the bound (r < nrows or r < 0).
+            s_given = tl.load(stats + tl.maximum(at_sq, 0) + r, mask=r < tl.where(given_rows, nrows, 0), other=0.0)
+            s = tl.where(given_rows, s_given, s)
+            tl.store(row_rms + slot + r, tl.sqrt(s / row_n).to(tl.float32), mask=ok)
     own_nan = tl.sum(nan, axis=0) > 0
     given_nan = tl.load(stats + tl.maximum(at_nan, 0)) != 0.0
     tl.store(t_nan + ti, tl.where(at_nan >= 0, given_nan, own_nan).to(tl.int32))
-    total = tl.where(at_sq >= 0, tl.load(stats + tl.maximum(at_sq, 0)), tl.sum(sq, axis=0))
+    total = tl.cast(0.0, tl.float64)
+    if need & (role == ROLE_MATRIX):
+        total = _matrix_total(blk, blk0, (numel + UBLOCK - 1) // UBLOCK, BLOCK, LOG2)
+    total = tl.where(at_sq >= 0, tl.load(stats + tl.maximum(at_sq, 0)), total)
+    tl.store(t_sumsq + ti, total)
     n = tl.where(at_sq >= 0, given_n, tl.maximum(numel, 1).to(tl.float64))
     tl.store(t_rms + ti, tl.sqrt(total / n).to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["k"])
+def tiger_sumsq_out_kernel(
+    tensors, blk, t_nan, found_ptr, k, sumsq_out,
+    HAS_FOUND: tl.constexpr, BLOCK: tl.constexpr, LOG2: tl.constexpr, UBLOCK: tl.constexpr,
+):
+    """After the SUMSQ update, one program per tensor: the sums out that span blocks (a
+    matrix's total, embedding rows over several blocks) from the update's partials, combined as
+    ``tiger_finish_kernel`` combines the pre-pass's (NOTE: [Triton sums of squares]); rows whole
+    in a block were written by the update itself."""
+    ti = tl.program_id(0).to(tl.int64)
+    row = tensors + ti * NFIELDS
+    out_at = tl.load(row + F_OUT_AT)
+    step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
+    written = (tl.load(t_nan + ti) != 0) | (((step + 1) % tl.cast(k, tl.int64)) == 0)
+    if HAS_FOUND:
+        written = written & (tl.load(found_ptr).to(tl.float32) == 0.0)
+    if (out_at >= 0) & (written | (tl.load(row + F_OUT_KEPT) == 0)):
+        numel = tl.load(row + F_NUMEL)
+        blk0 = tl.load(row + F_BLK0)
+        if tl.load(row + F_ROLE) == ROLE_EMBEDDING:
+            row_len = tl.load(row + F_ROWLEN)
+            nrows = tl.load(row + F_NROWS)
+            for r0 in range(0, nrows, BLOCK):
+                r = r0 + tl.arange(0, BLOCK).to(tl.int64)
+                cross, s = _crossing_rows(blk, blk0, r, r < nrows, row_len, UBLOCK)
+                tl.store(sumsq_out + out_at + r, s, mask=cross)
+        else:
+            tl.store(sumsq_out + out_at, _matrix_total(blk, blk0, (numel + UBLOCK - 1) // UBLOCK, BLOCK, LOG2))

@@ -43,6 +43,8 @@ STAT_ROWS, STAT_COLS, STAT_WARPS = 16, 256, 16
 if K.INTERPRETED:
     BLOCK = int(os.environ.get("SIGN_KERNELS_TRITON_INTERP_BLOCK", BLOCK))
 FINISH_BLOCK, FINISH_WARPS = 256, 4
+assert BLOCK & (BLOCK - 1) == 0 and FINISH_BLOCK & (FINISH_BLOCK - 1) == 0, "the sums' trees need powers of two"
+LOG2_BLOCK, LOG2_FINISH = BLOCK.bit_length() - 1, FINISH_BLOCK.bit_length() - 1
 _PLAN_CACHE_SIZE = 32
 ROLE_EMBEDDING = 2
 
@@ -58,7 +60,10 @@ class Plan:
     n_blocks: int
     n_tasks: int
     aligned: bool
-    stats: Optional[tuple] = None   # Tiger: row_sumsq f64, row_nan i32, t_nan i32, t_rms f32, row_rms f32
+    # Tiger: row_sumsq f64, row_nan i32, t_nan i32, t_rms f32, row_rms f32, blk f64 (2 per block:
+    # NOTE: [Triton sums of squares] in _kernels), t_sumsq f64. After a call, row_sumsq and
+    # t_sumsq hold the sums of squares its RMS came from (embedding rows, matrices).
+    stats: Optional[tuple] = None
 
 
 _plans: "collections.OrderedDict[tuple, Plan]" = collections.OrderedDict()
@@ -92,7 +97,7 @@ def _ranges(counts: torch.Tensor, step: int) -> torch.Tensor:
     return torch.stack([idx, j * step], dim=1)
 
 
-def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=None) -> Plan:
+def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=None, out=None) -> Plan:
     n = len(params)
     addr = torch.tensor([list(map(_data_ptr, lst)) for lst in (params, grads, states, steps)],
                         dtype=torch.int64)  # [4, n]
@@ -116,6 +121,11 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
         table[:, K.F_GIVEN_NAN.value] = torch.tensor(given[0], dtype=torch.int64) if given else -1
         table[:, K.F_GIVEN_SUMSQ.value] = torch.tensor(given[1], dtype=torch.int64) if given else -1
         table[:, K.F_GIVEN_N.value] = torch.tensor(given[2], dtype=torch.int64) if given else 0
+        # NOTE: [Tiger sums of squares out]: index of the wanted sums, -1 when none; kept in place.
+        table[:, K.F_OUT_AT.value] = torch.tensor(out[0], dtype=torch.int64) if out else -1
+        table[:, K.F_OUT_KEPT.value] = torch.tensor(out[1], dtype=torch.int64) if out else 0
+        per = (numel + (BLOCK - 1)) // BLOCK
+        table[:, K.F_BLK0.value] = torch.cumsum(per, 0) - per
     else:
         tasks_t = torch.zeros((0, 2), dtype=torch.int64)
         slot = 0
@@ -133,11 +143,13 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
             torch.empty(n, dtype=torch.int32, device=device),
             torch.empty(n, dtype=torch.float32, device=device),
             torch.empty(nslots, dtype=torch.float32, device=device),
+            torch.empty(2 * max(plan.n_blocks, 1), dtype=torch.float64, device=device),
+            torch.empty(n, dtype=torch.float64, device=device),
         )
     return plan
 
 
-def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=None) -> Plan:
+def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=None, out=None) -> Plan:
     # NOTE: [plan key] The table holds raw addresses and sizes, so any change of a data_ptr
     # (e.g. grads re-allocated after zero_grad(set_to_none=True) landing elsewhere), a shape,
     # a role or a seed gives a new key and a new table. With the caching allocator the grads
@@ -148,10 +160,10 @@ def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=No
            tuple(map(_data_ptr, params)), tuple(map(_data_ptr, grads)),
            tuple(map(_data_ptr, states)), tuple(map(_data_ptr, steps)),
            tuple(map(_shape, params)),
-           tuple(roles) if roles is not None else None, tuple(seeds), given)
+           tuple(roles) if roles is not None else None, tuple(seeds), given, out)
     plan = _plans.get(key)
     if plan is None:
-        plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given)
+        plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given, out)
         _plans[key] = plan
         while len(_plans) > _PLAN_CACHE_SIZE:
             _plans.popitem(last=False)
@@ -268,7 +280,37 @@ def _check_given(params, roles, device, stats, stats_nan, stats_sumsq, stats_n):
     return given
 
 
-def step_config(algo, pdt, gdt, sdt, *, has_lr_t, has_scale, has_found, sr, aligned) -> dict:
+def _check_sumsq_out(params, roles, device, stats, given, sumsq_out, sumsq_out_at):
+    """Tiger's sums of squares out (NOTE: [Tiger sums of squares out]) as a hashable pair
+    (index per tensor or -1, kept in place per tensor), or None when not wanted."""
+    if sumsq_out is None and sumsq_out_at is None:
+        return None
+    if sumsq_out is None or sumsq_out_at is None:
+        raise ValueError("tiger_: sumsq_out and sumsq_out_at are given together or not at all")
+    if sumsq_out.dtype != torch.float64 or sumsq_out.dim() != 1 or not sumsq_out.is_contiguous():
+        raise ValueError(f"tiger_: sumsq_out must be a contiguous 1-D float64 tensor, got {sumsq_out.dtype} of shape "
+                         f"{tuple(sumsq_out.shape)}")
+    if sumsq_out.device != device:
+        raise ValueError(f"tiger_: sumsq_out is on {sumsq_out.device}, the params on {device}")
+    n, length = len(params), sumsq_out.numel()
+    if len(sumsq_out_at) != n:
+        raise ValueError(f"tiger_: sumsq_out_at must have one entry per param ({n}), got {len(sumsq_out_at)}")
+    at, kept = [], []
+    same = stats is not None and stats.data_ptr() == sumsq_out.data_ptr()
+    for i, p in enumerate(params):
+        a, role = int(sumsq_out_at[i]), int(roles[i])
+        rows = p.numel() // p.shape[-1] if role == ROLE_EMBEDDING and p.dim() and p.shape[-1] else 1
+        if a < -1 or (a >= 0 and a + rows > length):
+            raise ValueError(f"tiger_: sumsq_out_at[{i}] = {a} is neither -1 nor the start of {rows} entries of "
+                             f"sumsq_out (numel {length})")
+        # Element-wise roles have no sums; an empty tensor none to write.
+        a = a if role >= ROLE_EMBEDDING and p.numel() > 0 else -1
+        at.append(a)
+        kept.append(int(a >= 0 and same and given is not None and given[1][i] == a))
+    return tuple(at), tuple(kept)
+
+
+def step_config(algo, pdt, gdt, sdt, *, has_lr_t, has_scale, has_found, sr, aligned, sumsq=False) -> dict:
     """Constexpr arguments and launch options of ``sign_step_kernel`` for one call: what
     ``run`` launches and what ``tests/test_triton_codegen.py`` compiles for sm_90."""
     return dict(ALGO=algo, P_DT=_DT_CODE[pdt], G_DT=_DT_CODE[gdt], M_DT=_DT_CODE[sdt],
@@ -276,11 +318,24 @@ def step_config(algo, pdt, gdt, sdt, *, has_lr_t, has_scale, has_found, sr, alig
                 # SR changes only bf16 stores: one specialisation fewer where none exists.
                 SR=bool(sr) and torch.bfloat16 in (pdt, sdt), ALIGNED=bool(aligned),
                 BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                # Tiger's sums out (NOTE: [Triton sums of squares]): its own specialisations.
+                SUMSQ=bool(sumsq) and algo == ALGO_TIGER, LOG2_BLOCK=LOG2_BLOCK,
                 # NOTE: [tiger maxnreg] unbounded, ptxas (13.x, --regAllocOptLevel=2) spills
                 # 4 bytes at 80 registers in Tiger with bf16/fp16 params, an fp32 state and SR;
                 # with the bound stated it allocates the same 80 registers without spilling.
                 # Only there: the same bound elsewhere makes ptxas allocate more or spill.
-                **({"maxnreg": 80} if _tiger_wide(algo, pdt, sdt, sr, aligned) else {}))
+                **_maxnreg(algo, pdt, sdt, sr, aligned, sumsq))
+
+
+def _maxnreg(algo, pdt, sdt, sr, aligned, sumsq) -> dict:
+    if _tiger_wide(algo, pdt, sdt, sr, aligned):
+        return {"maxnreg": 80}
+    if sumsq and algo == ALGO_TIGER:
+        # NOTE: [Triton sums of squares]: unbounded, the sums out take the aligned update to 77-85
+        # registers (the unaligned one to 114); bounded at 64, ptxas spills 16-40 bytes. So the
+        # wide bound: 80 (112 unaligned), no spills (tests/test_triton_codegen.py).
+        return {"maxnreg": 80 if aligned else 112}
+    return {}
 
 
 def _tiger_wide(algo, pdt, sdt, sr, aligned) -> bool:
@@ -289,16 +344,31 @@ def _tiger_wide(algo, pdt, sdt, sr, aligned) -> bool:
     return algo == ALGO_TIGER and bool(aligned) and (len(sizes) > 1 or (bool(sr) and torch.bfloat16 in (pdt, sdt)))
 
 
-def rows_config(pdt, gdt, *, has_scale, aligned) -> dict:
+def rows_config(gdt, *, has_scale, aligned) -> dict:
     """Constexpr arguments and launch options of ``tiger_rows_kernel``."""
-    return dict(G_DT=_DT_CODE[gdt], P_DT=_DT_CODE[pdt], HAS_SCALE=bool(has_scale),
+    return dict(G_DT=_DT_CODE[gdt], HAS_SCALE=bool(has_scale),
                 ALIGNED=bool(aligned), ROWS=STAT_ROWS, COLS=STAT_COLS, num_warps=STAT_WARPS,
                 enable_fp_fusion=False)
 
 
+def sumsq_config(pdt, *, aligned) -> dict:
+    """Constexpr arguments and launch options of ``tiger_sumsq_kernel`` (the update's blocks)."""
+    # 16 bytes of θ per thread: 8 warps for 16-bit θ, 16 for fp32 (4 elements per thread, so the
+    # squares in fp64 stay within 64 registers: 78 at 8 warps). The sums' order does not depend
+    # on it (NOTE: [Triton sums of squares]).
+    return dict(P_DT=_DT_CODE[pdt], ALIGNED=bool(aligned), BLOCK=BLOCK, LOG2_BLOCK=LOG2_BLOCK,
+                num_warps=NUM_WARPS if pdt.itemsize == 2 else STAT_WARPS, enable_fp_fusion=False)
+
+
 def finish_config() -> dict:
     """Constexpr arguments and launch options of ``tiger_finish_kernel``."""
-    return dict(BLOCK=FINISH_BLOCK, num_warps=FINISH_WARPS, enable_fp_fusion=False)
+    return dict(BLOCK=FINISH_BLOCK, LOG2=LOG2_FINISH, UBLOCK=BLOCK, num_warps=FINISH_WARPS,
+                enable_fp_fusion=False)
+
+
+def sumsq_out_config(*, has_found) -> dict:
+    """Constexpr arguments and launch options of ``tiger_sumsq_out_kernel``."""
+    return dict(HAS_FOUND=bool(has_found), **finish_config())
 
 
 def _device_guard(device: torch.device):
@@ -311,18 +381,21 @@ def _device_guard(device: torch.device):
 def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weight_decay=0.0,
         beta1=0.0, beta2=0.0, shrink=1.0, k=1, window=0, threshold=0, grad_scale=None,
         found_inf=None, stochastic_rounding=False, stats=None, stats_nan=None, stats_sumsq=None,
-        stats_n=None) -> None:
+        stats_n=None, sumsq_out=None, sumsq_out_at=None) -> None:
     if len(params) == 0:
         return
     op = _ALGO_NAME[algo]
     device = _check(algo, params, grads, states, steps, roles, seeds)
     given = _check_given(params, roles, device, stats, stats_nan, stats_sumsq, stats_n)
+    out = _check_sumsq_out(params, roles, device, stats, given, sumsq_out, sumsq_out_at)
+    if out is not None and all(a < 0 for a in out[0]):
+        out = None  # nothing wanted: the plain kernels
     if algo == ALGO_TIGER and int(k) < 1:
         raise ValueError(f"{op}: grad_accum_steps must be >= 1, got {k}")
     lr_t = _scalar_tensor(lr_t, device, "lr_t", op)
     grad_scale = _scalar_tensor(grad_scale, device, "grad_scale", op)
     found_inf = _scalar_tensor(found_inf, device, "found_inf", op)
-    plan = _get_plan(algo, params, grads, states, steps, roles, seeds, device, given)
+    plan = _get_plan(algo, params, grads, states, steps, roles, seeds, device, given, out)
     if plan.n_blocks == 0:
         return
     dummy = plan.meta
@@ -330,27 +403,37 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
     found_ptr = found_inf if found_inf is not None else dummy
     has_scale = grad_scale is not None
     pdt, gdt, sdt = params[0].dtype, grads[0].dtype, states[0].dtype
+    sumsq = out is not None
     with _device_guard(device):
         if algo == ALGO_TIGER:
-            row_sumsq, row_nan, t_nan, t_rms, row_rms = plan.stats
+            row_sumsq, row_nan, t_nan, t_rms, row_rms, blk, t_sumsq = plan.stats
             if plan.n_tasks:
                 K.tiger_rows_kernel[(plan.n_tasks,)](
-                    plan.tensors, plan.tasks, scale_ptr, found_ptr, int(k), row_sumsq, row_nan,
-                    **rows_config(pdt, gdt, has_scale=has_scale, aligned=plan.aligned))
+                    plan.tensors, plan.tasks, scale_ptr, row_nan,
+                    **rows_config(gdt, has_scale=has_scale, aligned=plan.aligned))
+            K.tiger_sumsq_kernel[(plan.n_blocks,)](
+                plan.tensors, plan.blocks, int(k), row_sumsq, blk,
+                **sumsq_config(pdt, aligned=plan.aligned))
             stats_ptr = stats if given is not None and stats.numel() > 0 else row_sumsq  # unread when unused
             K.tiger_finish_kernel[(plan.n,)](
-                plan.tensors, row_sumsq, row_nan, t_nan, t_rms, row_rms, stats_ptr, **finish_config())
+                plan.tensors, row_nan, row_sumsq, blk, int(k), t_nan, t_rms, row_rms, t_sumsq, stats_ptr,
+                **finish_config())
         else:
-            t_nan = t_rms = row_rms = dummy
+            t_nan = t_rms = row_rms = blk = dummy
+        out_ptr = sumsq_out if sumsq and sumsq_out.numel() > 0 else dummy  # unread when unused
         K.sign_step_kernel[(plan.n_blocks,)](
             plan.tensors, plan.blocks,
             float(lr), lr_t if lr_t is not None else dummy, scale_ptr, found_ptr,
             float(weight_decay), float(beta1), float(beta2), float(shrink),
             int(k), int(window), int(threshold),
-            t_nan, t_rms, row_rms,
+            t_nan, t_rms, row_rms, blk, out_ptr,
             **step_config(algo, pdt, gdt, sdt, has_lr_t=lr_t is not None, has_scale=has_scale,
                           has_found=found_inf is not None, sr=stochastic_rounding,
-                          aligned=plan.aligned))
+                          aligned=plan.aligned, sumsq=sumsq))
+        if sumsq:
+            K.tiger_sumsq_out_kernel[(plan.n,)](
+                plan.tensors, blk, t_nan, found_ptr, int(k), out_ptr,
+                **sumsq_out_config(has_found=found_inf is not None))
 
 
 # ------------------------------------------------------------------ the op signatures
@@ -364,14 +447,11 @@ def lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
 def tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay, grad_accum_steps,
            shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding, stats=None, stats_nan=None,
            stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None) -> None:
-    if sumsq_out is not None or sumsq_out_at is not None:
-        # NOTE: [Tiger sums of squares out]: the Triton kernels keep their pre-pass over θ.
-        raise ValueError("tiger_: sumsq_out/sumsq_out_at are not supported by the Triton kernels (backends 'cpu' "
-                         "and 'reference' produce them)")
     run(ALGO_TIGER, params, grads, exp_avgs, steps, roles, seeds, lr=lr, lr_t=lr_t,
         weight_decay=weight_decay, beta1=beta, shrink=shrink_ratio, k=grad_accum_steps,
         grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding,
-        stats=stats, stats_nan=stats_nan, stats_sumsq=stats_sumsq, stats_n=stats_n)
+        stats=stats, stats_nan=stats_nan, stats_sumsq=stats_sumsq, stats_n=stats_n,
+        sumsq_out=sumsq_out, sumsq_out_at=sumsq_out_at)
 
 
 def simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count, weight_decay,
