@@ -236,6 +236,17 @@ def _tree_sum(x, LOG2: tl.constexpr):
 
 
 @triton.jit
+def _block_task(tensors, blocks, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """(pid, tensor index, the block's first element, the tensor's table row) of this program's block."""
+    pid = tl.program_id(0).to(tl.int64)
+    ti = tl.load(blocks + 2 * pid)
+    start = tl.load(blocks + 2 * pid + 1)
+    if ALIGNED:
+        start = tl.multiple_of(start, BLOCK)
+    return pid, ti, start, tensors + ti * NFIELDS
+
+
+@triton.jit
 def _row_in_block(offs, start, row_len, BLOCK: tl.constexpr):
     """(q0, r0, ri): the row of the block's first element, its column, and each element's row
     relative to q0 (int32; a row of >= BLOCK elements is crossed at most once in a block)."""
@@ -368,16 +379,10 @@ def _update_block(
                 # lr_p: 0.5 lr (element-wise roles), lr * RMS(tensor) or lr * RMS(row).
                 elementwise = role < ROLE_EMBEDDING
                 if role == ROLE_EMBEDDING:
-                    # Row of each element: q0 + (r0 + offs) // row_len, with q0, r0 the block
-                    # start's row and column; int32 (a row of >= BLOCK elements is crossed at
-                    # most once in a block).
+                    # Row of each element: q0 + ri (int32; a row of >= BLOCK elements is
+                    # crossed at most once in a block).
                     row_len = tl.load(row + F_ROWLEN)
-                    q0 = start // row_len
-                    r0 = start - q0 * row_len
-                    if row_len >= BLOCK:
-                        ri = (offs >= tl.minimum(row_len - r0, BLOCK).to(tl.int32)).to(tl.int32)
-                    else:
-                        ri = (r0.to(tl.int32) + offs) // row_len.to(tl.int32)
+                    q0, r0, ri = _row_in_block(offs, start, row_len, BLOCK)
                     rms = _load(row_rms + tl.load(row + F_SLOT) + q0 + ri, mask)
                 else:
                     rms = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(t_rms + ti)
@@ -420,12 +425,7 @@ def sign_step_kernel(
     SR: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
     SUMSQ: tl.constexpr = False, LOG2_BLOCK: tl.constexpr = 11,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    ti = tl.load(blocks + 2 * pid)
-    start = tl.load(blocks + 2 * pid + 1)
-    if ALIGNED:
-        start = tl.multiple_of(start, BLOCK)
-    row = tensors + ti * NFIELDS
+    pid, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)
     numel = tl.load(row + F_NUMEL)
     sums_only = False  # a compile-time False unless SUMSQ and HAS_FOUND
     if HAS_FOUND:
@@ -558,12 +558,7 @@ def tiger_sumsq_kernel(
     """Pass 1b, over the update's blocks: the partial sums of squares of θ where this call
     needs an RMS (NOTE: [Triton sums of squares]: the very partials the update's SUMSQ pass
     writes for the next call)."""
-    pid = tl.program_id(0).to(tl.int64)
-    ti = tl.load(blocks + 2 * pid)
-    start = tl.load(blocks + 2 * pid + 1)
-    if ALIGNED:
-        start = tl.multiple_of(start, BLOCK)
-    row = tensors + ti * NFIELDS
+    pid, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)
     if _needs_sums(row, k):
         rem = tl.load(row + F_NUMEL) - start
         p_ptr = _typed_ptr(tl.load(row + F_PARAM), P_DT, ALIGNED) + start
