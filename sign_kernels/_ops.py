@@ -70,6 +70,13 @@ from θ, unless they are the given ones in place -- ``sumsq_out`` is ``stats`` a
 ``sumsq_out_at[i] == stats_sumsq[i]`` -- which then stay as they are). Every backend produces
 them (cpu, cuda, triton, reference); the optimizer caches them (NOTE: [cached sums of squares]
 in sign_kernels/optim/tiger.py).
+
+Two conditions the backends assume and do not check (the optimizer always meets them): the
+tensors' ranges in ``sumsq_out`` do not overlap (overlapping ranges get unspecified values:
+the GPU kernels write them from different blocks), and "``sumsq_out`` is ``stats``" means
+the same storage at the same offset (the compiled backends compare data pointers, the
+reference compares the tensor objects; two different views of one buffer may be treated
+differently, which matters only if the given sums are not θ's).
 """
 
 from __future__ import annotations

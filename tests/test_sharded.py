@@ -171,6 +171,7 @@ def test_given_statistics_bad_arguments_are_refused(backend):
         ((stats, at_nan[:-1], at_sq, n), "entr"),
         ((stats, [99] + at_nan[1:], at_sq, n), "stats_nan[0]"),
         ((stats, at_nan, [at_sq[0], stats.numel() - 3] + at_sq[2:], n), "stats_sumsq[1]"),
+        ((stats, at_nan, [at_sq[0], 2**63 - 1] + at_sq[2:], n), "stats_sumsq[1]"),  # index + rows overflows
         ((stats, at_nan, at_sq, [0] + n[1:]), "stats_n[0]"),
     ]
     for given, words in bad:

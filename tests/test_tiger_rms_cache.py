@@ -374,6 +374,9 @@ def test_sums_out_arguments_are_checked(backend):
     bad[3] = size - 2  # 40 rows do not fit there
     with pytest.raises(errors, match=r"sumsq_out_at\[3\] = .* is neither -1 nor the start of 40 entries"):
         _tiger(backend, ps, gs, ms, 0, sumsq_out=out, sumsq_out_at=bad)
+    bad[3] = 2**63 - 1  # index + count overflows int64: must still be refused
+    with pytest.raises(errors, match=r"sumsq_out_at\[3\] = .* is neither -1 nor the start of 40 entries"):
+        _tiger(backend, ps, gs, ms, 0, sumsq_out=out, sumsq_out_at=bad)
 
 
 def test_triton_sums_out_are_its_pre_pass_sums():

@@ -132,7 +132,7 @@ inline bool check_tiger_stats(const char* op, at::TensorList params, c10::IntArr
     const int64_t count = roles[i] == kRoleEmbedding && params[i].dim() > 0 && params[i].size(-1) > 0
                               ? params[i].numel() / params[i].size(-1)
                               : 1;
-    TORCH_CHECK(at_sq >= -1 && (at_sq < 0 || at_sq + count <= len), op, ": stats_sumsq[", i, "] = ", at_sq,
+    TORCH_CHECK(at_sq >= -1 && (at_sq < 0 || (at_sq <= len && count <= len - at_sq)), op, ": stats_sumsq[", i, "] = ", at_sq,
                 " is neither -1 nor the start of ", count, " entries of stats (numel ", len, ")");
     TORCH_CHECK(at_sq < 0 || (*stats_n)[i] >= 1, op, ": stats_n[", i, "] must be >= 1 where stats_sumsq[", i,
                 "] is given, got ", (*stats_n)[i]);
@@ -161,7 +161,7 @@ inline bool check_tiger_sumsq_out(const char* op, at::TensorList params, c10::In
     const int64_t count = roles[i] == kRoleEmbedding && params[i].dim() > 0 && params[i].size(-1) > 0
                               ? params[i].numel() / params[i].size(-1)
                               : 1;
-    TORCH_CHECK(at >= -1 && (at < 0 || at + count <= len), op, ": sumsq_out_at[", i, "] = ", at,
+    TORCH_CHECK(at >= -1 && (at < 0 || (at <= len && count <= len - at)), op, ": sumsq_out_at[", i, "] = ", at,
                 " is neither -1 nor the start of ", count, " entries of sumsq_out (numel ", len, ")");
   }
   return true;
