@@ -67,7 +67,8 @@ the RMS that call would compute from θ itself, bit for bit. This holds whatever
 does: an update (the sums are a by-product of the write pass), the NaN guard (likewise),
 an accumulation micro-step or a step GradScaler skips (θ is not written: the sums are read
 from θ, unless they are the given ones in place -- ``sumsq_out`` is ``stats`` and
-``sumsq_out_at[i] == stats_sumsq[i]`` -- which then stay as they are). Every backend produces
+``sumsq_out_at[i] == stats_sumsq[i]`` -- which then stay as they are). An empty tensor's entry
+is left as it is. Every backend produces
 them (cpu, cuda, triton, reference); the optimizer caches them (NOTE: [cached sums of squares]
 in sign_kernels/optim/tiger.py).
 

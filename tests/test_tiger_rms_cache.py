@@ -342,6 +342,54 @@ def test_sums_out_are_the_sums_a_read_of_theta_gives(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_sums_out_on_misaligned_and_multi_chunk_tensors(backend, dtype):
+    """Layouts the kernels take other paths for: every buffer one element past an aligned
+    address (scalar paths), embedding rows of 1001 over several chunks (row-aligned chunk starts
+    that are not 16-byte aligned), a matrix over several chunks, an empty matrix (its entry is
+    left as it is), rows longer than a block; fp16. The sums out of an update equal, bit for bit, the backend's own read of
+    θ (a skipped step, its found_inf a host tensor), and the fp64 sums of θ up to rounding."""
+    small = _small(backend)
+    shapes = [(20 if small else 70, 1001), (40, 130) if small else (300, 250), (3, 7), (0, 5), (2, 5000)]
+    roles = [2, 3, 3, 3, 2]
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(5)
+
+    def misaligned(x):
+        base = torch.empty(x.numel() + 1, dtype=dtype, device=dev)
+        view = base[1:].view(x.shape)
+        view.copy_(x)
+        return view
+
+    ps = [misaligned(torch.randn(sh, generator=g) * 2) for sh in shapes]
+    gs = [misaligned(torch.randn(sh, generator=g)) for sh in shapes]
+    ms = [misaligned(torch.randn(sh, generator=g) * 0.1) for sh in shapes]
+    at, size = [], 0
+    for sh, r in zip(shapes, roles):
+        at.append(size)
+        size += torch.Size(sh).numel() // sh[-1] if r == 2 else 1
+    fn = sign_kernels.backends.get(backend).fn("tiger_")
+
+    def call(found_inf=None):
+        out = torch.full((size,), _SENTINEL, dtype=torch.float64, device=dev)
+        steps = [torch.tensor(0, device=dev) for _ in ps]
+        fn(ps, gs, ms, steps, roles, 0.05, None, 0.9, 0.1, 1, 0.99, None, found_inf, list(range(len(ps))), False,
+           sumsq_out=out, sumsq_out_at=at)
+        return out
+
+    written = call()
+    before = [p.clone() for p in ps]
+    read = call(found_inf=torch.tensor(1.0))  # skipped: nothing written, the sums read from θ
+    assert all(torch.equal(a, b) for a, b in zip(before, ps)), "a skipped step writes nothing"
+    assert torch.equal(_bits(written), _bits(read))
+    assert written[at[3]].item() == _SENTINEL, "an empty tensor's entry is left as it is"
+    ref = torch.cat([(p.double() ** 2).reshape(-1, p.shape[-1]).sum(1) if r == 2 else (p.double() ** 2).sum().reshape(1)
+                     for p, r in zip(ps, roles)]).cpu()
+    keep = torch.arange(size) != at[3]
+    torch.testing.assert_close(written.cpu()[keep], ref[keep], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_given_sums_in_place_stay_while_theta_is_not_written(backend):
     """sumsq_out is stats and each tensor's sums are the given ones: kept on a micro-step (even
     when they are not θ's: they are the caller's), rewritten when θ is written."""
