@@ -12,7 +12,8 @@
 #   memcheck   compute-sanitizer --tool memcheck on the native CUDA test
 #   racecheck  compute-sanitizer --tool racecheck on the native CUDA test
 #   pytest     tests/test_cuda.py, test_triton.py (TRITON_INTERPRET=0: the compiled kernels),
-#              test_triton_codegen.py, test_cuda_codegen.py (on the native build); junit xml
+#              test_triton_codegen.py, test_cuda_codegen.py (on the native build),
+#              test_tiger_rms_cache.py (Tiger's sums out on cuda and triton); junit xml
 #   bench      python -m bench on CUDA: flat 256M, GPT-2, Llama 1B; fp32 and bf16; ours on the cuda
 #              and triton backends, fused and foreach AdamW, the peers that are installed; one
 #              process per parameter set (a set that runs out of time loses only itself), merged
@@ -181,7 +182,8 @@ echo "[gpu-check] phase 1: build ‖ native (CMake, CTest, memcheck, racecheck) 
   if [[ $DRY == 1 ]]; then
     run_files=(tests/test_cuda.py tests/test_triton.py)  # both skip without a GPU: seconds
   else
-    run_files=(tests/test_cuda.py tests/test_triton.py tests/test_triton_codegen.py tests/test_cuda_codegen.py)
+    run_files=(tests/test_cuda.py tests/test_triton.py tests/test_triton_codegen.py tests/test_cuda_codegen.py
+               tests/test_tiger_rms_cache.py)  # + Tiger's sums out and cached RMS on cuda and compiled triton
   fi
   # test_cuda_codegen reads the native build's library: wait (a while) for that stage to end.
   while [[ ! -f $STATUS/native ]] && ((SECONDS < PHASE_END - 90)); do sleep 2; done
