@@ -109,6 +109,13 @@ def _call(backend, ps, gs, ms, *given, k=1, t=0):
                                 [1, 2, 3, 4, 5], False, *given)
 
 
+def _stepped(backend, ps, gs, ms, *given, **kw):
+    """(params, momenta) after one call on copies of ps and ms."""
+    p2, m2 = [p.clone() for p in ps], [m.clone() for m in ms]
+    _call(backend, p2, gs, m2, *given, **kw)
+    return p2, m2
+
+
 def _own_stats(ps):
     """The statistics each tensor would compute itself, in the given-statistics layout."""
     vals = [0.0, ps[0].double().square().sum().item(), 1.0, 0.0]
@@ -121,10 +128,8 @@ def _own_stats(ps):
 @pytest.mark.parametrize("backend", SINGLE_BACKENDS)
 def test_given_statistics_equal_to_own_give_the_same_bits(backend):
     ps, gs, ms = _tensors()
-    a, am = [p.clone() for p in ps], [m.clone() for m in ms]
-    _call(backend, a, gs, am)
-    b, bm = [p.clone() for p in ps], [m.clone() for m in ms]
-    _call(backend, b, gs, bm, *_own_stats(ps))
+    a, am = _stepped(backend, ps, gs, ms)
+    b, bm = _stepped(backend, ps, gs, ms, *_own_stats(ps))
     for x, y in zip(a + am, b + bm):
         assert torch.equal(x, y)
 
@@ -141,22 +146,18 @@ def test_given_statistics_are_what_the_op_uses(backend):
     stats2[at_sq[1]:at_sq[1] + 9] *= 8
     stats2[at_nan[4]] = 1.0
     n2 = [x * 2 for x in n]
-    base, bm = [p.clone() for p in ps], [m.clone() for m in ms]
-    _call(backend, base, gs, bm)
-    got, gm = [p.clone() for p in ps], [m.clone() for m in ms]
-    _call(backend, got, gs, gm, stats2, at_nan, at_sq, n2)
+    base, bm = _stepped(backend, ps, gs, ms)
+    got, gm = _stepped(backend, ps, gs, ms, stats2, at_nan, at_sq, n2)
     for i in (0, 1):  # matrix (one sum), embedding (a sum per row)
         torch.testing.assert_close(got[i] - ps[i], 2 * (base[i] - ps[i]), rtol=1e-5, atol=1e-7)
     assert torch.equal(got[4], (ps[4] - 1) * torch.tensor(0.99) + 1) and torch.equal(gm[4], ms[4])
     assert torch.equal(got[3], ps[3] * torch.tensor(0.99))  # its own NaN (flag given as 1)
     assert torch.equal(got[2], base[2])  # element-wise roles ignore sums
     # An accumulation micro-step (k = 2, t = 0) reads no sums: same bits as without them.
-    a, am = [p.clone() for p in ps], [m.clone() for m in ms]
-    _call(backend, a, gs, am, k=2)
-    b, bmm = [p.clone() for p in ps], [m.clone() for m in ms]
+    a, am = _stepped(backend, ps, gs, ms, k=2)
     stats3 = stats.clone()
     stats3[at_sq[0]] = 1e30
-    _call(backend, b, gs, bmm, stats3, [-1] * 5, at_sq, n, k=2)
+    b, bmm = _stepped(backend, ps, gs, ms, stats3, [-1] * 5, at_sq, n, k=2)
     for x, y in zip(a + am, b + bmm):
         assert torch.equal(x, y)
 

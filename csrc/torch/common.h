@@ -105,6 +105,24 @@ inline std::vector<int64_t> check_tiger_roles(const char* op, at::TensorList par
   return rows;
 }
 
+// The fp64 buffer of Tiger's given statistics or sums out: contiguous, 1-D, on the params' device.
+inline void check_fp64_buffer(const char* op, const char* name, const at::Tensor& s, c10::Device device) {
+  TORCH_CHECK(s.scalar_type() == at::kDouble && s.dim() == 1 && s.is_contiguous(), op, ": ", name,
+              " must be a contiguous 1-D float64 tensor, got ", s.scalar_type(), " of shape ", s.sizes());
+  TORCH_CHECK(s.device() == device, op, ": ", name, " is on ", s.device(), ", the params on ", device);
+}
+
+// `at` (tensor i's index into a buffer of `len` entries) is -1 or the start of its sums: one
+// entry, or one per row for an embedding. Written so that at + count cannot overflow.
+inline void check_sums_index(const char* op, const char* list, const char* buffer, size_t i, int64_t at,
+                             const at::Tensor& param, int64_t role, int64_t len) {
+  const int64_t count = role == kRoleEmbedding && param.dim() > 0 && param.size(-1) > 0
+                            ? param.numel() / param.size(-1)
+                            : 1;
+  TORCH_CHECK(at >= -1 && (at < 0 || (at <= len && count <= len - at)), op, ": ", list, "[", i, "] = ", at,
+              " is neither -1 nor the start of ", count, " entries of ", buffer, " (numel ", len, ")");
+}
+
 // Tiger's optional given statistics (NOTE: [Tiger statistics input] in sign_kernels/_ops.py):
 // all four or none; indices inside `stats` (an embedding's row sums too) or -1; n >= 1 where
 // sums are given. Returns whether they are given.
@@ -117,9 +135,7 @@ inline bool check_tiger_stats(const char* op, at::TensorList params, c10::IntArr
   TORCH_CHECK(stats.has_value() && stats_nan.has_value() && stats_sumsq.has_value() && stats_n.has_value(), op,
               ": stats, stats_nan, stats_sumsq and stats_n are given together or not at all");
   const at::Tensor& s = *stats;
-  TORCH_CHECK(s.scalar_type() == at::kDouble && s.dim() == 1 && s.is_contiguous(), op,
-              ": stats must be a contiguous 1-D float64 tensor, got ", s.scalar_type(), " of shape ", s.sizes());
-  TORCH_CHECK(s.device() == device, op, ": stats is on ", s.device(), ", the params on ", device);
+  check_fp64_buffer(op, "stats", s, device);
   const size_t n = params.size();
   TORCH_CHECK(stats_nan->size() == n && stats_sumsq->size() == n && stats_n->size() == n, op,
               ": stats_nan, stats_sumsq and stats_n must have one entry per param (", n, "), got ", stats_nan->size(),
@@ -129,11 +145,7 @@ inline bool check_tiger_stats(const char* op, at::TensorList params, c10::IntArr
     const int64_t at_nan = (*stats_nan)[i], at_sq = (*stats_sumsq)[i];
     TORCH_CHECK(at_nan >= -1 && at_nan < len, op, ": stats_nan[", i, "] = ", at_nan,
                 " is neither -1 nor an index of stats (numel ", len, ")");
-    const int64_t count = roles[i] == kRoleEmbedding && params[i].dim() > 0 && params[i].size(-1) > 0
-                              ? params[i].numel() / params[i].size(-1)
-                              : 1;
-    TORCH_CHECK(at_sq >= -1 && (at_sq < 0 || (at_sq <= len && count <= len - at_sq)), op, ": stats_sumsq[", i, "] = ", at_sq,
-                " is neither -1 nor the start of ", count, " entries of stats (numel ", len, ")");
+    check_sums_index(op, "stats_sumsq", "stats", i, at_sq, params[i], roles[i], len);
     TORCH_CHECK(at_sq < 0 || (*stats_n)[i] >= 1, op, ": stats_n[", i, "] must be >= 1 where stats_sumsq[", i,
                 "] is given, got ", (*stats_n)[i]);
   }
@@ -149,21 +161,13 @@ inline bool check_tiger_sumsq_out(const char* op, at::TensorList params, c10::In
   TORCH_CHECK(sumsq_out.has_value() && sumsq_out_at.has_value(), op,
               ": sumsq_out and sumsq_out_at are given together or not at all");
   const at::Tensor& s = *sumsq_out;
-  TORCH_CHECK(s.scalar_type() == at::kDouble && s.dim() == 1 && s.is_contiguous(), op,
-              ": sumsq_out must be a contiguous 1-D float64 tensor, got ", s.scalar_type(), " of shape ", s.sizes());
-  TORCH_CHECK(s.device() == device, op, ": sumsq_out is on ", s.device(), ", the params on ", device);
+  check_fp64_buffer(op, "sumsq_out", s, device);
   const size_t n = params.size();
   TORCH_CHECK(sumsq_out_at->size() == n, op, ": sumsq_out_at must have one entry per param (", n, "), got ",
               sumsq_out_at->size());
   const int64_t len = s.numel();
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t at = (*sumsq_out_at)[i];
-    const int64_t count = roles[i] == kRoleEmbedding && params[i].dim() > 0 && params[i].size(-1) > 0
-                              ? params[i].numel() / params[i].size(-1)
-                              : 1;
-    TORCH_CHECK(at >= -1 && (at < 0 || (at <= len && count <= len - at)), op, ": sumsq_out_at[", i, "] = ", at,
-                " is neither -1 nor the start of ", count, " entries of sumsq_out (numel ", len, ")");
-  }
+  for (size_t i = 0; i < n; ++i)
+    check_sums_index(op, "sumsq_out_at", "sumsq_out", i, (*sumsq_out_at)[i], params[i], roles[i], len);
   return true;
 }
 
