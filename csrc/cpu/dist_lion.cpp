@@ -72,14 +72,14 @@ void pack_block(const G* __restrict g, S* __restrict m, uint8_t* __restrict out,
 
 template <class G, class S>
 void pack_span(const G* __restrict g, S* __restrict m, uint8_t* __restrict out, int64_t begin, int64_t end,
-               const LionScalars s, const DistPackArgs a) {
-  if (a.skip) {
+               const LionScalars s, bool skip, bool has_grad_scale, float grad_scale) {
+  if (skip) {
     for (int64_t b = begin / 4; b < (end + 3) / 4; ++b) out[b] = 0;
     return;
   }
   for (int64_t base = begin; base < end; base += kBlock) {
     const int64_t len = end - base < kBlock ? end - base : kBlock;
-    if (a.has_grad_scale) pack_block<std::true_type>(g, m, out, base, len, s, a.grad_scale);
+    if (has_grad_scale) pack_block<std::true_type>(g, m, out, base, len, s, grad_scale);
     else pack_block<std::false_type>(g, m, out, base, len, s, 1.0f);
   }
 }
@@ -130,6 +130,10 @@ bool with_float_type(DType d, F&& f) {
 
 const char* dist_lion_pack(const DistPackList& t, const DistPackArgs& a) {
   const LionScalars s = lion_scalars(0.0f, a.beta1, a.beta2, 0.0f);
+  // The scalars given by pointer are host memory here (NOTE: [executor memory]).
+  const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
+  const bool has_grad_scale = a.grad_scale != nullptr;
+  const float grad_scale = has_grad_scale ? *a.grad_scale : 1.0f;
   const std::vector<Span> spans = spans_of(t.count, t.numels);
   bool inner = true;
   const bool outer = with_float_type(t.grad_dtype, [&](auto gtag) {
@@ -138,7 +142,7 @@ const char* dist_lion_pack(const DistPackList& t, const DistPackArgs& a) {
       using S = std::remove_pointer_t<decltype(stag)>;
       run_spans(spans, [&](const Span& sp) {
         pack_span(static_cast<const G*>(t.grads[sp.tensor]), static_cast<S*>(t.exp_avgs[sp.tensor]),
-                  t.packed[sp.tensor], sp.begin, sp.end, s, a);
+                  t.packed[sp.tensor], sp.begin, sp.end, s, skip, has_grad_scale, grad_scale);
       });
     });
   });
@@ -147,16 +151,19 @@ const char* dist_lion_pack(const DistPackList& t, const DistPackArgs& a) {
 
 const char* dist_lion_apply(const DistApplyList& t, const DistApplyArgs& a) {
   if (a.bits != 2 && a.bits != 4 && a.bits != 8) return "dist_lion_apply: bits must be 2, 4 or 8";
-  const float decay = 1.0f - a.lr * a.weight_decay;  // as lion_scalars
+  const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
+  const float lr = a.lr_ptr != nullptr ? *a.lr_ptr : a.lr;
+  const float decay = 1.0f - lr * a.weight_decay;  // as lion_scalars
   const std::vector<Span> spans = spans_of(t.count, t.numels);
   const bool ok = with_float_type(t.param_dtype, [&](auto ptag) {
     using P = std::remove_pointer_t<decltype(ptag)>;
+    if (skip) return;
     run_spans(spans, [&](const Span& sp) {
       P* p = static_cast<P*>(t.params[sp.tensor]);
       const uint8_t* v = t.votes[sp.tensor];
-      if (a.bits == 2) apply_span<P, 2>(p, v, sp.begin, sp.end, a.lr, decay, a.divisor);
-      else if (a.bits == 4) apply_span<P, 4>(p, v, sp.begin, sp.end, a.lr, decay, a.divisor);
-      else apply_span<P, 8>(p, v, sp.begin, sp.end, a.lr, decay, a.divisor);
+      if (a.bits == 2) apply_span<P, 2>(p, v, sp.begin, sp.end, lr, decay, a.divisor);
+      else if (a.bits == 4) apply_span<P, 4>(p, v, sp.begin, sp.end, lr, decay, a.divisor);
+      else apply_span<P, 8>(p, v, sp.begin, sp.end, lr, decay, a.divisor);
     });
   });
   return ok ? nullptr : "dist_lion_apply: params must be float32, bfloat16 or float16";

@@ -9,39 +9,13 @@
 namespace sign_kernels {
 namespace cpu {
 
-// Pass (a): read g, m; write m and the 2-bit sign fields of d. Tensor i has numels[i]
-// elements; packed[i] holds ceil(numels[i] / 4) bytes.
-struct DistPackList {
-  int64_t count = 0;
-  const void* const* grads = nullptr;
-  void* const* exp_avgs = nullptr;
-  uint8_t* const* packed = nullptr;
-  const int64_t* numels = nullptr;
-  DType grad_dtype = DType::kFloat32;
-  DType state_dtype = DType::kFloat32;
-};
-
-struct DistPackArgs {
-  float beta1 = 0.9f, beta2 = 0.99f;
-  bool has_grad_scale = false;
-  float grad_scale = 1.0f;
-  bool skip = false;  // GradScaler found an inf: m is kept and every field written 0
-};
-
-// Pass (b): read the voted fields and p; write p. votes[i] holds ceil(numels[i] * bits / 8) bytes.
-struct DistApplyList {
-  int64_t count = 0;
-  void* const* params = nullptr;
-  const uint8_t* const* votes = nullptr;
-  const int64_t* numels = nullptr;
-  DType param_dtype = DType::kFloat32;
-};
-
-struct DistApplyArgs {
-  int bits = 2;           // 2, 4 or 8
-  float divisor = 1.0f;   // 1 (majority) or N (average)
-  float lr = 0.0f, weight_decay = 0.0f;
-};
+// Pass (a): read g, m; write m and the 2-bit sign fields of d (packed[i]: ceil(numels[i] / 4)
+// bytes). Pass (b): apply the aggregate vote. The descriptors are csrc/core/descriptor.h's;
+// the scalars they point at are host memory here (NOTE: [executor memory]).
+using sign_kernels::DistApplyArgs;
+using sign_kernels::DistApplyList;
+using sign_kernels::DistPackArgs;
+using sign_kernels::DistPackList;
 
 // Each returns nullptr on success or a static message (nothing is written then).
 const char* dist_lion_pack(const DistPackList& t, const DistPackArgs& a);

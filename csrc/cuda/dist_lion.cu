@@ -71,43 +71,42 @@ cudaError_t visit_float(DType d, F&& f) {
 
 }  // namespace
 
-cudaError_t dist_lion_pack(int64_t count, const void* const* grads, void* const* exp_avgs, uint8_t* const* packed,
-                           const int64_t* numels, DType grad_dtype, DType state_dtype, const DistPackArgs& a,
-                           cudaStream_t stream) {
+cudaError_t dist_lion_pack(const DistPackList& t, const DistPackArgs& a, cudaStream_t stream) {
   const LionScalars s = lion_scalars(0.0f, a.beta1, a.beta2, 0.0f);
-  return visit_float(grad_dtype, [&](auto g_tag) {
+  return visit_float(t.grad_dtype, [&](auto g_tag) {
     using G = std::remove_pointer_t<decltype(g_tag)>;
-    return visit_float(state_dtype, [&](auto s_tag) {
+    return visit_float(t.state_dtype, [&](auto s_tag) {
       using S = std::remove_pointer_t<decltype(s_tag)>;
-      for (int64_t i = 0; i < count; ++i) {
-        if (numels[i] == 0) continue;
-        pack_kernel<G, S><<<blocks_for((numels[i] + 3) / 4), kThreads, 0, stream>>>(
-            static_cast<const G*>(grads[i]), static_cast<S*>(exp_avgs[i]), packed[i], numels[i], s, a.grad_scale,
-            a.found_inf);
+      for (int64_t i = 0; i < t.count; ++i) {
+        if (t.numels[i] == 0) continue;
+        pack_kernel<G, S><<<blocks_for((t.numels[i] + 3) / 4), kThreads, 0, stream>>>(
+            static_cast<const G*>(t.grads[i]), static_cast<S*>(t.exp_avgs[i]), t.packed[i], t.numels[i], s,
+            a.grad_scale, a.found_inf);
       }
       return cudaGetLastError();
     });
   });
 }
 
-cudaError_t dist_lion_apply(int64_t count, void* const* params, const uint8_t* const* votes, const int64_t* numels,
-                            DType param_dtype, const DistApplyArgs& a, cudaStream_t stream) {
+cudaError_t dist_lion_apply(const DistApplyList& t, const DistApplyArgs& a, cudaStream_t stream) {
   if (a.bits != 2 && a.bits != 4 && a.bits != 8) return cudaErrorInvalidValue;
-  return visit_float(param_dtype, [&](auto p_tag) {
+  return visit_float(t.param_dtype, [&](auto p_tag) {
     using P = std::remove_pointer_t<decltype(p_tag)>;
-    for (int64_t i = 0; i < count; ++i) {
-      if (numels[i] == 0) continue;
-      P* p = static_cast<P*>(params[i]);
-      const int blocks = blocks_for(numels[i]);
+    for (int64_t i = 0; i < t.count; ++i) {
+      if (t.numels[i] == 0) continue;
+      P* p = static_cast<P*>(t.params[i]);
+      const uint8_t* v = t.votes[i];
+      const int64_t n = t.numels[i];
+      const int blocks = blocks_for(n);
       if (a.bits == 2)
-        apply_kernel<P, 2><<<blocks, kThreads, 0, stream>>>(p, votes[i], numels[i], a.lr, a.lr_t, a.weight_decay,
-                                                            a.divisor, a.found_inf);
+        apply_kernel<P, 2><<<blocks, kThreads, 0, stream>>>(p, v, n, a.lr, a.lr_ptr, a.weight_decay, a.divisor,
+                                                            a.found_inf);
       else if (a.bits == 4)
-        apply_kernel<P, 4><<<blocks, kThreads, 0, stream>>>(p, votes[i], numels[i], a.lr, a.lr_t, a.weight_decay,
-                                                            a.divisor, a.found_inf);
+        apply_kernel<P, 4><<<blocks, kThreads, 0, stream>>>(p, v, n, a.lr, a.lr_ptr, a.weight_decay, a.divisor,
+                                                            a.found_inf);
       else
-        apply_kernel<P, 8><<<blocks, kThreads, 0, stream>>>(p, votes[i], numels[i], a.lr, a.lr_t, a.weight_decay,
-                                                            a.divisor, a.found_inf);
+        apply_kernel<P, 8><<<blocks, kThreads, 0, stream>>>(p, v, n, a.lr, a.lr_ptr, a.weight_decay, a.divisor,
+                                                            a.found_inf);
     }
     return cudaGetLastError();
   });

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -99,9 +100,8 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
   std::vector<std::vector<S>> s(n), s_ref(n);
   std::vector<void*> pp(n), sp(n);
   std::vector<const void*> gp(n);
-  std::vector<int64_t> steps(n), rows(n);
-  std::vector<uint32_t> seeds(n);
-  std::vector<int32_t> roles(n);
+  std::vector<int64_t> steps(n), rows(n), seeds(n), roles(n);
+  std::vector<const int64_t*> step_ptrs(n);
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t e = 0; e < sizes[i]; ++e) {
       p[i].push_back(from_f32<P>(nd(rng)));
@@ -117,8 +117,9 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
     gp[i] = g[i].data();
     sp[i] = s[i].data();
     steps[i] = i;
-    seeds[i] = 1000u + static_cast<uint32_t>(i);
-    roles[i] = (i % 4 == 2 && sizes[i] % 7 == 0) ? kRoleEmbedding : static_cast<int32_t>(i % 4 == 2 ? 3 : i % 4);
+    step_ptrs[i] = &steps[i];
+    seeds[i] = 1000 + i;
+    roles[i] = (i % 4 == 2 && sizes[i] % 7 == 0) ? kRoleEmbedding : (i % 4 == 2 ? 3 : i % 4);
     rows[i] = roles[i] == kRoleEmbedding ? 7 : 1;
   }
   cpu::TensorList t;
@@ -127,17 +128,17 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
   t.grads = gp.data();
   t.states = sp.data();
   t.numels = sizes.data();
-  t.steps = steps.data();
+  t.steps = step_ptrs.data();
   t.seeds = seeds.data();
   t.param_dtype = pd;
   t.grad_dtype = gd;
   t.state_dtype = sd;
+  const float grad_scale = 3.0f;
   cpu::Common c;
   c.lr = 0.01f;
   c.stochastic_rounding = sr;
-  c.has_grad_scale = scaled;
-  c.grad_scale = 3.0f;
-  auto grad = [&](const G& v) { return scaled ? to_f32(v) / c.grad_scale : to_f32(v); };
+  c.grad_scale = scaled ? &grad_scale : nullptr;
+  auto grad = [&](const G& v) { return scaled ? to_f32(v) / grad_scale : to_f32(v); };
   omp_set_num_threads(threads);
   const char* err = nullptr;
   constexpr bool kCounters = std::is_same<S, int16_t>::value;
@@ -152,8 +153,8 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
       for (int64_t e = 0; e < sizes[i]; ++e) {
         float pv = to_f32(p_ref[i][e]), mv = to_f32(s_ref[i][e]);
         lion_update(pv, mv, grad(g[i][e]), sc);
-        store(&p_ref[i][e], pv, sr_key(seeds[i], steps[i], 0), e, sr);
-        store(&s_ref[i][e], mv, sr_key(seeds[i], steps[i], 1), e, sr);
+        store(&p_ref[i][e], pv, sr_key(static_cast<uint32_t>(seeds[i]), steps[i], 0), e, sr);
+        store(&s_ref[i][e], mv, sr_key(static_cast<uint32_t>(seeds[i]), steps[i], 1), e, sr);
       }
   } else if (algo == 1) {
     cpu::TigerArgs a;
@@ -175,8 +176,8 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
         for (int64_t e = lo; e < hi; ++e) {
           float pv = to_f32(p_ref[i][e]), mv = to_f32(s_ref[i][e]);
           tiger_update(pv, mv, grad(g[i][e]), lr_p, sc);
-          if (sc.update) store(&p_ref[i][e], pv, sr_key(seeds[i], steps[i], 0), e, sr);
-          store(&s_ref[i][e], mv, sr_key(seeds[i], steps[i], 1), e, sr);
+          if (sc.update) store(&p_ref[i][e], pv, sr_key(static_cast<uint32_t>(seeds[i]), steps[i], 0), e, sr);
+          store(&s_ref[i][e], mv, sr_key(static_cast<uint32_t>(seeds[i]), steps[i], 1), e, sr);
         }
         if (roles[i] != kRoleEmbedding) break;
       }
@@ -196,7 +197,7 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
         int16_t cv;
         std::memcpy(&cv, &s_ref[i][e], 2);
         simba_update(pv, cv, grad(g[i][e]), sc);
-        store(&p_ref[i][e], pv, sr_key(seeds[i], steps[i], 0), e, sr);
+        store(&p_ref[i][e], pv, sr_key(static_cast<uint32_t>(seeds[i]), steps[i], 0), e, sr);
         std::memcpy(&s_ref[i][e], &cv, 2);
       }
   }
@@ -210,6 +211,27 @@ static void run_case(cpu::DType pd, cpu::DType gd, cpu::DType sd, int algo, int 
           (long long)i);
   }
 }
+
+// A one-tensor list over host buffers (the descriptor points at these members).
+struct OneTensor {
+  void* p;
+  const void* g;
+  void* s;
+  int64_t numel, step, seed;
+  const int64_t* step_ptr = &step;
+  cpu::TensorList t;
+  OneTensor(void* p_, const void* g_, void* s_, int64_t numel_, int64_t step_, int64_t seed_)
+      : p(p_), g(g_), s(s_), numel(numel_), step(step_), seed(seed_) {
+    t.count = 1;
+    t.params = &p;
+    t.grads = &g;
+    t.states = &s;
+    t.numels = &numel;
+    t.steps = &step_ptr;
+    t.seeds = &seed;
+  }
+  OneTensor(const OneTensor&) = delete;
+};
 
 static void test_executor() {
   using D = cpu::DType;
@@ -237,27 +259,59 @@ static void test_executor() {
   // An unsupported combination is refused and writes nothing.
   float p = 1.0f, g = 1.0f;
   fp16_t m{0};
-  void* pp = &p;
-  const void* gp = &g;
-  void* mp = &m;
-  const int64_t numel = 1, step = 0;
-  const uint32_t seed = 0;
-  cpu::TensorList t;
-  t.count = 1;
-  t.params = &pp;
-  t.grads = &gp;
-  t.states = &mp;
-  t.numels = &numel;
-  t.steps = &step;
-  t.seeds = &seed;
+  OneTensor one(&p, &g, &m, 1, 0, 0);
+  cpu::TensorList& t = one.t;
   t.state_dtype = cpu::DType::kFloat16;  // fp16 momentum for fp32 params: not supported
   CHECK(cpu::lion_step(t, cpu::LionArgs{}) != nullptr && p == 1.0f, "unsupported dtypes are refused untouched");
+  // ... also when found_inf is set: a refused combination is refused either way.
+  const float inf_found = 1.0f;
+  cpu::LionArgs skipped;
+  skipped.common.found_inf = &inf_found;
+  CHECK(cpu::lion_step(t, skipped) != nullptr && p == 1.0f, "unsupported dtypes are refused with found_inf set");
+}
+
+// A set found_inf (the descriptor's host scalar) makes every op change nothing; NaN counts as set.
+static void test_found_inf() {
+  for (const float flag : {1.0f, std::numeric_limits<float>::quiet_NaN()}) {
+    std::vector<float> p(100, 1.5f), g(100, 0.25f), m(100, 0.5f);
+    std::vector<int16_t> counts(100, 3);
+    const int64_t role = kRoleMatrix, row = 100;
+    OneTensor one(p.data(), g.data(), m.data(), 100, 3, 7);
+    cpu::TensorList& t = one.t;
+    cpu::LionArgs la;
+    la.common.lr = 0.1f;
+    la.common.found_inf = &flag;
+    CHECK(cpu::lion_step(t, la) == nullptr, "lion with found_inf");
+    cpu::TigerArgs ta;
+    ta.common = la.common;
+    ta.roles = &role;
+    ta.row_sizes = &row;
+    CHECK(cpu::tiger_step(t, ta) == nullptr, "tiger with found_inf");
+    double sums = -1.0;
+    const int64_t at = 0;
+    ta.sumsq_out = &sums;
+    ta.sumsq_out_at = &at;
+    CHECK(cpu::tiger_step(t, ta) == nullptr, "tiger with found_inf and sums out");
+    CHECK(sums == 100 * 1.5 * 1.5, "a skipped Tiger step still fills its sums out, got %g", sums);
+    one.s = counts.data();
+    t.state_dtype = cpu::DType::kInt16;
+    cpu::SimbaArgs sa;
+    sa.common = la.common;
+    CHECK(cpu::simba_step(t, sa) == nullptr, "simba with found_inf");
+    for (int e = 0; e < 100; ++e)
+      CHECK(p[e] == 1.5f && m[e] == 0.5f && counts[e] == 3, "found_inf set: element %d was written", e);
+    la.common.found_inf = nullptr;  // the control: the same call without the flag writes
+    one.s = m.data();
+    t.state_dtype = cpu::DType::kFloat32;
+    CHECK(cpu::lion_step(t, la) == nullptr && p[0] != 1.5f, "lion without found_inf updates");
+  }
 }
 
 int main() {
   test_conversions();
   test_stochastic_rounding();
   test_executor();
+  test_found_inf();
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;
 }

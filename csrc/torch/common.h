@@ -1,4 +1,6 @@
-// common.h -- argument checks shared by the CPU and CUDA torch bindings.
+// common.h -- what the CPU and CUDA torch bindings share: the argument checks, and the
+// code that turns checked tensor lists into the executors' one descriptor
+// (csrc/core/descriptor.h).
 //
 // The Python optimizers group tensors correctly before calling an op; these checks
 // refuse whatever they should never send (STYLE.md: group in Python, check in C++),
@@ -8,6 +10,7 @@
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>  // not ATen/ATen.h: the bindings use Tensor methods only (build time)
 
+#include "../core/descriptor.h"
 #include "../core/sign_math.h"
 
 #include <cstdint>
@@ -17,14 +20,17 @@
 namespace sign_kernels {
 namespace binding {
 
-inline int dtype_code(at::ScalarType t) {
+// The descriptor's dtype of a dtype the checks below admit.
+inline DType core_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return 0;
-    case at::kBFloat16: return 1;
-    case at::kHalf: return 2;
-    case at::kShort: return 3;
-    default: return -1;
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    case at::kShort: return DType::kInt16;
+    default: break;
   }
+  TORCH_CHECK(false, "sign_kernels: no kernel dtype for ", t);  // the checks admit none
+  return DType::kFloat32;
 }
 
 // Checks the parallel lists of one call and returns their common dtypes.
@@ -78,6 +84,45 @@ inline ListInfo check_lists(const char* op, at::TensorList params, at::TensorLis
               counters ? "int16 counters" : "state the param dtype, float32 or bfloat16");
   return info;
 }
+
+// The pointer tables of one checked call, as the executors take them. Each step is read
+// by the executor where it runs (NOTE: [executor memory]), so it must be on the params'
+// device: the optimizers keep it there.
+struct Lists {
+  std::vector<void*> params, states;
+  std::vector<const void*> grads;
+  std::vector<int64_t> numels, seeds;
+  std::vector<const int64_t*> steps;
+  TensorList list;
+
+  Lists(const char* op, at::TensorList p, at::TensorList g, at::TensorList s, at::TensorList st, c10::IntArrayRef sd,
+        const ListInfo& info)
+      : params(p.size()), states(p.size()), grads(p.size()), numels(p.size()), seeds(sd.begin(), sd.end()),
+        steps(p.size()) {
+    for (size_t i = 0; i < p.size(); ++i) {
+      TORCH_CHECK(st[i].device() == p[i].device(), op, ": steps[", i, "] is on ", st[i].device(),
+                  "; the kernels read the step where the params are, so it must be on ", p[i].device(),
+                  " (the optimizers keep it there)");
+      params[i] = p[i].data_ptr();
+      grads[i] = g[i].data_ptr();
+      states[i] = s[i].data_ptr();
+      numels[i] = p[i].numel();
+      steps[i] = st[i].data_ptr<int64_t>();
+    }
+    list.count = static_cast<int64_t>(p.size());
+    list.params = params.data();
+    list.grads = grads.data();
+    list.states = states.data();
+    list.numels = numels.data();
+    list.steps = steps.data();
+    list.seeds = seeds.data();
+    list.param_dtype = core_dtype(info.param);
+    list.grad_dtype = core_dtype(info.grad);
+    list.state_dtype = core_dtype(info.state);
+  }
+  Lists(const Lists&) = delete;  // `list` points into the vectors
+  Lists& operator=(const Lists&) = delete;
+};
 
 inline void check_scalar(const char* op, const char* name, const c10::optional<at::Tensor>& t, c10::Device device,
                          bool same_device) {
@@ -169,6 +214,46 @@ inline bool check_tiger_sumsq_out(const char* op, at::TensorList params, c10::In
   for (size_t i = 0; i < n; ++i)
     check_sums_index(op, "sumsq_out_at", "sumsq_out", i, (*sumsq_out_at)[i], params[i], roles[i], len);
   return true;
+}
+
+// Lion's and Simba's arguments past the shared ones (Simba's window checked by check_simba_window).
+inline void lion_args(LionArgs& a, double beta1, double beta2, double weight_decay) {
+  a.beta1 = static_cast<float>(beta1);
+  a.beta2 = static_cast<float>(beta2);
+  a.weight_decay = static_cast<float>(weight_decay);
+}
+
+inline void simba_args(SimbaArgs& a, int64_t window_size, int64_t threshold_count, double weight_decay) {
+  a.window_size = static_cast<int32_t>(window_size);
+  a.threshold_count = static_cast<int32_t>(threshold_count);
+  a.weight_decay = static_cast<float>(weight_decay);
+}
+
+// Tiger's arguments past the shared ones, for params whose roles check_tiger_roles passed
+// (`rows` is what it returned; `roles` and `rows` must outlive the call): the optional
+// given statistics and sums out are checked against `device`, where the executor reads them.
+inline void tiger_args(const char* op, TigerArgs& a, at::TensorList params, c10::IntArrayRef roles,
+                       const std::vector<int64_t>& rows, double beta, double weight_decay, int64_t grad_accum_steps,
+                       double shrink_ratio, const c10::optional<at::Tensor>& stats, at::OptionalIntArrayRef stats_nan,
+                       at::OptionalIntArrayRef stats_sumsq, at::OptionalIntArrayRef stats_n,
+                       const c10::optional<at::Tensor>& sumsq_out, at::OptionalIntArrayRef sumsq_out_at,
+                       c10::Device device) {
+  a.beta = static_cast<float>(beta);
+  a.weight_decay = static_cast<float>(weight_decay);
+  a.shrink_ratio = static_cast<float>(shrink_ratio);
+  a.grad_accum_steps = grad_accum_steps;
+  a.roles = roles.data();
+  a.row_sizes = rows.data();
+  if (check_tiger_stats(op, params, roles, stats, stats_nan, stats_sumsq, stats_n, device)) {
+    a.stats = stats->data_ptr<double>();  // NOTE: [Tiger statistics input]
+    a.stats_nan = stats_nan->data();
+    a.stats_sumsq = stats_sumsq->data();
+    a.stats_n = stats_n->data();
+  }
+  if (check_tiger_sumsq_out(op, params, roles, sumsq_out, sumsq_out_at, device)) {
+    a.sumsq_out = sumsq_out->data_ptr<double>();  // NOTE: [Tiger sums of squares out]
+    a.sumsq_out_at = sumsq_out_at->data();
+  }
 }
 
 inline void check_simba_window(const char* op, int64_t window_size, int64_t threshold_count) {

@@ -18,59 +18,32 @@ namespace {
 using binding::check_lists;
 using binding::check_scalar;
 
-// Host views of one call's tensors (the core takes raw pointers).
-struct HostLists {
-  std::vector<void*> params, states;
-  std::vector<const void*> grads;
-  std::vector<int64_t> numels, steps;
-  std::vector<uint32_t> seeds;
-  cpu::TensorList list;
-
-  HostLists(at::TensorList p, at::TensorList g, at::TensorList s, at::TensorList st, c10::IntArrayRef sd,
-            const binding::ListInfo& info) {
-    const size_t n = p.size();
-    params.resize(n);
-    states.resize(n);
-    grads.resize(n);
-    numels.resize(n);
-    steps.resize(n);
-    seeds.resize(n);
-    for (size_t i = 0; i < n; ++i) {
-      params[i] = p[i].data_ptr();
-      grads[i] = g[i].data_ptr();
-      states[i] = s[i].data_ptr();
-      numels[i] = p[i].numel();
-      steps[i] = st[i].item<int64_t>();  // a CPU scalar: no synchronisation
-      seeds[i] = static_cast<uint32_t>(sd[i]);
-    }
-    list.count = static_cast<int64_t>(n);
-    list.params = params.data();
-    list.grads = grads.data();
-    list.states = states.data();
-    list.numels = numels.data();
-    list.steps = steps.data();
-    list.seeds = seeds.data();
-    list.param_dtype = static_cast<cpu::DType>(binding::dtype_code(info.param));
-    list.grad_dtype = static_cast<cpu::DType>(binding::dtype_code(info.grad));
-    list.state_dtype = static_cast<cpu::DType>(binding::dtype_code(info.state));
-  }
+// The scalars the descriptor takes by pointer (NOTE: [executor memory]: host memory for
+// the CPU executor), read from their CPU tensors here (no synchronisation).
+struct HostScalars {
+  float grad_scale = 1.0f, found_inf = 0.0f;
 };
 
-// Fills the arguments every op shares; returns false when GradScaler found an inf
-// (the step is skipped and nothing is written).
-bool common_args(const char* op, cpu::Common& c, double lr, const c10::optional<at::Tensor>& lr_t,
+// An optional CPU scalar as the descriptor takes it: null, or its value read into `hold`.
+const float* host_scalar(const c10::optional<at::Tensor>& t, float& hold) {
+  if (!t.has_value()) return nullptr;
+  hold = t->item<float>();
+  return &hold;
+}
+
+// Fills the arguments every op shares. A set found_inf reaches the executor, which
+// then changes nothing (Tiger still fills its sums out).
+void common_args(const char* op, Common& c, HostScalars& hold, double lr, const c10::optional<at::Tensor>& lr_t,
                  const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                  bool stochastic_rounding) {
   const c10::Device cpu_device(c10::kCPU);
   check_scalar(op, "lr_t", lr_t, cpu_device, true);
   check_scalar(op, "grad_scale", grad_scale, cpu_device, true);
   check_scalar(op, "found_inf", found_inf, cpu_device, true);
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return false;
   c.lr = lr_t.has_value() ? lr_t->item<float>() : static_cast<float>(lr);
-  c.has_grad_scale = grad_scale.has_value();
-  c.grad_scale = c.has_grad_scale ? grad_scale->item<float>() : 1.0f;
+  c.grad_scale = host_scalar(grad_scale, hold.grad_scale);
+  c.found_inf = host_scalar(found_inf, hold.found_inf);
   c.stochastic_rounding = stochastic_rounding;
-  return true;
 }
 
 void lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList steps, double lr,
@@ -78,13 +51,12 @@ void lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
               c10::IntArrayRef seeds, bool stochastic_rounding) {
   const auto info = check_lists("lion_", params, grads, exp_avgs, steps, seeds, c10::kCPU, false);
-  cpu::LionArgs a;
-  if (!common_args("lion_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) return;
-  a.beta1 = static_cast<float>(beta1);
-  a.beta2 = static_cast<float>(beta2);
-  a.weight_decay = static_cast<float>(weight_decay);
-  HostLists h(params, grads, exp_avgs, steps, seeds, info);
-  const char* err = cpu::lion_step(h.list, a);
+  LionArgs a;
+  HostScalars hold;
+  common_args("lion_", a.common, hold, lr, lr_t, grad_scale, found_inf, stochastic_rounding);
+  binding::lion_args(a, beta1, beta2, weight_decay);
+  const binding::Lists l("lion_", params, grads, exp_avgs, steps, seeds, info);
+  const char* err = cpu::lion_step(l.list, a);
   TORCH_CHECK(err == nullptr, "lion_: ", err);
 }
 
@@ -98,32 +70,13 @@ void tiger_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                at::OptionalIntArrayRef sumsq_out_at) {
   const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCPU, false);
   const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
-  const bool given = binding::check_tiger_stats("tiger_", params, roles, stats, stats_nan, stats_sumsq, stats_n,
-                                                c10::Device(c10::kCPU));
-  const std::vector<int32_t> role32(roles.begin(), roles.end());
-  cpu::TigerArgs a;
-  if (given) {  // NOTE: [Tiger statistics input]
-    a.stats = stats->data_ptr<double>();
-    a.stats_nan = stats_nan->data();
-    a.stats_sumsq = stats_sumsq->data();
-    a.stats_n = stats_n->data();
-  }
-  if (binding::check_tiger_sumsq_out("tiger_", params, roles, sumsq_out, sumsq_out_at, c10::Device(c10::kCPU))) {
-    a.sumsq_out = sumsq_out->data_ptr<double>();  // NOTE: [Tiger sums of squares out]
-    a.sumsq_out_at = sumsq_out_at->data();
-  }
-  if (!common_args("tiger_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) {
-    if (a.sumsq_out == nullptr) return;
-    a.skip = true;  // nothing is updated; the sums out still describe theta
-  }
-  a.beta = static_cast<float>(beta);
-  a.weight_decay = static_cast<float>(weight_decay);
-  a.shrink_ratio = static_cast<float>(shrink_ratio);
-  a.grad_accum_steps = grad_accum_steps;
-  a.roles = role32.data();
-  a.row_sizes = rows.data();
-  HostLists h(params, grads, exp_avgs, steps, seeds, info);
-  const char* err = cpu::tiger_step(h.list, a);
+  TigerArgs a;
+  binding::tiger_args("tiger_", a, params, roles, rows, beta, weight_decay, grad_accum_steps, shrink_ratio, stats,
+                      stats_nan, stats_sumsq, stats_n, sumsq_out, sumsq_out_at, c10::Device(c10::kCPU));
+  HostScalars hold;
+  common_args("tiger_", a.common, hold, lr, lr_t, grad_scale, found_inf, stochastic_rounding);
+  const binding::Lists l("tiger_", params, grads, exp_avgs, steps, seeds, info);
+  const char* err = cpu::tiger_step(l.list, a);
   TORCH_CHECK(err == nullptr, "tiger_: ", err);
 }
 
@@ -133,13 +86,12 @@ void simba_cpu(at::TensorList params, at::TensorList grads, at::TensorList sign_
                const c10::optional<at::Tensor>& found_inf, c10::IntArrayRef seeds, bool stochastic_rounding) {
   const auto info = check_lists("simba_", params, grads, sign_counts, steps, seeds, c10::kCPU, true);
   binding::check_simba_window("simba_", window_size, threshold_count);
-  cpu::SimbaArgs a;
-  if (!common_args("simba_", a.common, lr, lr_t, grad_scale, found_inf, stochastic_rounding)) return;
-  a.window_size = static_cast<int32_t>(window_size);
-  a.threshold_count = static_cast<int32_t>(threshold_count);
-  a.weight_decay = static_cast<float>(weight_decay);
-  HostLists h(params, grads, sign_counts, steps, seeds, info);
-  const char* err = cpu::simba_step(h.list, a);
+  SimbaArgs a;
+  HostScalars hold;
+  common_args("simba_", a.common, hold, lr, lr_t, grad_scale, found_inf, stochastic_rounding);
+  binding::simba_args(a, window_size, threshold_count, weight_decay);
+  const binding::Lists l("simba_", params, grads, sign_counts, steps, seeds, info);
+  const char* err = cpu::simba_step(l.list, a);
   TORCH_CHECK(err == nullptr, "simba_: ", err);
 }
 
@@ -186,35 +138,17 @@ namespace {
 void dist_lion_pack_cpu(at::TensorList grads, at::TensorList exp_avgs, at::TensorList packed, double beta1,
                         double beta2, const c10::optional<at::Tensor>& grad_scale,
                         const c10::optional<at::Tensor>& found_inf) {
-  const auto nb = binding::check_dist_pack("dist_lion_pack_", grads, exp_avgs, packed, c10::kCPU);
+  const auto info = binding::check_dist_pack("dist_lion_pack_", grads, exp_avgs, packed, c10::kCPU);
   binding::check_scalar("dist_lion_pack_", "grad_scale", grad_scale, c10::Device(c10::kCPU), true);
   binding::check_scalar("dist_lion_pack_", "found_inf", found_inf, c10::Device(c10::kCPU), true);
-  const size_t n = grads.size();
-  std::vector<const void*> g(n);
-  std::vector<void*> m(n);
-  std::vector<uint8_t*> out(n);
-  std::vector<int64_t> numels(n);
-  for (size_t i = 0; i < n; ++i) {
-    g[i] = grads[i].data_ptr();
-    m[i] = exp_avgs[i].data_ptr();
-    out[i] = packed[i].data_ptr<uint8_t>();
-    numels[i] = grads[i].numel();
-  }
-  cpu::DistPackList t;
-  t.count = static_cast<int64_t>(n);
-  t.grads = g.data();
-  t.exp_avgs = m.data();
-  t.packed = out.data();
-  t.numels = numels.data();
-  t.grad_dtype = static_cast<cpu::DType>(binding::dtype_code(nb.grad));
-  t.state_dtype = static_cast<cpu::DType>(binding::dtype_code(nb.state));
-  cpu::DistPackArgs a;
+  DistPackArgs a;
   a.beta1 = static_cast<float>(beta1);
   a.beta2 = static_cast<float>(beta2);
-  a.has_grad_scale = grad_scale.has_value();
-  a.grad_scale = a.has_grad_scale ? grad_scale->item<float>() : 1.0f;
-  a.skip = found_inf.has_value() && found_inf->item<float>() != 0.0f;
-  const char* err = cpu::dist_lion_pack(t, a);
+  HostScalars hold;
+  a.grad_scale = host_scalar(grad_scale, hold.grad_scale);
+  a.found_inf = host_scalar(found_inf, hold.found_inf);
+  const binding::PackLists l(grads, exp_avgs, packed, info);
+  const char* err = cpu::dist_lion_pack(l.list, a);
   TORCH_CHECK(err == nullptr, "dist_lion_pack_: ", err);
 }
 
@@ -224,28 +158,15 @@ void dist_lion_apply_cpu(at::TensorList params, at::TensorList votes, int64_t bi
   const auto dtype = binding::check_dist_apply("dist_lion_apply_", params, votes, bits, divisor, c10::kCPU);
   binding::check_scalar("dist_lion_apply_", "lr_t", lr_t, c10::Device(c10::kCPU), true);
   binding::check_scalar("dist_lion_apply_", "found_inf", found_inf, c10::Device(c10::kCPU), true);
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
-  const size_t n = params.size();
-  std::vector<void*> p(n);
-  std::vector<const uint8_t*> v(n);
-  std::vector<int64_t> numels(n);
-  for (size_t i = 0; i < n; ++i) {
-    p[i] = params[i].data_ptr();
-    v[i] = votes[i].data_ptr<uint8_t>();
-    numels[i] = params[i].numel();
-  }
-  cpu::DistApplyList t;
-  t.count = static_cast<int64_t>(n);
-  t.params = p.data();
-  t.votes = v.data();
-  t.numels = numels.data();
-  t.param_dtype = static_cast<cpu::DType>(binding::dtype_code(dtype));
-  cpu::DistApplyArgs a;
-  a.bits = static_cast<int>(bits);
+  DistApplyArgs a;
+  a.bits = static_cast<int32_t>(bits);
   a.divisor = static_cast<float>(divisor);
   a.lr = lr_t.has_value() ? lr_t->item<float>() : static_cast<float>(lr);
   a.weight_decay = static_cast<float>(weight_decay);
-  const char* err = cpu::dist_lion_apply(t, a);
+  HostScalars hold;
+  a.found_inf = host_scalar(found_inf, hold.found_inf);
+  const binding::ApplyLists l(params, votes, dtype);
+  const char* err = cpu::dist_lion_apply(l.list, a);
   TORCH_CHECK(err == nullptr, "dist_lion_apply_: ", err);
 }
 

@@ -27,58 +27,8 @@ namespace {
 
 using binding::check_lists;
 using binding::check_scalar;
+using binding::core_dtype;
 namespace core = sign_kernels::cuda;
-
-core::DType core_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return core::DType::kFloat32;
-    case at::kBFloat16: return core::DType::kBFloat16;
-    case at::kHalf: return core::DType::kFloat16;
-    default: return core::DType::kInt16;  // check_lists admits nothing else
-  }
-}
-
-// Pointer arrays of one call (the core takes raw pointers). Holds the CUDA-only checks:
-// the steps must live on the params' device, as 1-element int64 tensors.
-struct DeviceLists {
-  std::vector<void*> params, states;
-  std::vector<const void*> grads;
-  std::vector<int64_t> numels, seeds;
-  std::vector<const int64_t*> steps;
-  core::TensorList list;
-
-  DeviceLists(const char* op, at::TensorList p, at::TensorList g, at::TensorList s, at::TensorList st,
-              c10::IntArrayRef sd, const binding::ListInfo& info) {
-    const size_t n = p.size();
-    params.resize(n);
-    states.resize(n);
-    grads.resize(n);
-    numels.resize(n);
-    seeds.resize(n);
-    steps.resize(n);
-    for (size_t i = 0; i < n; ++i) {
-      TORCH_CHECK(st[i].device() == p[i].device(), op, ": steps[", i, "] is on ", st[i].device(),
-                  "; the CUDA kernels read the step on the device, so it must be on ", p[i].device(),
-                  " (the optimizers keep it there)");
-      params[i] = p[i].data_ptr();
-      grads[i] = g[i].data_ptr();
-      states[i] = s[i].data_ptr();
-      numels[i] = p[i].numel();
-      seeds[i] = sd[i];
-      steps[i] = st[i].data_ptr<int64_t>();
-    }
-    list.count = static_cast<int64_t>(n);
-    list.params = params.data();
-    list.grads = grads.data();
-    list.states = states.data();
-    list.numels = numels.data();
-    list.steps = steps.data();
-    list.seeds = seeds.data();
-    list.param_dtype = core_dtype(info.param);
-    list.grad_dtype = core_dtype(info.grad);
-    list.state_dtype = core_dtype(info.state);
-  }
-};
 
 // A scalar argument as the kernels take it: a device fp32 pointer, or a host value.
 struct Scalar {
@@ -107,7 +57,7 @@ Scalar scalar_arg(const char* op, const char* name, const c10::optional<at::Tens
 // `run_skipped` (a skipped Tiger step still fills its sums out): then the set flag is staged on
 // the device, where the kernels read it. Scalars hold the device copies referenced by `c` and
 // must outlive the launch call.
-bool common_args(const char* op, core::Common& c, std::vector<Scalar>& keep, double lr,
+bool common_args(const char* op, Common& c, std::vector<Scalar>& keep, double lr,
                  const c10::optional<at::Tensor>& lr_t, const c10::optional<at::Tensor>& grad_scale,
                  const c10::optional<at::Tensor>& found_inf, bool stochastic_rounding, c10::Device device,
                  bool run_skipped = false) {
@@ -155,14 +105,12 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   if (params.empty()) return;
   const c10::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  core::LionArgs a;
+  LionArgs a;
   std::vector<Scalar> keep;
   if (!common_args("lion_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, device)) return;
-  a.beta1 = static_cast<float>(beta1);
-  a.beta2 = static_cast<float>(beta2);
-  a.weight_decay = static_cast<float>(weight_decay);
-  DeviceLists d("lion_", params, grads, exp_avgs, steps, seeds, info);
-  check_launch("lion_", core::lion(d.list, a, current_stream(device)));
+  binding::lion_args(a, beta1, beta2, weight_decay);
+  const binding::Lists l("lion_", params, grads, exp_avgs, steps, seeds, info);
+  check_launch("lion_", core::lion(l.list, a, current_stream(device)));
 }
 
 void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList steps,
@@ -177,39 +125,25 @@ void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
   if (params.empty()) return;
   const c10::Device device = params[0].device();
-  // NOTE: [Tiger statistics input]: read by the kernels on the device, never here.
-  const bool given =
-      binding::check_tiger_stats("tiger_", params, roles, stats, stats_nan, stats_sumsq, stats_n, device);
-  // NOTE: [Tiger sums of squares out]: written by the kernels (NOTE: [CUDA sums of squares out]).
-  const bool out = binding::check_tiger_sumsq_out("tiger_", params, roles, sumsq_out, sumsq_out_at, device);
+  TigerArgs a;
+  // NOTE: [Tiger statistics input]: read by the kernels on the device, never here; the sums
+  // out are written by the kernels (NOTE: [CUDA sums of squares out]).
+  binding::tiger_args("tiger_", a, params, roles, rows, beta, weight_decay, grad_accum_steps, shrink_ratio, stats,
+                      stats_nan, stats_sumsq, stats_n, sumsq_out, sumsq_out_at, device);
   const c10::cuda::CUDAGuard guard(device);
-  core::TigerArgs a;
   std::vector<Scalar> keep;
-  if (!common_args("tiger_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, device, out)) return;
-  a.beta = static_cast<float>(beta);
-  a.weight_decay = static_cast<float>(weight_decay);
-  a.shrink_ratio = static_cast<float>(shrink_ratio);
-  a.grad_accum_steps = grad_accum_steps;
-  a.roles = roles.data();
-  a.row_sizes = rows.data();
-  if (given) {
-    a.stats = stats->data_ptr<double>();
-    a.stats_nan = stats_nan->data();
-    a.stats_sumsq = stats_sumsq->data();
-    a.stats_n = stats_n->data();
-  }
-  if (out) {
-    a.sumsq_out = sumsq_out->data_ptr<double>();
-    a.sumsq_out_at = sumsq_out_at->data();
-  }
-  DeviceLists d("tiger_", params, grads, exp_avgs, steps, seeds, info);
-  a.workspace_bytes = core::tiger_workspace_bytes(d.list, a);
+  const bool run_skipped = a.sumsq_out != nullptr;  // a skipped step still fills its sums out
+  if (!common_args("tiger_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, device,
+                   run_skipped))
+    return;
+  const binding::Lists l("tiger_", params, grads, exp_avgs, steps, seeds, info);
+  a.workspace_bytes = core::tiger_workspace_bytes(l.list, a);
   TORCH_CHECK(a.workspace_bytes > 0, "tiger_: invalid tensor shapes for the given roles");
   // Scratch from the caching allocator: stream-ordered, and graph-private under capture.
   const at::Tensor workspace = at::empty({static_cast<int64_t>(a.workspace_bytes)},
                                          at::TensorOptions().dtype(at::kByte).device(device));
   a.workspace = workspace.data_ptr();
-  check_launch("tiger_", core::tiger(d.list, a, current_stream(device)));
+  check_launch("tiger_", core::tiger(l.list, a, current_stream(device)));
 }
 
 void simba_cuda(at::TensorList params, at::TensorList grads, at::TensorList sign_counts, at::TensorList steps,
@@ -221,14 +155,12 @@ void simba_cuda(at::TensorList params, at::TensorList grads, at::TensorList sign
   if (params.empty()) return;
   const c10::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  core::SimbaArgs a;
+  SimbaArgs a;
   std::vector<Scalar> keep;
   if (!common_args("simba_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, device)) return;
-  a.window_size = static_cast<int32_t>(window_size);
-  a.threshold_count = static_cast<int32_t>(threshold_count);
-  a.weight_decay = static_cast<float>(weight_decay);
-  DeviceLists d("simba_", params, grads, sign_counts, steps, seeds, info);
-  check_launch("simba_", core::simba(d.list, a, current_stream(device)));
+  binding::simba_args(a, window_size, threshold_count, weight_decay);
+  const binding::Lists l("simba_", params, grads, sign_counts, steps, seeds, info);
+  check_launch("simba_", core::simba(l.list, a, current_stream(device)));
 }
 
 }  // namespace
@@ -266,26 +198,14 @@ void dist_lion_pack_cuda(at::TensorList grads, at::TensorList exp_avgs, at::Tens
   binding::check_scalar("dist_lion_pack_", "grad_scale", grad_scale, device, false);
   binding::check_scalar("dist_lion_pack_", "found_inf", found_inf, device, false);
   const c10::cuda::CUDAGuard guard(device);
-  const size_t n = grads.size();
-  std::vector<const void*> g(n);
-  std::vector<void*> m(n);
-  std::vector<uint8_t*> out(n);
-  std::vector<int64_t> numels(n);
-  for (size_t i = 0; i < n; ++i) {
-    g[i] = grads[i].data_ptr();
-    m[i] = exp_avgs[i].data_ptr();
-    out[i] = packed[i].data_ptr<uint8_t>();
-    numels[i] = grads[i].numel();
-  }
   at::Tensor scale_hold, found_hold;
-  core::DistPackArgs a;
+  DistPackArgs a;
   a.beta1 = static_cast<float>(beta1);
   a.beta2 = static_cast<float>(beta2);
   a.grad_scale = device_scalar(grad_scale, device, scale_hold);
   a.found_inf = device_scalar(found_inf, device, found_hold);
-  const cudaError_t err = core::dist_lion_pack(static_cast<int64_t>(n), g.data(), m.data(), out.data(), numels.data(),
-                                               core_dtype(info.grad), core_dtype(info.state), a,
-                                               c10::cuda::getCurrentCUDAStream(device.index()));
+  const binding::PackLists l(grads, exp_avgs, packed, info);
+  const cudaError_t err = core::dist_lion_pack(l.list, a, c10::cuda::getCurrentCUDAStream(device.index()));
   TORCH_CHECK(err == cudaSuccess, "dist_lion_pack_: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
@@ -298,25 +218,16 @@ void dist_lion_apply_cuda(at::TensorList params, at::TensorList votes, int64_t b
   binding::check_scalar("dist_lion_apply_", "lr_t", lr_t, device, false);
   binding::check_scalar("dist_lion_apply_", "found_inf", found_inf, device, false);
   const c10::cuda::CUDAGuard guard(device);
-  const size_t n = params.size();
-  std::vector<void*> p(n);
-  std::vector<const uint8_t*> v(n);
-  std::vector<int64_t> numels(n);
-  for (size_t i = 0; i < n; ++i) {
-    p[i] = params[i].data_ptr();
-    v[i] = votes[i].data_ptr<uint8_t>();
-    numels[i] = params[i].numel();
-  }
   at::Tensor lr_hold, found_hold;
-  core::DistApplyArgs a;
-  a.bits = static_cast<int>(bits);
+  DistApplyArgs a;
+  a.bits = static_cast<int32_t>(bits);
   a.divisor = static_cast<float>(divisor);
   a.lr = static_cast<float>(lr);
-  a.lr_t = device_scalar(lr_t, device, lr_hold);
+  a.lr_ptr = device_scalar(lr_t, device, lr_hold);
   a.weight_decay = static_cast<float>(weight_decay);
   a.found_inf = device_scalar(found_inf, device, found_hold);
-  const cudaError_t err = core::dist_lion_apply(static_cast<int64_t>(n), p.data(), v.data(), numels.data(),
-                                                core_dtype(dtype), a, c10::cuda::getCurrentCUDAStream(device.index()));
+  const binding::ApplyLists l(params, votes, dtype);
+  const cudaError_t err = core::dist_lion_apply(l.list, a, c10::cuda::getCurrentCUDAStream(device.index()));
   TORCH_CHECK(err == cudaSuccess, "dist_lion_apply_: CUDA launch failed: ", cudaGetErrorString(err));
 }
 

@@ -1,5 +1,5 @@
-// dist_lion_checks.h -- argument checks of Distributed Lion's ops, shared by the CPU and
-// CUDA bindings (the Python side never sends what these refuse; NOTE: [wire fields] in
+// dist_lion_checks.h -- argument checks of Distributed Lion's ops and their descriptors
+// (csrc/core/descriptor.h), shared by the CPU and CUDA bindings (the Python side never sends what these refuse; NOTE: [wire fields] in
 // csrc/core/dist_lion_math.h has the layout of the byte tensors).
 #pragma once
 
@@ -74,6 +74,58 @@ inline at::ScalarType check_dist_apply(const char* op, at::TensorList params, at
   }
   return dtype;
 }
+
+// The pointer tables of a checked dist_lion_pack_ call, as the executors take them.
+struct PackLists {
+  std::vector<const void*> grads;
+  std::vector<void*> exp_avgs;
+  std::vector<uint8_t*> packed;
+  std::vector<int64_t> numels;
+  DistPackList list;
+
+  PackLists(at::TensorList g, at::TensorList m, at::TensorList out, const DistPackInfo& info)
+      : grads(g.size()), exp_avgs(g.size()), packed(g.size()), numels(g.size()) {
+    for (size_t i = 0; i < g.size(); ++i) {
+      grads[i] = g[i].data_ptr();
+      exp_avgs[i] = m[i].data_ptr();
+      packed[i] = out[i].data_ptr<uint8_t>();
+      numels[i] = g[i].numel();
+    }
+    list.count = static_cast<int64_t>(g.size());
+    list.grads = grads.data();
+    list.exp_avgs = exp_avgs.data();
+    list.packed = packed.data();
+    list.numels = numels.data();
+    list.grad_dtype = core_dtype(info.grad);
+    list.state_dtype = core_dtype(info.state);
+  }
+  PackLists(const PackLists&) = delete;  // `list` points into the vectors
+  PackLists& operator=(const PackLists&) = delete;
+};
+
+// The pointer tables of a checked dist_lion_apply_ call.
+struct ApplyLists {
+  std::vector<void*> params;
+  std::vector<const uint8_t*> votes;
+  std::vector<int64_t> numels;
+  DistApplyList list;
+
+  ApplyLists(at::TensorList p, at::TensorList v, at::ScalarType dtype)
+      : params(p.size()), votes(p.size()), numels(p.size()) {
+    for (size_t i = 0; i < p.size(); ++i) {
+      params[i] = p[i].data_ptr();
+      votes[i] = v[i].data_ptr<uint8_t>();
+      numels[i] = p[i].numel();
+    }
+    list.count = static_cast<int64_t>(p.size());
+    list.params = params.data();
+    list.votes = votes.data();
+    list.numels = numels.data();
+    list.param_dtype = core_dtype(dtype);
+  }
+  ApplyLists(const ApplyLists&) = delete;
+  ApplyLists& operator=(const ApplyLists&) = delete;
+};
 
 inline void check_dist_vote(const char* op, const at::Tensor& received, const at::Tensor& out, int64_t world_size,
                             int64_t out_bits, bool majority, c10::DeviceType device_type) {
