@@ -7,8 +7,11 @@ in a rotated order: Tiger with the sums of squares cached by the previous write 
 steady step), the same with the kernel's windows switched off (one pre-pass over the whole
 list, then one update pass: NOTE: [Tiger windows] in csrc/cpu/sign_cpu.cpp), Tiger told to
 forget its sums before every step (θ read again for the RMS: the step before issue 15, and
-every step after θ was changed outside the optimizer), and Lion. Prints the median step times
-and the medians of the per-round ratios.
+every step after θ was changed outside the optimizer), and Lion; then Tiger and Lion as
+GradScaler drives them (grad_scale 1 and found_inf 0 given: g is divided by the scale in the
+kernels, and Tiger takes found_inf as its NaN count instead of reading g for the guard: NOTE:
+[GradScaler's flag as the NaN guard] in sign_kernels/optim/tiger.py). Prints the median step
+times and the medians of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ def main(rounds: int = 15) -> None:
     reread = sign_kernels.Tiger(_params(), backend="cpu")
     lion = sign_kernels.Lion([p for _, p in _params()], backend="cpu")
     unwindowed = sign_kernels.Tiger(_params(), backend="cpu")
+    tiger_scaler = sign_kernels.Tiger(_params(), backend="cpu")
+    lion_scaler = sign_kernels.Lion([p for _, p in _params()], backend="cpu")
+    for opt in (tiger_scaler, lion_scaler):  # as GradScaler.step sets them (found_inf 0: a step it takes)
+        opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(0.0)
     from sign_kernels import _C
 
     window = _C.cpu_tiger_window()
@@ -52,7 +59,8 @@ def main(rounds: int = 15) -> None:
         _C.cpu_tiger_window(window)
 
     steps = {"tiger-cached": (cached, None, None), "tiger-unwindowed": (unwindowed, no_windows, windows),
-             "tiger-reread": (reread, reread.forget_rms, None), "lion": (lion, None, None)}
+             "tiger-reread": (reread, reread.forget_rms, None), "lion": (lion, None, None),
+             "tiger-scaler": (tiger_scaler, None, None), "lion-scaler": (lion_scaler, None, None)}
     for opt, before, after in steps.values():
         for _ in range(2):
             if before:
@@ -79,7 +87,8 @@ def main(rounds: int = 15) -> None:
     print("median ms:", {k: round(statistics.median(v), 1) for k, v in ms.items()})
     print(f"per-round medians: cached/reread {ratio('tiger-cached', 'tiger-reread'):.3f}, "
           f"cached/lion {ratio('tiger-cached', 'lion'):.3f}, unwindowed/lion {ratio('tiger-unwindowed', 'lion'):.3f}, "
-          f"reread/lion {ratio('tiger-reread', 'lion'):.3f}")
+          f"reread/lion {ratio('tiger-reread', 'lion'):.3f}; under GradScaler: "
+          f"tiger/lion {ratio('tiger-scaler', 'lion-scaler'):.3f}")
     print("load average at the end:", [round(x, 2) for x in os.getloadavg()])
 
 

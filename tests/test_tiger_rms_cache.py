@@ -183,8 +183,8 @@ def _spy(monkeypatch):
     calls = []
     real = tiger_mod.Tiger._op_extra
 
-    def spy(self, group, bucket):
-        extra = real(self, group, bucket)
+    def spy(self, group, bucket, found_inf):
+        extra = real(self, group, bucket, found_inf)
         calls.append((group.get("role"), list(extra[2]) if len(extra) > 2 else None))
         return extra
 
@@ -219,6 +219,80 @@ def test_steady_steps_are_given_the_sums_and_edits_take_them_away(backend, monke
     model.big.data.mul_(3.0)  # bypasses the version counter: the documented escape hatch
     opt.forget_rms()
     assert step()["matrix"] == [-1, -1, -1, -1]
+
+
+def _scaled_steps(backend, found_inf, steps=4, lie_at=None):
+    """Tiger on _Model under a manual GradScaler protocol: g scaled by 4, opt.grad_scale = 4 and
+    opt.found_inf = `found_inf` (None: not given) every step; finite grads, but at step `lie_at`
+    a NaN in `big`'s gradient that found_inf does not report. Snapshots after each step."""
+    dev = _device(backend)
+    model = _Model(torch.float32, dev, small=_small(backend))
+    opt = Tiger(model.groups(), lr=0.05, beta=0.9, weight_decay=0.1, backend=backend)
+    snaps = []
+    for step in range(steps):
+        grads = _grads(model, step, torch.float32)
+        for name, p in model.named_parameters():
+            g = torch.nan_to_num(grads[name], nan=0.5) * 4
+            if step == lie_at and name == "big":
+                g.view(-1)[7] = float("nan")
+            p.grad = g
+        opt.grad_scale = torch.tensor(4.0, device=dev)
+        if found_inf is not None:
+            opt.found_inf = torch.tensor(found_inf, device=dev)
+        opt.step()
+        snaps.append([t.detach().clone() for t in model.parameters()]
+                     + [opt.state[p]["exp_avg"].clone() for p in model.parameters() if p in opt.state])
+    return model, opt, snaps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradscaler_flag_stands_in_for_the_guard_read(backend):
+    """NOTE: [GradScaler's flag as the NaN guard]: with found_inf given and 0 the op is handed
+    it as every tensor's NaN count and does not read g for the guard; the same bits as the
+    guard's own read (found_inf not given). Shown to be the flag, not a read: a NaN that
+    found_inf does not report reaches the momentum, where the guard's read keeps it out."""
+    _skip_in_interpreter(backend, "the optimizer's choice is the same Python on every backend")
+    _, _, flag = _scaled_steps(backend, 0.0)
+    _, _, guard = _scaled_steps(backend, None)
+    _assert_same(flag, guard)
+    model, opt, _ = _scaled_steps(backend, 0.0, steps=2, lie_at=1)
+    assert opt.state[model.big]["exp_avg"].isnan().sum().item() == 1, "the flag said no NaN: g was not read"
+    model, opt, snaps = _scaled_steps(backend, None, steps=2, lie_at=1)
+    assert not opt.state[model.big]["exp_avg"].isnan().any(), "no flag: the guard read g and fired"
+    torch.testing.assert_close(model.big.detach(), snaps[0][0] * 0.99, rtol=0, atol=0)  # θ shrunk, as the rule says
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id in ("reference", "cpu")])
+def test_gradscaler_step_gives_the_same_bits_as_the_guard(backend):
+    """torch.amp.GradScaler end to end (its own inf check sets found_inf): the steps it takes equal
+    the guard's (the same scale given, found_inf not), and a step with a NaN gradient is skipped."""
+    runs = []
+    for use_scaler in (True, False):
+        model = _Model(torch.float32)
+        opt = Tiger(model.groups(), lr=0.05, beta=0.9, weight_decay=0.1, backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1000)
+        for step in range(4):
+            opt.zero_grad()
+            grads = _grads(model, step, torch.float32)
+            for name in grads:  # finite after scaling: the binades up to 1e36 (GradScaler skips an inf)
+                grads[name] = torch.nan_to_num(grads[name], nan=0.5).clamp(-1e36, 1e36)
+            if step == 2:
+                grads["embed"].view(-1)[3] = float("nan")
+            if use_scaler:  # d(sum p * g)/dp = g, times the scale (a power of 2: exact)
+                loss = sum((p * grads[name]).sum() for name, p in model.named_parameters())
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                assert not hasattr(opt, "found_inf"), "GradScaler removes its flag after the step"
+            elif step != 2:  # the scaler skips step 2 (it found the NaN)
+                for name, p in model.named_parameters():
+                    p.grad = grads[name] * 8.0
+                opt.grad_scale = torch.tensor(8.0)
+                opt.step()
+        runs.append([t.detach().clone() for t in model.parameters()]
+                    + [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+                    + [opt.state[p]["step"].reshape(1).clone() for p in model.parameters()])
+    _assert_same([runs[0]], [runs[1]])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

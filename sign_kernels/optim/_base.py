@@ -370,8 +370,9 @@ class SignOptimizer(Optimizer):
     def _prepare_sharded(self, plan, grad_scale: Optional[torch.Tensor]) -> None:
         """Collectives a sharded step needs before its op calls (none: element-wise math)."""
 
-    def _op_extra(self, group: Dict[str, Any], bucket: _Bucket) -> tuple:
-        """The op's trailing optional arguments for this bucket (Tiger's statistics)."""
+    def _op_extra(self, group: Dict[str, Any], bucket: _Bucket, found_inf: Optional[torch.Tensor]) -> tuple:
+        """The op's trailing optional arguments for this bucket (Tiger's statistics); found_inf is
+        GradScaler's flag on the bucket's device, or None."""
         return bucket.extra
 
     def _op_done(self, group: Dict[str, Any], bucket: _Bucket) -> None:
@@ -423,7 +424,7 @@ class SignOptimizer(Optimizer):
             lr_f, lr_t = float(lr), None
         fn = bucket.backend.fn(self._op_name)
         fn(params, grads, bufs, steps, *self._op_args(group, bucket, lr_f, lr_t), gs, fi, seeds,
-           bool(group["stochastic_rounding"]), *self._op_extra(group, bucket))
+           bool(group["stochastic_rounding"]), *self._op_extra(group, bucket, fi))
         if staged is not None:
             for i, p in staged:
                 p.copy_(params[i])

@@ -115,6 +115,20 @@ def tiger_param_groups(
 # ``optimizer.forget_rms()`` after one. ``load_state_dict`` of the optimizer forgets the sums.
 # Every backend produces the sums (each in its own pre-pass's order).
 _SUMSQ_BACKENDS = ("cpu", "reference", "cuda", "triton")
+
+# NOTE: [GradScaler's flag as the NaN guard] (issue 15) Tiger's NaN guard needs a tensor's
+# whole gradient read before any of it is written: the one read of g that a Tiger step makes
+# beyond Lion's. Under GradScaler that read has been made already: GradScaler.step sets
+# ``found_inf`` from torch's own check of these very gradients (inf or NaN anywhere, of the
+# scaled g; ShardedGradScaler reduces it over the ranks), and a step it flags changes nothing.
+# So where found_inf is given and 0, no gradient holds a NaN, and no g / grad_scale does
+# (a finite g over a finite, non-zero scale is not NaN): the guard cannot fire. The optimizer
+# then hands the op found_inf itself as every tensor's NaN count (the op's given statistics,
+# NOTE: [Tiger statistics input] in sign_kernels/_ops.py), copied on the device (no host
+# sync), and the op reads g once. The same bits as the guard's own read; one read of g fewer.
+# It trusts found_inf as torch's optimizers do: a found_inf set to 0 by hand over NaN
+# gradients lets the NaNs through (tests/test_tiger_rms_cache.py shows both). Sharded
+# buckets keep the guard's read (their flags travel in the statistics collective).
 _SUMSQ_CACHE_SIZE = 64
 
 
@@ -124,7 +138,7 @@ class _SumsqEntry:
     __slots__ = ("buf", "at", "n", "seen", "owners")
 
     def __init__(self, buf, at, n, keys):
-        self.buf = buf  # fp64, one entry per matrix, one per embedding row
+        self.buf = buf  # fp64, one entry per matrix, one per embedding row, then the NaN flag
         self.at = at    # index of each tensor's sums in buf, -1: none (element-wise roles, empty)
         self.n = n      # the n of its RMS: numel (matrix) or row length (embedding)
         self.seen: List[Optional[tuple]] = [None] * len(at)  # (version, data_ptr) they describe
@@ -253,7 +267,9 @@ class Tiger(SignOptimizer):
                 else:
                     n.append(p.numel())
                     size += 1
-            buf = torch.zeros(size, dtype=torch.float64, device=bucket.params[0].device)
+            # One more entry, last: GradScaler's found_inf as the bucket's NaN count (NOTE:
+            # [GradScaler's flag as the NaN guard]); no tensor's sums range reaches it.
+            buf = torch.zeros(size + 1, dtype=torch.float64, device=bucket.params[0].device)
             entry = self._sumsq_cache[key] = _SumsqEntry(buf, at, n, bucket.keys)
             while len(self._sumsq_cache) > _SUMSQ_CACHE_SIZE:
                 self._sumsq_cache.popitem(last=False)
@@ -278,7 +294,7 @@ class Tiger(SignOptimizer):
             return None
         return entry.buf, [at if ok else -1 for at, ok in zip(entry.at, self._sums_valid(entry, bucket))]
 
-    def _op_extra(self, group, bucket) -> tuple:
+    def _op_extra(self, group, bucket, found_inf) -> tuple:
         self._pending_sums.clear()  # one op call at a time; a call that raised left its entry here
         entry = self._sumsq_entry(group, bucket)
         if entry is None:
@@ -290,7 +306,12 @@ class Tiger(SignOptimizer):
             return tuple(bucket.extra) + (entry.buf, entry.at)
         # Given where θ is as the sums left it; -1 (read θ) elsewhere.
         given = [at if ok else -1 for at, ok in zip(entry.at, valid)]
-        return (entry.buf, [-1] * len(given), given, entry.n, entry.buf, entry.at)
+        nan = [-1] * len(given)
+        if found_inf is not None:  # NOTE: [GradScaler's flag as the NaN guard]
+            flag = entry.buf.numel() - 1
+            entry.buf[flag].copy_(found_inf)
+            nan = [flag] * len(given)
+        return (entry.buf, nan, given, entry.n, entry.buf, entry.at)
 
     def _op_done(self, group, bucket) -> None:
         entry = self._pending_sums.pop(id(bucket), None)
