@@ -560,3 +560,53 @@ def test_cpu_windows_give_the_same_bits(window, k, dtype, sr, cpu_window):
     whole = _run("cpu", k, dtype, sr)  # the default window holds each call's whole list
     assert cpu_window(window) == 1 << 20
     _assert_same(whole, _run("cpu", k, dtype, sr))
+
+
+_ISA_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from conftest import binade_values
+from sign_kernels import _C
+g = torch.Generator().manual_seed(1)
+xs = [binade_values(torch.float32, 65540, g).reshape(-1, 5), torch.randn(300, 250, generator=g),
+      torch.randn(70, 1001, generator=g) * 1e-20, torch.randn(3, 70000, generator=g) * 1e19]
+roles = [3, 3, 2, 2]
+at, size = [], 0
+for x, r in zip(xs, roles):
+    at.append(size)
+    size += x.numel() // x.shape[-1] if r == 2 else 1
+digest = []
+for found_inf in (None, torch.tensor(1.0)):  # the update's fused sums; a skipped step's read of theta
+    ps = [x.clone() for x in xs]
+    gs = [torch.randn(x.shape, generator=torch.Generator().manual_seed(2)) for x in xs]
+    ms = [torch.zeros(x.shape) for x in xs]
+    out = torch.full((size,), -1.0, dtype=torch.float64)
+    torch.ops.sign_kernels.tiger_(ps, gs, ms, [torch.tensor(0) for _ in ps], roles, 0.05, None, 0.9, 0.1, 1,
+                                  0.99, None, found_inf, [0, 1, 2, 3], False, sumsq_out=out, sumsq_out_at=at)
+    digest.append(out.view(torch.int64).tolist())
+    digest.append([p.view(torch.int32).sum().item() for p in ps] + [m.view(torch.int32).sum().item() for m in ms])
+print(_C.cpu_isa())
+print(digest)
+"""
+
+
+@pytest.mark.skipif(_AVAILABLE.get("cpu") is not None, reason=f"cpu: {_AVAILABLE.get('cpu')}")
+def test_cpu_sums_are_the_same_bits_on_every_instruction_set():
+    """The CPU kernels' variants (baseline, AVX2, AVX-512 with its FMA sums: add_square in
+    sign_cpu_kernels.inc) give the same sums of squares and the same θ and m, extreme binades
+    included; each in a process of its own (SIGN_KERNELS_CPU_ISA picks the variant at import)."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    results = {}
+    for isa in ("baseline", "avx2", ""):
+        env = dict(os.environ, SIGN_KERNELS_CPU_ISA=isa)
+        run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, here], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        name, digest = run.stdout.strip().splitlines()[-2:]
+        results[name] = digest
+    if len(results) < 2:
+        pytest.skip(f"only {sorted(results)} runs on this CPU")
+    assert len(set(results.values())) == 1, f"the variants differ: {sorted(results)}"

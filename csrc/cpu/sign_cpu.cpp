@@ -45,7 +45,8 @@ Isa detect() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") != 0;
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("fma");
   const char* forced = std::getenv("SIGN_KERNELS_CPU_ISA");
   if (forced != nullptr && std::strcmp(forced, "baseline") == 0) return Isa::kBaseline;
   if (forced != nullptr && std::strcmp(forced, "avx2") == 0 && avx2) return Isa::kAvx2;

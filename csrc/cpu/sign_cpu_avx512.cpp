@@ -18,11 +18,13 @@
 #include "sign_cpu.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512")
 #include <immintrin.h>
 #define SK_CPU_ISA avx512
 #define SK_CPU_SIMBA_AVX512BW 1  // NOTE: [Simba with AVX-512 BW]
+#define SK_CPU_FMA 1             // the target has FMA: Tiger's sums of squares use it (add_square)
 #include "sign_cpu_kernels.inc"
+#undef SK_CPU_FMA
 #undef SK_CPU_SIMBA_AVX512BW
 #pragma GCC pop_options
 #endif
