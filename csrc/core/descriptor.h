@@ -3,13 +3,15 @@
 // The CPU executor (csrc/cpu/sign_cpu.h, dist_lion.h) and the CUDA executor
 // (csrc/cuda/launch.h, dist_lion.h) update the same tensor lists with the same
 // arguments; only where the memory lives differs. So they take the same structs, declared
-// here once, and a binding fills them with the same code (csrc/torch/common.h). Adding a
+// here once, and the torch bindings fill the lists and the op-specific arguments with shared
+// code (csrc/torch/common.h, dist_lion_checks.h); each binding fills the scalar pointers
+// for its own executor's memory. Adding a
 // dtype, an argument or an algorithm is a change to this file, the math
 // (csrc/core/sign_math.h) and each executor's loop, not to two parallel sets of structs.
 //
 // NOTE: [executor memory]
 // Two kinds of pointer appear below. The arrays a struct points at directly (the pointer
-// tables, numels, seeds, roles, row_sizes, the stats indices) are host arrays, read while
+// tables, numels, seeds, roles, row_sizes, the stats and sumsq_out_at indices) are host arrays, read while
 // the executor's call runs. What those tables hold, and the pointers marked "executor
 // memory" (steps[i], lr_ptr, grad_scale, found_inf, stats, sumsq_out, workspace), live
 // where the executor runs: host memory for the CPU executor, device memory for the CUDA one,
@@ -76,7 +78,8 @@ struct TigerArgs {
   // Sums of squares of theta as the call leaves it (NOTE: [Tiger sums of squares out] in
   // sign_kernels/_ops.py). sumsq_out (executor memory, fp64; may be stats itself) null: none
   // wanted. Else, per tensor, the index of its sums (matrix: one; embedding: one per row) or
-  // -1; ignored for the element-wise roles. Filled even when found_inf is set.
+  // -1; ignored for the element-wise roles. Right even when found_inf is set (recomputed,
+  // unless they are the given sums in place; an empty tensor's entries are left as they are).
   double* sumsq_out = nullptr;
   const int64_t* sumsq_out_at = nullptr;
   // CUDA only: device scratch of cuda::tiger_workspace_bytes(...) bytes, any contents,
