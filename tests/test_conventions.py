@@ -139,8 +139,10 @@ def _run(cls, backend, maximize, negate, dtype=torch.float32, scale=None, **kw):
             if scale is not None:
                 p.grad = p.grad * scale
         if scale is not None:
+            # grad_scale alone: these grads hold NaN and Inf, which GradScaler reports (found_inf
+            # = 1 skips the step), while a found_inf of 0 would certify them finite and Tiger
+            # would not read them for its guard (NOTE: [GradScaler's flag as the NaN guard]).
             opt.grad_scale = torch.tensor(float(scale))
-            opt.found_inf = torch.zeros(())
         opt.step()
     return params, opt
 
