@@ -82,11 +82,24 @@ def _set_grads(net, grads, placements_of=None):
         p.grad = g
 
 
-def single_run(kind, backend, steps=STEPS, nan=False, **kw):
+SKIP_STEP = 4  # GradScaler cases: the step whose found_inf is 1
+
+
+def _scaler_protocol(opt, grads, t):
+    """What GradScaler.step gives an optimizer that unscales in its kernels: g times the scale
+    (4: exact), grad_scale, and found_inf (1 at SKIP_STEP: nothing changes; 0 otherwise: the
+    gradients are finite, so Tiger's guard cannot fire and is not evaluated)."""
+    opt.grad_scale = torch.tensor(4.0)
+    opt.found_inf = torch.tensor(1.0 if t == SKIP_STEP else 0.0)
+    return {name: g * 4 for name, g in grads.items()}
+
+
+def single_run(kind, backend, steps=STEPS, nan=False, scaler=False, **kw):
     net = make_net()
     opt = make_opt(kind, net, backend, **kw)
     for t in range(steps):
-        _set_grads(net, full_grads(net, t, nan))
+        grads = full_grads(net, t, nan)
+        _set_grads(net, _scaler_protocol(opt, grads, t) if scaler else grads)
         opt.step()
     return net, opt
 
@@ -152,10 +165,11 @@ class _CountAllReduce:
         dist.all_reduce = self._orig
 
 
-def _sharded_vs_single(shard: Callable[[nn.Module], None], what: str, backend: str, kinds: str, **kw):
+def _sharded_vs_single(shard: Callable[[nn.Module], None], what: str, backend: str, kinds: str,
+                       scaler: bool = False, **kw):
     for kind in kinds.split(","):
-        nan = kind == "tiger"
-        ref_net, ref_opt = single_run(kind, backend, nan=nan, **kw)
+        nan = kind == "tiger" and not scaler  # under GradScaler a NaN step is a skipped step
+        ref_net, ref_opt = single_run(kind, backend, nan=nan, scaler=scaler, **kw)
         net = make_net()
         shard(net)
         opt = make_opt(kind, net, backend, **kw)
@@ -170,7 +184,8 @@ def _sharded_vs_single(shard: Callable[[nn.Module], None], what: str, backend: s
 
             opt.cached_local_sums = spy
         for t in range(STEPS):
-            _set_grads(net, full_grads(net, t, nan))
+            grads = full_grads(net, t, nan)
+            _set_grads(net, _scaler_protocol(opt, grads, t) if scaler else grads)
             with _CountAllReduce() as counter:
                 opt.step()
             # Tiger: one all-reduce per process group per step; Lion, Simba: none.
@@ -189,6 +204,25 @@ def case_fsdp(backend: str, kinds: str = KINDS):
     from torch.distributed.fsdp import fully_shard
 
     _sharded_vs_single(lambda net: fully_shard(net), "fsdp", backend, kinds)
+
+
+def case_fsdp_scaler(backend: str, kinds: str = KINDS):
+    """GradScaler's protocol on FSDP2 shards: scaled gradients, grad_scale, found_inf (a skipped
+    step included); Tiger's NaN flags are then found_inf's (NOTE: [GradScaler's flag as the NaN
+    guard] in sign_kernels/optim/tiger.py)."""
+    from torch.distributed.fsdp import fully_shard
+
+    _sharded_vs_single(lambda net: fully_shard(net), "fsdp scaler", backend, kinds, scaler=True)
+    if "tiger" in kinds.split(","):
+        # The flag, not a read of g: a NaN that found_inf does not report reaches the momentum
+        # (the norms of g would have fired the guard on every rank).
+        net = make_net()
+        fully_shard(net)
+        opt = make_opt("tiger", net, backend)
+        _set_grads(net, _scaler_protocol(opt, full_grads(net, NAN_STEP, True), 0))
+        opt.step()
+        m = _full(opt.state[net.lin1.weight]["exp_avg"])
+        assert m.isnan().sum().item() == 1, "fsdp scaler: the guard read g although found_inf was given"
 
 
 def case_fsdp_bf16_momentum(backend: str, kinds: str = "lion,tiger"):

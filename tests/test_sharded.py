@@ -55,6 +55,7 @@ def checkpoint_of_two_ranks():
         ckpt = os.path.join(tmp, "ckpt")
         specs = [
             f"fsdp:{COMPILED}", "fsdp:reference", f"fsdp_bf16_momentum:{COMPILED}", f"fsdp_accum:{COMPILED}",
+            f"fsdp_scaler:{COMPILED}",
             f"tp:{COMPILED}",
             f"ddp:{COMPILED}", f"bad_input:{COMPILED}", f"checkpoints:{COMPILED}:{ckpt}", f"fsdp_backward:{COMPILED}",
             f"dcp_save:{COMPILED}:{ckpt}",
@@ -70,7 +71,7 @@ def checkpoint_of_two_ranks():
 
 
 def test_two_ranks(checkpoint_of_two_ranks):
-    """FSDP2, TP, bf16 momentum, DDP, refusals, every checkpoint path; on 2 ranks."""
+    """FSDP2 (GradScaler's protocol too), TP, bf16 momentum, DDP, refusals, every checkpoint path; on 2 ranks."""
     _, error = checkpoint_of_two_ranks
     if error is not None:
         raise error

@@ -267,7 +267,7 @@ def _norm_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     return None if t.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def tiger_global_stats(opt, plan, grad_scale: Optional[torch.Tensor]) -> None:
+def tiger_global_stats(opt, plan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor] = None) -> None:
     """Give every sharded Tiger bucket of ``plan`` the statistics of its whole tensors.
 
     One fp64 buffer per step holds each sharded tensor's partial NaN flag (of g / grad_scale),
@@ -324,7 +324,15 @@ def tiger_global_stats(opt, plan, grad_scale: Optional[torch.Tensor]) -> None:
         # costs a converted copy of every tensor, 5x the time) and in fp32 for 16-bit
         # tensors; the sum of squares is the norm squared in fp64: within a few 1e-8 of the
         # fp64 sum, so Tiger's sharded RMS matches the unsharded one to about an fp32 ulp.
-        if nan_ks:
+        if nan_ks and found_inf is not None:
+            # NOTE: [GradScaler's flag as the NaN guard] (sign_kernels/optim/tiger.py): found_inf
+            # = 0 certifies these gradients finite, and a set one makes the op change nothing;
+            # it stands in for the norms of g (NaN where set, 0 where not): no read of g.
+            set_ = found_inf.to(device=device, dtype=f64).reshape(1) != 0
+            flag = torch.where(set_, torch.full((1,), float("nan"), dtype=f64, device=device),
+                               torch.zeros(1, dtype=f64, device=device))
+            pieces.append(flag.expand(len(nan_ks)))
+        elif nan_ks:
             grads = [b.grads[k] for k in nan_ks]
             pieces.append(torch.stack(torch._foreach_norm(grads, 2, _norm_dtype(grads[0]))).to(f64))
         if sq_ks:

@@ -361,13 +361,13 @@ class SignOptimizer(Optimizer):
     def _run_plan(self, plan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
         """The writes of a validated plan: the sharded step's collectives, then one op call per bucket."""
         if any(b.sharded for _, _, bs in plan for b in bs):
-            self._prepare_sharded(plan, grad_scale)
+            self._prepare_sharded(plan, grad_scale, found_inf)
         for group, offset, buckets in plan:
             seeds = self._group_seeds(group, offset)
             for bucket in buckets:
                 self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], grad_scale, found_inf)
 
-    def _prepare_sharded(self, plan, grad_scale: Optional[torch.Tensor]) -> None:
+    def _prepare_sharded(self, plan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
         """Collectives a sharded step needs before its op calls (none: element-wise math)."""
 
     def _op_extra(self, group: Dict[str, Any], bucket: _Bucket, found_inf: Optional[torch.Tensor]) -> tuple:

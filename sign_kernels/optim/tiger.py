@@ -128,7 +128,8 @@ _SUMSQ_BACKENDS = ("cpu", "reference", "cuda", "triton")
 # sync), and the op reads g once. The same bits as the guard's own read; one read of g fewer.
 # It trusts found_inf as torch's optimizers do: a found_inf set to 0 by hand over NaN
 # gradients lets the NaNs through (tests/test_tiger_rms_cache.py shows both). Sharded
-# buckets keep the guard's read (their flags travel in the statistics collective).
+# buckets put the same flag into the statistics collective in place of the norms of g
+# (sign_kernels/distributed/_dtensor.py; tests/_sharded_cases.py case_fsdp_scaler).
 _SUMSQ_CACHE_SIZE = 64
 
 
@@ -352,9 +353,9 @@ class Tiger(SignOptimizer):
         self._role_cache[id(group)] = (key, roles)
         return roles
 
-    def _prepare_sharded(self, plan, grad_scale):
+    def _prepare_sharded(self, plan, grad_scale, found_inf):
         # Whole-tensor RMS and NaN flags of sharded tensors: one all-reduce per process group.
-        _dtensor.tiger_global_stats(self, plan, grad_scale)
+        _dtensor.tiger_global_stats(self, plan, grad_scale, found_inf)
 
     def _op_args(self, group, bucket, lr, lr_t):
         roles = self._roles(group)
