@@ -221,13 +221,13 @@ def test_steady_steps_are_given_the_sums_and_edits_take_them_away(backend, monke
     assert step()["matrix"] == [-1, -1, -1, -1]
 
 
-def _scaled_steps(backend, found_inf, steps=4, lie_at=None):
+def _scaled_steps(backend, found_inf, steps=4, lie_at=None, **kw):
     """Tiger on _Model under a manual GradScaler protocol: g scaled by 4, opt.grad_scale = 4 and
     opt.found_inf = `found_inf` (None: not given) every step; finite grads, but at step `lie_at`
     a NaN in `big`'s gradient that found_inf does not report. Snapshots after each step."""
     dev = _device(backend)
     model = _Model(torch.float32, dev, small=_small(backend))
-    opt = Tiger(model.groups(), lr=0.05, beta=0.9, weight_decay=0.1, backend=backend)
+    opt = Tiger(model.groups(), lr=0.05, beta=0.9, weight_decay=0.1, backend=backend, **kw)
     snaps = []
     for step in range(steps):
         grads = _grads(model, step, torch.float32)
@@ -252,9 +252,10 @@ def test_gradscaler_flag_stands_in_for_the_guard_read(backend):
     guard's own read (found_inf not given). Shown to be the flag, not a read: a NaN that
     found_inf does not report reaches the momentum, where the guard's read keeps it out."""
     _skip_in_interpreter(backend, "the optimizer's choice is the same Python on every backend")
-    _, _, flag = _scaled_steps(backend, 0.0)
-    _, _, guard = _scaled_steps(backend, None)
-    _assert_same(flag, guard)
+    for kw in ({}, {"grad_accum_steps": 2}, {"maximize": True}):  # micro-steps; the scale negated
+        _, _, flag = _scaled_steps(backend, 0.0, **kw)
+        _, _, guard = _scaled_steps(backend, None, **kw)
+        _assert_same(flag, guard)
     model, opt, _ = _scaled_steps(backend, 0.0, steps=2, lie_at=1)
     assert opt.state[model.big]["exp_avg"].isnan().sum().item() == 1, "the flag said no NaN: g was not read"
     model, opt, snaps = _scaled_steps(backend, None, steps=2, lie_at=1)
