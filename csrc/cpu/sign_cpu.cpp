@@ -43,7 +43,7 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 Isa detect() {
 #ifdef SK_HAVE_AVX2_KERNELS
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") != 0;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");  // every AVX2 x86 so far
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("fma");

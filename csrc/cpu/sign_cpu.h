@@ -42,7 +42,8 @@ void set_parallel_for(ParallelFor fn);
 // previous value; n < 1 leaves it unchanged.
 int64_t set_tiger_window(int64_t n);
 
-// The instruction set the kernels run with: "avx2" where the CPU has it, else
+// The instruction set the kernels run with: "avx512" (F, BW, VL, DQ and FMA) or "avx2"
+// (with FMA) where the CPU has it, else
 // "baseline" (the compiler's default target). SIGN_KERNELS_CPU_ISA=baseline forces the
 // baseline (tests run both).
 const char* isa();

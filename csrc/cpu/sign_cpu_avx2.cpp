@@ -17,8 +17,10 @@
 #include "sign_cpu.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")
 #define SK_CPU_ISA avx2
+#define SK_CPU_FMA 1  // Tiger's sums of squares use it (add_square); the fp32 math stays uncontracted
 #include "sign_cpu_kernels.inc"
+#undef SK_CPU_FMA
 #pragma GCC pop_options
 #endif
