@@ -110,6 +110,12 @@ def _grads(model, step, dtype):
     return out
 
 
+def _snapshot(model, opt) -> List[torch.Tensor]:
+    """Copies of every param and of every momentum the optimizer holds."""
+    return ([t.detach().clone() for t in model.parameters()]
+            + [opt.state[p]["exp_avg"].clone() for p in model.parameters() if p in opt.state])
+
+
 def _run(backend: str, k: int, dtype, sr: bool, edits: bool = True) -> List[List[torch.Tensor]]:
     """Ten calls with edits between them; a snapshot of every param and momentum after each."""
     torch.manual_seed(0)
@@ -125,8 +131,7 @@ def _run(backend: str, k: int, dtype, sr: bool, edits: bool = True) -> List[List
         elif step == 9:
             opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
         opt.step()
-        snaps.append([t.detach().clone() for t in model.parameters()]
-                     + [opt.state[p]["exp_avg"].clone() for p in model.parameters() if p in opt.state])
+        snaps.append(_snapshot(model, opt))
         if not edits:
             continue
         with torch.no_grad():
@@ -240,8 +245,7 @@ def _scaled_steps(backend, found_inf, steps=4, lie_at=None, **kw):
         if found_inf is not None:
             opt.found_inf = torch.tensor(found_inf, device=dev)
         opt.step()
-        snaps.append([t.detach().clone() for t in model.parameters()]
-                     + [opt.state[p]["exp_avg"].clone() for p in model.parameters() if p in opt.state])
+        snaps.append(_snapshot(model, opt))
     return model, opt, snaps
 
 
@@ -290,9 +294,7 @@ def test_gradscaler_step_gives_the_same_bits_as_the_guard(backend):
                     p.grad = grads[name] * 8.0
                 opt.grad_scale = torch.tensor(8.0)
                 opt.step()
-        runs.append([t.detach().clone() for t in model.parameters()]
-                    + [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
-                    + [opt.state[p]["step"].reshape(1).clone() for p in model.parameters()])
+        runs.append(_snapshot(model, opt) + [opt.state[p]["step"].reshape(1).clone() for p in model.parameters()])
     _assert_same([runs[0]], [runs[1]])
 
 

@@ -18,9 +18,9 @@ namespace {
 using binding::check_lists;
 using binding::check_scalar;
 
-// The scalars the descriptor takes by pointer (NOTE: [executor memory]: host memory for
-// the CPU executor), read from their CPU tensors here (no synchronisation).
-struct HostScalars {
+// Storage for the scalars the descriptor takes by pointer (NOTE: [executor memory]: host
+// memory for the CPU executor), read from their CPU tensors here (no synchronisation).
+struct ScalarHold {
   float grad_scale = 1.0f, found_inf = 0.0f;
 };
 
@@ -33,7 +33,7 @@ const float* host_scalar(const c10::optional<at::Tensor>& t, float& hold) {
 
 // Fills the arguments every op shares. A set found_inf reaches the executor, which
 // then changes nothing (Tiger still fills its sums out).
-void common_args(const char* op, Common& c, HostScalars& hold, double lr, const c10::optional<at::Tensor>& lr_t,
+void common_args(const char* op, Common& c, ScalarHold& hold, double lr, const c10::optional<at::Tensor>& lr_t,
                  const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                  bool stochastic_rounding) {
   const c10::Device cpu_device(c10::kCPU);
@@ -52,7 +52,7 @@ void lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
               c10::IntArrayRef seeds, bool stochastic_rounding) {
   const auto info = check_lists("lion_", params, grads, exp_avgs, steps, seeds, c10::kCPU, false);
   LionArgs a;
-  HostScalars hold;
+  ScalarHold hold;
   common_args("lion_", a.common, hold, lr, lr_t, grad_scale, found_inf, stochastic_rounding);
   binding::lion_args(a, beta1, beta2, weight_decay);
   const binding::Lists l("lion_", params, grads, exp_avgs, steps, seeds, info);
@@ -73,7 +73,7 @@ void tiger_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   TigerArgs a;
   binding::tiger_args("tiger_", a, params, roles, rows, beta, weight_decay, grad_accum_steps, shrink_ratio, stats,
                       stats_nan, stats_sumsq, stats_n, sumsq_out, sumsq_out_at, c10::Device(c10::kCPU));
-  HostScalars hold;
+  ScalarHold hold;
   common_args("tiger_", a.common, hold, lr, lr_t, grad_scale, found_inf, stochastic_rounding);
   const binding::Lists l("tiger_", params, grads, exp_avgs, steps, seeds, info);
   const char* err = cpu::tiger_step(l.list, a);
@@ -87,7 +87,7 @@ void simba_cpu(at::TensorList params, at::TensorList grads, at::TensorList sign_
   const auto info = check_lists("simba_", params, grads, sign_counts, steps, seeds, c10::kCPU, true);
   binding::check_simba_window("simba_", window_size, threshold_count);
   SimbaArgs a;
-  HostScalars hold;
+  ScalarHold hold;
   common_args("simba_", a.common, hold, lr, lr_t, grad_scale, found_inf, stochastic_rounding);
   binding::simba_args(a, window_size, threshold_count, weight_decay);
   const binding::Lists l("simba_", params, grads, sign_counts, steps, seeds, info);
@@ -144,7 +144,7 @@ void dist_lion_pack_cpu(at::TensorList grads, at::TensorList exp_avgs, at::Tenso
   DistPackArgs a;
   a.beta1 = static_cast<float>(beta1);
   a.beta2 = static_cast<float>(beta2);
-  HostScalars hold;
+  ScalarHold hold;
   a.grad_scale = host_scalar(grad_scale, hold.grad_scale);
   a.found_inf = host_scalar(found_inf, hold.found_inf);
   const binding::PackLists l(grads, exp_avgs, packed, info);
@@ -163,7 +163,7 @@ void dist_lion_apply_cpu(at::TensorList params, at::TensorList votes, int64_t bi
   a.divisor = static_cast<float>(divisor);
   a.lr = lr_t.has_value() ? lr_t->item<float>() : static_cast<float>(lr);
   a.weight_decay = static_cast<float>(weight_decay);
-  HostScalars hold;
+  ScalarHold hold;
   a.found_inf = host_scalar(found_inf, hold.found_inf);
   const binding::ApplyLists l(params, votes, dtype);
   const char* err = cpu::dist_lion_apply(l.list, a);

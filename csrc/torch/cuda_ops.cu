@@ -27,7 +27,6 @@ namespace {
 
 using binding::check_lists;
 using binding::check_scalar;
-using binding::core_dtype;
 namespace core = sign_kernels::cuda;
 
 // A scalar argument as the kernels take it: a device fp32 pointer, or a host value.

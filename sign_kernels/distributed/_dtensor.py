@@ -329,8 +329,7 @@ def tiger_global_stats(opt, plan, grad_scale: Optional[torch.Tensor], found_inf:
             # = 0 certifies these gradients finite, and a set one makes the op change nothing;
             # it stands in for the norms of g (NaN where set, 0 where not): no read of g.
             set_ = found_inf.to(device=device, dtype=f64).reshape(1) != 0
-            flag = torch.where(set_, torch.full((1,), float("nan"), dtype=f64, device=device),
-                               torch.zeros(1, dtype=f64, device=device))
+            flag = torch.zeros(1, dtype=f64, device=device).masked_fill_(set_, float("nan"))
             pieces.append(flag.expand(len(nan_ks)))
         elif nan_ks:
             grads = [b.grads[k] for k in nan_ks]

@@ -115,6 +115,7 @@ def tiger_param_groups(
 # ``optimizer.forget_rms()`` after one. ``load_state_dict`` of the optimizer forgets the sums.
 # Every backend produces the sums (each in its own pre-pass's order).
 _SUMSQ_BACKENDS = ("cpu", "reference", "cuda", "triton")
+_SUMSQ_CACHE_SIZE = 64
 
 # NOTE: [GradScaler's flag as the NaN guard] (issue 15) Tiger's NaN guard needs a tensor's
 # whole gradient read before any of it is written: the one read of g that a Tiger step makes
@@ -130,7 +131,6 @@ _SUMSQ_BACKENDS = ("cpu", "reference", "cuda", "triton")
 # gradients lets the NaNs through (tests/test_tiger_rms_cache.py shows both). Sharded
 # buckets put the same flag into the statistics collective in place of the norms of g
 # (sign_kernels/distributed/_dtensor.py; tests/_sharded_cases.py case_fsdp_scaler).
-_SUMSQ_CACHE_SIZE = 64
 
 
 class _SumsqEntry:
