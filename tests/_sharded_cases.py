@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import faulthandler
 import os
 import traceback
 from typing import Callable, Dict, List
@@ -262,6 +263,11 @@ def case_tp(backend: str, kinds: str = KINDS):
 
 
 def run_cases(rank: int, world: int, init_file: str, cases: List[str], result_dir: str):
+    # A rank that dies of a signal (a rare SIGABRT seen about once in 80 runs, cause unknown)
+    # leaves no Python traceback: faulthandler writes every thread's stack to rank<r>.fault,
+    # which _spawn prints, and each case's name goes there first to say where it was.
+    fault = open(os.path.join(result_dir, f"rank{rank}.fault"), "w")
+    faulthandler.enable(file=fault, all_threads=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton cases run the interpreter on CPU
     torch.set_num_threads(1)
@@ -269,8 +275,10 @@ def run_cases(rank: int, world: int, init_file: str, cases: List[str], result_di
                             timeout=datetime.timedelta(seconds=60))
     try:
         for spec in cases:
+            print("case", spec, file=fault, flush=True)
             name, *args = spec.split(":")
             globals()["case_" + name](*args)
+        print("cases done; barrier and teardown", file=fault, flush=True)
         dist.barrier()
     except Exception:
         with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:

@@ -221,7 +221,12 @@ def test_result_file_schema(tmp_path, capsys):
         assert r["status"] == "ok" or r["status"].startswith("skipped: ")
     if _sign_kernels_reference_ok():
         assert {"lion", "tiger", "simba"} <= {r["algo"] for r in timed}
-    assert (tmp_path / "run.png").stat().st_size > 0
+    try:
+        import matplotlib  # noqa: F401  (the plot is optional: without it the bench says so)
+    except ImportError:
+        assert not (tmp_path / "run.png").exists()
+    else:
+        assert (tmp_path / "run.png").stat().st_size > 0
 
 
 def test_default_stem_is_device_slug_and_date():

@@ -9,6 +9,7 @@ The single-process tests at the end check the op's given-statistics input on eve
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 
@@ -46,6 +47,12 @@ def _spawn(world: int, specs, tmp: str) -> None:
         errors = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp)) if f.endswith(".err")]
         if errors:
             print("\n".join(errors))
+        # rank<r>.fault: the last case each rank began, and the stacks of a rank killed by a signal
+        for f in sorted(os.listdir(tmp)):
+            if f.endswith(".fault"):
+                text = open(os.path.join(tmp, f)).read()
+                if "Fatal Python error" in text or (sys.exc_info()[0] is not None and text):
+                    print(f"--- {f}\n{text}")
 
 
 @pytest.fixture(scope="module")

@@ -140,3 +140,17 @@ def test_op_checks_name_tensor_and_rule():
     with pytest.raises(RuntimeError, match=r"window_size must be in \[1, 32767\]"):
         torch.ops.sign_kernels.simba_([p], [g], [torch.zeros(4, dtype=torch.int16)], [step], 0.1, None, 0, 0, 0.0,
                                       None, None, [0], False)
+
+
+@pytest.mark.parametrize("version, ok", [("3.6.0", False), ("3.5.1", False), ("2.3.1", False), ("3.7.0", True),
+                                         ("3.7.1", True), ("3.9.0", True), ("3.10.0", True), ("4.0.0", True),
+                                         ("3.8.0+git1234", True)])
+def test_triton_interpreter_needs_3_7(version, ok):
+    """The CPU interpreter of triton < 3.7 cannot run Tiger's statistics kernels: the backend
+    says so (with the version) instead of failing inside a kernel."""
+    from sign_kernels.triton import _interpreter_reason
+
+    reason = _interpreter_reason(version)
+    assert (reason is None) == ok
+    if not ok:
+        assert "TRITON_INTERPRET=1 needs triton >= 3.7" in reason and version in reason

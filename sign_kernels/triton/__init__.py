@@ -106,12 +106,30 @@ def unavailable_reason() -> Optional[str]:
     except Exception as exc:  # a broken install: report it, do not hide it
         return f"triton failed to import: {exc!r}"
     if _interpret_requested():
-        return None
+        return _interpreter_reason(triton.__version__)
     import torch
 
     if not torch.cuda.is_available():
         return "no CUDA device (and TRITON_INTERPRET=1 is not set for the CPU interpreter)"
     return None
+
+
+# The first triton whose CPU interpreter runs every kernel here: before 3.7 it holds a scalar
+# loaded from memory as a 1-element array, and a loop to such a bound (Tiger's statistics
+# kernels loop over a tensor's rows) fails with "only 0-dimensional arrays can be converted to
+# Python scalars" (seen with 3.6.0; 3.7.1 and later run them). Compiled for a GPU, 3.6 is fine.
+INTERPRETER_MIN_TRITON = (3, 7)
+
+
+def _interpreter_reason(version: str) -> Optional[str]:
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m.group(1)), int(m.group(2))) >= INTERPRETER_MIN_TRITON:
+        return None
+    need = ".".join(map(str, INTERPRETER_MIN_TRITON))
+    return (f"TRITON_INTERPRET=1 needs triton >= {need} (installed: {version}); its CPU interpreter "
+            "cannot run Tiger's statistics kernels (a loop bound loaded from memory)")
 
 
 def _backend():
