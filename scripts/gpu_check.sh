@@ -164,6 +164,12 @@ try:
 except ImportError as exc:
     tv = f"none ({exc})"
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "| triton", tv)
+try:  # the ptxas Triton compiles sm_90 with: its register allocation differs by version
+    from triton.backends.nvidia.compiler import get_ptxas
+    px = get_ptxas(90)
+    print("triton's ptxas for sm_90:", px.version, px.path)
+except Exception as exc:
+    print("triton's ptxas for sm_90: unknown", repr(exc)[:120])
 EOF
   if [[ $HAVE_GPU == 1 ]]; then nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
   else echo "gpu: none"; fi

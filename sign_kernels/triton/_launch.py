@@ -320,28 +320,32 @@ def step_config(algo, pdt, gdt, sdt, *, has_lr_t, has_scale, has_found, sr, alig
                 BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
                 # Tiger's sums out (NOTE: [Triton sums of squares]): its own specialisations.
                 SUMSQ=bool(sumsq) and algo == ALGO_TIGER, LOG2_BLOCK=LOG2_BLOCK,
-                # NOTE: [tiger maxnreg] unbounded, ptxas (13.x, --regAllocOptLevel=2) spills
-                # 4 bytes at 80 registers in Tiger with bf16/fp16 params, an fp32 state and SR;
-                # with the bound stated it allocates the same 80 registers without spilling.
-                # Only there: the same bound elsewhere makes ptxas allocate more or spill.
-                **_maxnreg(algo, pdt, sdt, sr, aligned, sumsq))
+                # NOTE: [triton maxnreg] below.
+                **_maxnreg(algo, bool(sr) and torch.bfloat16 in (pdt, sdt), aligned, sumsq))
 
 
-def _maxnreg(algo, pdt, sdt, sr, aligned, sumsq) -> dict:
-    if _tiger_wide(algo, pdt, sdt, sr, aligned):
-        return {"maxnreg": 80}
-    if sumsq and algo == ALGO_TIGER:
-        # NOTE: [Triton sums of squares]: unbounded, the sums out take the aligned update to 77-85
-        # registers (the unaligned one to 114); bounded at 64, ptxas spills 16-40 bytes. So the
-        # wide bound: 80 (112 unaligned), no spills (tests/test_triton_codegen.py).
-        return {"maxnreg": 80 if aligned else 112}
+# NOTE: [triton maxnreg] Register bounds (launch option ``maxnreg``) where ptxas needs one to
+# neither spill nor take more than its budget (tests/test_triton_codegen.py), chosen from every
+# specialisation compiled for sm_90 by both ptxas versions Triton ships: 12.8 (triton 3.6, the
+# GPU machine's) and 13.4 (triton 3.9; ``ptxas-blackwell``, used for sm_90 too). Their allocations
+# differ: unbounded, Tiger's aligned update takes 78-93 registers under 12.8 and 62-85 under
+# 13.4, with its sums out 96-115 and 80-99; and "unbounded" is not free of spills (12.8 gives
+# Simba bf16 with SR 40 registers and an 8-byte stack, Tiger's unaligned SR update 80 and 8).
+# One rule for both (columns of the sweep: bounds none/64/72/80/96/112):
+# * Tiger's update, aligned: 80, no spill under either (at 64 and 72 both spill somewhere);
+#   with its sums out (NOTE: [Triton sums of squares]): 112 (12.8 spills at 80 and at 96 with
+#   SR; 13.4 takes 77-95 there);
+# * Tiger's update, unaligned: 112 (both spill at 80 with the sums out);
+# * Simba with SR, aligned: 64 (12.8's stack frame above, gone at 64; 13.4: 52-55 either way);
+# * everything else unbounded: Lion, Simba without SR, the statistics kernels (sumsq_config
+#   bounds the aligned pre-pass over 16-bit θ: 12.8 takes 74 unbounded, 62 at 64).
+def _maxnreg(algo, sr, aligned, sumsq) -> dict:
+    """``sr``: stochastic rounding in effect (a bf16 param or state)."""
+    if algo == ALGO_TIGER:
+        return {"maxnreg": 80 if aligned and not sumsq else 112}
+    if algo == ALGO_SIMBA and aligned and sr:
+        return {"maxnreg": 64}
     return {}
-
-
-def _tiger_wide(algo, pdt, sdt, sr, aligned) -> bool:
-    """Tiger update specialisations that need up to 80 registers (NOTE: [tiger maxnreg])."""
-    sizes = {pdt.itemsize, sdt.itemsize}
-    return algo == ALGO_TIGER and bool(aligned) and (len(sizes) > 1 or (bool(sr) and torch.bfloat16 in (pdt, sdt)))
 
 
 def rows_config(gdt, *, has_scale, aligned) -> dict:
@@ -357,7 +361,8 @@ def sumsq_config(pdt, *, aligned) -> dict:
     # squares in fp64 stay within 64 registers: 78 at 8 warps). The sums' order does not depend
     # on it (NOTE: [Triton sums of squares]).
     return dict(P_DT=_DT_CODE[pdt], ALIGNED=bool(aligned), BLOCK=BLOCK, LOG2_BLOCK=LOG2_BLOCK,
-                num_warps=NUM_WARPS if pdt.itemsize == 2 else STAT_WARPS, enable_fp_fusion=False)
+                num_warps=NUM_WARPS if pdt.itemsize == 2 else STAT_WARPS, enable_fp_fusion=False,
+                **({"maxnreg": 64} if aligned else {}))  # NOTE: [triton maxnreg]
 
 
 def finish_config() -> dict:
