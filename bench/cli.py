@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional
 
@@ -118,6 +119,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     head["warnings"] = report.warnings_for(head)  # the load at the start, known now
     print("\n".join(report.table_header(head)), flush=True)
     shown = set()
+    stem = args.name or report.default_stem(env)
+    json_path = args.out / f"{stem}.json"
+    partial_config = dict(asdict(cfg), schedule=head["config"]["schedule"])
 
     def show(rows, ceilings, pset, dtype):
         # each parameter set's rows as soon as they are timed, with the drift warning of its ceiling
@@ -125,6 +129,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines = report.table_section(part, pset, dtype) + [f"WARNING: {w}" for w in report.warnings_for(part)]
         print("\n".join(lines), flush=True)
         shown.add((pset, dtype))
+        # The rows so far on disk at once, marked partial: a run killed later (a time limit, as
+        # in scripts/gpu_check.sh) keeps its finished sections. The complete file replaces it.
+        report.write_json({"schema_version": report.SCHEMA_VERSION, "env": env, "config": partial_config,
+                           "device": str(runner.resolve_device(cfg.device)), "rows": rows, "ceilings": ceilings,
+                           "partial": f"the run stopped after {pset}/{dtype}"}, json_path)
 
     result = runner.run(cfg, on_section=show)
     env["threads"] = torch.get_num_threads()
@@ -139,8 +148,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import check_timing
 
         result["timing_check"] = check_timing.check(cfg)
-    stem = args.name or report.default_stem(result["env"])
-    json_path = args.out / f"{stem}.json"
     report.write_json(result, json_path)
     print(f"\nresults: {json_path}")
     if not args.no_plot:

@@ -43,16 +43,17 @@ def gpt2_small(block_size: int, tied: bool = True):
 PHASES = ("forward", "backward", "step")
 
 
-def _alloc_peak(prof) -> Dict[str, int]:
-    """Peak of the running sum of the profiler's allocation events (overall and within each
-    phase's record_function ranges), and the value at the end."""
+def _alloc_peak(prof, device: torch.device) -> Dict[str, int]:
+    """Peak of the running sum of the profiler's allocation events on ``device``'s type (overall
+    and within each phase's record_function ranges), and the value at the end. On CUDA the
+    host's allocations (index batches, the profiler's own) are left out: one device's memory."""
     from torch._C._profiler import _EventType
 
     events, ranges = [], {ph: [] for ph in PHASES}
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
-        if node.tag == _EventType.Allocation:
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == device.type:
             events.append((node.start_time_ns, node.extra_fields.alloc_size))
         elif node.name in ranges:
             ranges[node.name].append((node.start_time_ns, node.end_time_ns))
@@ -126,7 +127,7 @@ def run_mode(mode: str, args) -> Dict:
                  profile_memory=True) as prof:
         one_step()
     seconds = time.perf_counter() - t0
-    row = dict(mode=mode, micro_batches=micro, **live, **_alloc_peak(prof), step_seconds_profiled=round(seconds, 2))
+    row = dict(mode=mode, micro_batches=micro, **live, **_alloc_peak(prof, device), step_seconds_profiled=round(seconds, 2))
     if device.type == "cuda":
         row["cuda_peak_delta_bytes"] = torch.cuda.max_memory_allocated() - base_cuda
     n = sum(p.numel() for p in model.parameters())

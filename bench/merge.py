@@ -22,7 +22,13 @@ def merge(paths) -> dict:
     out["rows"] = [r for p in parts for r in p["rows"]]
     out["ceilings"] = {k: v for p in parts for k, v in p["ceilings"].items()}
     out["merged_from"] = [dict(file=str(path), date=p["env"]["date"], git_sha=p["env"]["git_sha"],
-                               config=p["config"]) for path, p in zip(paths, parts)]
+                               config=p["config"], **({"partial": p["partial"]} if "partial" in p else {}))
+                          for path, p in zip(paths, parts)]
+    # a part written before its run finished (bench.cli's "partial") makes the whole partial
+    out.pop("partial", None)
+    partial = [f"{path}: {p['partial']}" for path, p in zip(paths, parts) if "partial" in p]
+    if partial:
+        out["partial"] = "; ".join(partial)
     if any(p["config"]["steps"] != out["config"]["steps"] for p in parts):
         out["config"] = dict(out["config"], steps="mixed (see merged_from)")
     return out

@@ -122,6 +122,8 @@ def warnings_for(result: Dict) -> List[str]:
     env = result.get("env", {})
     cores = env.get("cpu_count") or 1
     out = []
+    if result.get("partial"):
+        out.append(f"incomplete: {result['partial']} (rows after that point are missing)")
     start, end = env.get("loadavg"), env.get("loadavg_end")
     on_cpu = not str(env.get("device", "cpu")).startswith("cuda")
     if on_cpu and start and start[0] > LOAD_PER_CORE * cores:

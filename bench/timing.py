@@ -171,9 +171,11 @@ def time_steps(step: Callable[[], object], refill: Callable[[], None], device: t
     """Per-step times in ms of `step`, each after a `refill` (NOTE: [timed region]).
 
     With `budget_s`, timing stops after the step that crosses that many wall-clock
-    seconds (at least MIN_STEPS steps): slow contenders cannot stall a sweep."""
+    seconds of timed steps (at least MIN_STEPS steps): slow contenders cannot stall a sweep.
+    The budget starts after the warm-up, so a JIT compile there (Triton's first call, a peer's
+    autotuning) does not leave a row only its minimum of steps."""
     nvtx = nvtx and device.type == "cuda"
-    deadline = None if budget_s is None else time.perf_counter() + budget_s
+    deadline = None
 
     def over(i: int) -> bool:
         return deadline is not None and i + 1 >= MIN_STEPS and time.perf_counter() > deadline
@@ -183,6 +185,7 @@ def time_steps(step: Callable[[], object], refill: Callable[[], None], device: t
         with nvtx_range(f"{label} warmup {i}", nvtx):
             step()
     synchronize(device)
+    deadline = None if budget_s is None else time.perf_counter() + budget_s
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]

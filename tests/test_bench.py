@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` lives at the repo root
 
-from bench import accounting, cli, contenders, paramsets, runner  # noqa: E402
+from bench import accounting, cli, contenders, paramsets, report, runner  # noqa: E402
 from bench.accounting import DTYPE_SETTINGS  # noqa: E402
 from bench.timing import Timing, Workspace  # noqa: E402
 
@@ -195,6 +196,7 @@ def test_result_file_schema(tmp_path, capsys):
     assert "flat-4K" in table and "tiny-8x768" in table
     data = json.loads((tmp_path / "run.json").read_text())
     assert data["schema_version"] == 1
+    assert "partial" not in data  # the complete file replaced the partial ones
     assert ENV_KEYS <= set(data["env"])
     assert data["env"]["threads"] == 1
     assert set(data["ceilings"]) == {f"{s}/{d}" for s in ("flat-4K", "tiny-8x768") for d in ("fp32", "bf16")}
@@ -255,6 +257,57 @@ def test_merge_split_runs(tmp_path):
     data = json.loads((tmp_path / "m.json").read_text())
     assert {r["param_set"] for r in data["rows"]} == {"tiny-4x768", "flat-4K"}
     assert set(data["ceilings"]) == {"tiny-4x768/fp32", "flat-4K/fp32"} and len(data["merged_from"]) == 2
+
+
+def test_a_run_killed_midway_keeps_its_finished_sections(tmp_path, monkeypatch):
+    """The rows of every finished section are on disk before the next starts (scripts/gpu_check.sh
+    gives each set a time limit): a run ended after its first section leaves a file marked
+    partial, and a merge with it says so."""
+    from bench import merge
+
+    real = runner.run
+
+    def run_then_die(cfg, on_section=None):
+        def once(*a):
+            on_section(*a)
+            raise KeyboardInterrupt  # what a kill at this point leaves on disk
+
+        return real(cfg, on_section=once)
+
+    monkeypatch.setattr(runner, "run", run_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--param-sets", "tiny,flat", "--tiny-count", "4", "--size", "4K", "--steps", "2",
+                  "--warmup", "1", "--contenders", "adamw", "--out", str(tmp_path), "--name", "a",
+                  "--no-plot", "--no-progress", "--device", "cpu"])
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["partial"] == "the run stopped after tiny-4x768/fp32"
+    assert {r["param_set"] for r in data["rows"]} == {"tiny-4x768"} and set(data["ceilings"]) == {"tiny-4x768/fp32"}
+    assert any(w.startswith("incomplete: ") for w in report.warnings_for(data))
+    monkeypatch.undo()
+    assert cli.main(["--param-sets", "flat", "--size", "4K", "--steps", "2", "--warmup", "1", "--contenders",
+                     "adamw", "--out", str(tmp_path), "--name", "b", "--no-plot", "--no-progress",
+                     "--device", "cpu"]) == 0
+    assert merge.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "-o", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert merged["partial"] == f"{tmp_path / 'a.json'}: the run stopped after tiny-4x768/fp32"
+    assert [("partial" in m) for m in merged["merged_from"]] == [True, False]
+
+
+def test_row_budget_counts_timed_steps_not_the_warmup():
+    """A slow first call (a JIT compile) must not cut a row to its minimum of steps."""
+    from bench import timing
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.3 if len(calls) == 1 else 0.001)  # the warm-up step compiles
+
+    t = timing.time_steps(step, lambda: None, torch.device("cpu"), warmup=1, steps=20, budget_s=0.2)
+    assert len(t.ms) == 20  # 20 timed steps of ~1 ms fit the budget; the 0.3 s warm-up is not counted
+    slow = timing.time_steps(lambda: time.sleep(0.05), lambda: None, torch.device("cpu"), warmup=0, steps=20,
+                             budget_s=0.01)
+    assert len(slow.ms) == timing.MIN_STEPS  # over budget: stops at the minimum
 
 
 # ---- schedules ---------------------------------------------------------------------------------

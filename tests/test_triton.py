@@ -328,6 +328,91 @@ def test_multi_tensor_table_one_launch_and_cache(monkeypatch):
     assert launches == ["tiger_rows_kernel", "tiger_finish_kernel", "sign_step_kernel"]
 
 
+@pytest.fixture
+def no_captured_plans():
+    L._captured_plans.clear()
+    yield
+    L._captured_plans.clear()
+
+
+def test_plan_built_while_capturing_is_kept_and_reused(monkeypatch, no_captured_plans):
+    """NOTE: [plans in CUDA graphs], the host side (capture itself needs a GPU: the test below):
+    a plan built while the stream captures keeps its host table and outlives any number of newer
+    plans; eager calls with the same key use it; one found in the LRU at capture moves over."""
+    L.clear_cache()
+    shapes = [(5,), (4097,), (3, 7)]
+    ps, gs, ms = make_case(shapes, F32, F32, F32, seed=3, hard=False)
+    steps = steps_of(ps, 0)
+    capturing = [True]
+    monkeypatch.setattr(L, "_capturing", lambda device: capturing[0])
+    call(skt, "lion", ps, gs, ms, steps)
+    assert len(L._captured_plans) == 1 and not L._plans
+    (plan,) = L._captured_plans.values()
+    assert plan.host is not None and torch.equal(plan.host.cpu(), plan.meta.cpu())
+    capturing[0] = False
+    kept = []  # live clones: each its own address, so its own key
+    for i in range(L._PLAN_CACHE_SIZE + 3):  # more parameter sets than the LRU holds
+        kept.append(gs[0].clone())
+        call(skt, "lion", ps[:1], kept[-1:], ms[:1], steps[:1])
+    assert len(L._plans) == L._PLAN_CACHE_SIZE
+    assert list(L._captured_plans.values()) == [plan]
+    build = L._build_plan
+    built = []
+    monkeypatch.setattr(L, "_build_plan", lambda *a, **k: built.append(1) or build(*a, **k))
+    a_p, a_m = clone(ps), clone(ms)
+    call(skt, "lion", ps, gs, ms, steps)  # eager, same key: the captured plan
+    assert not built
+    call(ref, "lion", a_p, gs, a_m, steps)
+    assert_bitwise(ps, a_p, "params")
+    assert_bitwise(ms, a_m, "state")
+    # a plan already in the LRU when capture begins moves to the kept ones, unchanged
+    counts = [torch.zeros(p.shape, dtype=torch.int16, device=DEVICE) for p in ps]
+    call(skt, "simba", ps, gs, counts, steps)
+    key = next(reversed(L._plans))
+    eager = L._plans[key]
+    capturing[0] = True
+    call(skt, "simba", ps, gs, counts, steps)
+    assert L._captured_plans[key] is eager and key not in L._plans
+    assert len(built) == 1 and eager.host is None
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graph capture needs a GPU")
+@pytest.mark.parametrize("algo", ["lion", "tiger", "simba"])
+def test_cuda_graph_capture_builds_its_plan_and_replays_bitwise(algo, no_captured_plans):
+    """Capture with the plan missing (new grads, as after zero_grad(set_to_none=True) in a
+    whole-network capture; Tiger's key also changes after its first step): the plan is built
+    inside the capture without a stream sync, and replays equal eager calls bit for bit."""
+    shapes = [(257, 33), (4097,), (8,), (3, 5, 7)]
+    sdt = torch.int16 if algo == "simba" else BF16
+    ps, gs, ms = make_case(shapes, BF16, F32, sdt, seed=21, hard=False)
+    lr_t = torch.tensor(1e-3, device=DEVICE)
+    pe, me = clone(ps), clone(ms)
+    steps_g, steps_e = steps_of(ps, 0), steps_of(ps, 0)
+    L.clear_cache()
+
+    def step(p, g, m, st):
+        call(skt, algo, p, g, m, st, lr_t=lr_t, sr=True)
+        torch._foreach_add_(st, 1)
+
+    # eager warm-up of both twins: the kernels are compiled (and loaded) outside the capture
+    step(ps, gs, ms, steps_g)
+    step(pe, gs, me, steps_e)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_static = [g.clone() for g in gs]  # new addresses, from the graph's pool: a missing plan
+        step(ps, g_static, ms, steps_g)
+    assert len(L._captured_plans) == 1
+    for i in range(4):
+        graph.replay()
+        step(pe, gs, me, steps_e)
+        lr_t.mul_(0.5)  # the graph reads the current lr on the device
+    torch.cuda.synchronize()
+    assert_bitwise(ps, pe, f"{algo} params")
+    assert_bitwise(ms, me, f"{algo} state")
+    assert [int(s) for s in steps_g] == [int(s) for s in steps_e] == [5] * len(shapes)
+
+
 # ---------------------------------------------------------------- conversions and SR bits
 @triton.jit
 def _convert_kernel(x_ptr, bf_ptr, hf_ptr, n, BLOCK: tl.constexpr):

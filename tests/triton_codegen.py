@@ -162,7 +162,7 @@ def compile_one(spec: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--all", action="store_true", help="every combination of the optional inputs")
-    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this")
     args = ap.parse_args(argv)
     specs = [s for s in list(step_specs(args.all)) + list(stats_specs()) if args.only in s["name"]]

@@ -40,7 +40,8 @@ data_ptr, shape, role and seed, so a GPT-2-sized list (148 tensors) costs one la
 and Simba and four for Tiger (five with sums out), and no host-to-device copy after the first step as long as the
 caching allocator hands the grads back at the same addresses. Steps, ``lr_t``,
 ``grad_scale`` and ``found_inf`` are read on the device: no host synchronisation, CUDA-graph
-friendly (the plan must then be built before capture, i.e. by one eager step). When
+friendly: a plan missing when a capture begins is built inside it (NOTE: [plans in CUDA
+graphs] in ``_launch``), and a plan a graph uses is kept for the life of the process. When
 ``found_inf`` is non-zero every load and store is masked off: nothing changes.
 
 The interpreter (``TRITON_INTERPRET=1``) runs the *same* kernels on CPU tensors: it executes

@@ -10,7 +10,7 @@ import contextlib
 import operator
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -64,13 +64,30 @@ class Plan:
     # NOTE: [Triton sums of squares] in _kernels), t_sumsq f64. After a call, row_sumsq and
     # t_sumsq hold the sums of squares its RMS came from (embedding rows, matrices).
     stats: Optional[tuple] = None
+    # Built during CUDA graph capture (NOTE: [plans in CUDA graphs]): the host table the graph's
+    # copy node reads at every replay, kept alive with the plan.
+    host: Optional[torch.Tensor] = None
 
 
 _plans: "collections.OrderedDict[tuple, Plan]" = collections.OrderedDict()
+# NOTE: [plans in CUDA graphs] A captured graph holds raw pointers to its plan's device tables
+# and scratch buffers, so a plan built or used while a stream is capturing moves here and is
+# never evicted: evicting it would free memory a replay still reads and writes. One entry per
+# parameter set that was captured. A plan missing at capture (Tiger's key changes after its
+# first step; a whole-network capture after zero_grad(set_to_none=True) gets new grads) is
+# built there: the table goes to the device by a non-blocking copy, which capture records as
+# a copy node reading the host table at each replay, instead of the eager path's blocking
+# copy (a stream synchronisation, illegal while capturing).
+_captured_plans: Dict[tuple, Plan] = {}
 
 
 def clear_cache() -> None:
+    """Drop the eager plans (those of captured graphs stay: NOTE: [plans in CUDA graphs])."""
     _plans.clear()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -131,10 +148,13 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
         slot = 0
     blocks_t = _ranges(numel, BLOCK)
     aligned = bool((addr[:3] % 16 == 0).all())
-    meta = torch.cat([table.reshape(-1), blocks_t.reshape(-1), tasks_t.reshape(-1)]).to(device)
+    host = torch.cat([table.reshape(-1), blocks_t.reshape(-1), tasks_t.reshape(-1)])
+    capturing = _capturing(device)  # NOTE: [plans in CUDA graphs]
+    meta = host.to(device, non_blocking=capturing)
     a, b = table.numel(), table.numel() + blocks_t.numel()
     plan = Plan(meta=meta, tensors=meta[:a], blocks=meta[a:b], tasks=meta[b:], n=n,
-                n_blocks=blocks_t.shape[0], n_tasks=tasks_t.shape[0], aligned=aligned)
+                n_blocks=blocks_t.shape[0], n_tasks=tasks_t.shape[0], aligned=aligned,
+                host=host if capturing else None)
     if algo == ALGO_TIGER:
         nslots = max(slot, 1)
         plan.stats = (
@@ -161,6 +181,15 @@ def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=No
            tuple(map(_data_ptr, states)), tuple(map(_data_ptr, steps)),
            tuple(map(_shape, params)),
            tuple(roles) if roles is not None else None, tuple(seeds), given, out)
+    plan = _captured_plans.get(key)
+    if plan is not None:
+        return plan
+    if _capturing(device):  # NOTE: [plans in CUDA graphs]
+        plan = _plans.pop(key, None)
+        if plan is None:
+            plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given, out)
+        _captured_plans[key] = plan
+        return plan
     plan = _plans.get(key)
     if plan is None:
         plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given, out)
