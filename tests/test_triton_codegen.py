@@ -65,7 +65,10 @@ def kernels():
     reason = _nvidia_tools_reason()
     if reason:
         pytest.skip(reason)
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(ROOT))
+    # (the caller's PYTHONPATH stays after the repo: scripts/triton_version_check.sh puts another
+    # triton there)
+    path = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(path))
     args = [sys.executable, str(ROOT / "tests" / "triton_codegen.py")]
     if os.environ.get("SIGN_KERNELS_CODEGEN_ALL"):
         args.append("--all")
