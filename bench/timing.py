@@ -224,9 +224,13 @@ _LAUNCH_EVENTS = {
 def count_launches(step: Callable[[], object], refill: Callable[[], None],
                    device: torch.device) -> Optional[int]:
     """Kernel launches in one step, from torch.profiler's CUDA runtime/driver API events.
-    None on CPU (no launches to count)."""
+    None on CPU (no launches to count). Triton launches through the driver API
+    (``cuLaunchKernelEx``); should a profiler record no API event for them, the kernels the
+    GPU ran are counted instead (device-side events, copies and fills left out), so a step
+    never reads as 0 launches."""
     if device.type != "cuda":
         return None
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     refill()
@@ -234,4 +238,9 @@ def count_launches(step: Callable[[], object], refill: Callable[[], None],
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize(device)
-    return sum(1 for e in prof.events() if e.name in _LAUNCH_EVENTS)
+    events = prof.events()
+    api = sum(1 for e in events if e.name in _LAUNCH_EVENTS)
+    if api:
+        return api
+    return sum(1 for e in events if e.device_type == DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset", "cudaMemcpy", "cudaMemset")))
