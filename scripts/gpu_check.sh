@@ -15,8 +15,9 @@
 #              test_triton_codegen.py, test_cuda_codegen.py (on the native build),
 #              test_tiger_rms_cache.py (Tiger's sums out on cuda and triton); junit xml
 #   bench      python -m bench on CUDA: flat 256M, GPT-2, Llama 1B; fp32 and bf16; ours on the cuda
-#              and triton backends, fused and foreach AdamW, the peers that are installed; one
-#              process per parameter set (a set that runs out of time loses only itself), merged
+#              and triton backends, fused and foreach AdamW, the peers that are installed; then
+#              4096 tiny tensors (fp32, ours and AdamW: the launch-bound case); one process per
+#              parameter set (a set cut by its time keeps its finished sections), merged
 # build ‖ native run side by side, then pytest ‖ memcheck → racecheck, then the bench alone.
 #
 # OUTDIR gets at most 8 files: summary.txt (each stage's status and seconds, the machine),
@@ -235,6 +236,7 @@ wait "$pid_a" "$pid_b"
 
 echo "[gpu-check] phase 2: the benchmark alone"
 PHASE_END=$DEADLINE
+weight=() extra=()
 if [[ $DRY == 1 ]]; then
   sets=(flat)
   common=(--device cpu --size 1M --steps 3 --warmup 1 --dtypes fp32 --backends cpu
@@ -242,15 +244,23 @@ if [[ $DRY == 1 ]]; then
 else
   # NOTE: [gpu bench rows] cuda and triton, not --backends all: the reference backend's rows
   # (one tensor at a time in plain torch) say nothing the targets need and cost a 1B model's time.
-  sets=(flat gpt2 llama)
+  # tiny (4096 tensors of 768): the launch-bound case, whose host time the issue compares with
+  # fused AdamW's; fp32 and our rows only, the peers' per-tensor loops would take its share.
+  sets=(flat gpt2 llama tiny)
   common=(--device cuda --size 256M --llama-size 1B --dtypes fp32,bf16 --backends cuda,triton
           --contenders ours,adamw,peers --schedule sequential --row-budget 3)
+  weight=([0]=2 [1]=2 [2]=3 [3]=1)   # of the time left, by set: the 1B model's rows are the slowest
+  extra=([3]="--tiny-count 4096 --dtypes fp32 --contenders ours,adamw")
 fi
 i=0
 for s in "${sets[@]}"; do
-  # each set gets an equal share of what is left (less 20 s for the merge); time unused rolls on
-  share=$(( (DEADLINE - 20 - SECONDS) / (${#sets[@]} - i) )); i=$((i + 1))
-  stage "bench-$s" "$OUT/bench.log" "$share" bench_one "$s" --param-sets "$s" "${common[@]}"
+  # each set gets its weight's share of what is left (less 20 s for the merge); unused time rolls on
+  left_w=0
+  for ((j = i; j < ${#sets[@]}; j++)); do left_w=$((left_w + ${weight[j]:-1})); done
+  share=$(( (DEADLINE - 20 - SECONDS) * ${weight[i]:-1} / left_w ))
+  read -r -a more <<<"${extra[i]:-}"
+  i=$((i + 1))
+  stage "bench-$s" "$OUT/bench.log" "$share" bench_one "$s" --param-sets "$s" "${common[@]}" "${more[@]}"
 done
 parts=("$BENCH_TMP"/*.json)
 if [[ -e ${parts[0]} ]]; then
