@@ -91,7 +91,8 @@ stage() {
   fi
   { echo; echo "===== $name: $* (timeout ${limit}s)"; } >>"$log"
   # functions run in a child bash (export -f below): timeout kills its whole process group
-  timeout -k 15 "$limit" bash -c '"$@"' "$name" "$@" >>"$log" 2>&1
+  # STAGE_LIMIT: the command's own time, for a command that can end itself in time (run_pytest)
+  STAGE_LIMIT=$limit timeout -k 15 "$limit" bash -c '"$@"' "$name" "$@" >>"$log" 2>&1
   rc=$?
   local dt=$((SECONDS - t0))
   case $rc in
@@ -107,7 +108,7 @@ skip() { echo "skipped ($2)" >"$STATUS/$1"; echo "[gpu-check] $1: skipped ($2)";
 # -v: each test's outcome as it ends, so a stage cut by its time limit still says what passed
 pytest_args=(-v -p no:cacheprovider -rfEs --junitxml "$OUT/pytest.xml")
 "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 120)
-# pytest-timeout >= 2.3 ends the whole session in time to write its summary and junit xml
+# pytest-timeout >= 2.3 has --session-timeout (run_pytest)
 HAVE_SESSION_TIMEOUT=0
 "$PY" - <<'EOF' 2>/dev/null && HAVE_SESSION_TIMEOUT=1
 import sys
@@ -157,14 +158,18 @@ native_dry() {
 }
 sanitize() { "$SANITIZER" --tool "$1" --error-exitcode 1 --print-limit 20 "$NATIVE_TEST"; }
 run_pytest() {
-  TRITON_INTERPRET=0 SIGN_KERNELS_CUDA_LIB=$NATIVE/csrc/cuda/libsign_kernels_cuda.a "$PY" -m pytest "$@"
+  local more=()
+  # pytest-timeout >= 2.3 ends the session before the stage's limit: its summary and junit survive
+  if ((HAVE_SESSION_TIMEOUT == 1 && STAGE_LIMIT > 60)); then more=(--session-timeout $((STAGE_LIMIT - 30))); fi
+  echo "pytest ${more[*]} $*"
+  TRITON_INTERPRET=0 SIGN_KERNELS_CUDA_LIB=$NATIVE/csrc/cuda/libsign_kernels_cuda.a "$PY" -m pytest "${more[@]}" "$@"
 }
 bench_one() {  # bench_one NAME ARGS...: one parameter set into $BENCH_TMP/NAME.json
   local name=$1; shift
   "$PY" -m bench --no-progress --no-plot --out "$BENCH_TMP" --name "$name" "$@"
 }
 export -f build_gpu build_dry native_gpu native_nvcc native_dry sanitize run_pytest bench_one
-export SANITIZER PY NPROC NATIVE NATIVE_TEST BENCH_TMP ROOT
+export SANITIZER PY NPROC NATIVE NATIVE_TEST BENCH_TMP ROOT HAVE_SESSION_TIMEOUT
 
 # ---------------------------------------------------------------- the run
 T0=$SECONDS
@@ -210,8 +215,6 @@ echo "[gpu-check] phase 1: build ‖ native (CMake, CTest, memcheck, racecheck) 
   fi
   # test_cuda_codegen reads the native build's library: wait (a while) for that stage to end.
   while [[ ! -f $STATUS/native ]] && ((SECONDS < PHASE_END - 90)); do sleep 2; done
-  limit=$((PHASE_END - SECONDS)); ((limit > 200)) && limit=200   # what `stage` will give it
-  ((HAVE_SESSION_TIMEOUT == 1 && limit > 60)) && pytest_args+=(--session-timeout $((limit - 30)))
   stage pytest "$OUT/pytest.log" 200 run_pytest "${pytest_args[@]}" "${run_files[@]}"
 ) &
 pid_a=$!

@@ -114,7 +114,8 @@ def _ranges(counts: torch.Tensor, step: int) -> torch.Tensor:
     return torch.stack([idx, j * step], dim=1)
 
 
-def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=None, out=None) -> Plan:
+def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=None, out=None,
+                capturing=False) -> Plan:
     n = len(params)
     addr = torch.tensor([list(map(_data_ptr, lst)) for lst in (params, grads, states, steps)],
                         dtype=torch.int64)  # [4, n]
@@ -149,8 +150,7 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
     blocks_t = _ranges(numel, BLOCK)
     aligned = bool((addr[:3] % 16 == 0).all())
     host = torch.cat([table.reshape(-1), blocks_t.reshape(-1), tasks_t.reshape(-1)])
-    capturing = _capturing(device)  # NOTE: [plans in CUDA graphs]
-    meta = host.to(device, non_blocking=capturing)
+    meta = host.to(device, non_blocking=capturing)  # NOTE: [plans in CUDA graphs]
     a, b = table.numel(), table.numel() + blocks_t.numel()
     plan = Plan(meta=meta, tensors=meta[:a], blocks=meta[a:b], tasks=meta[b:], n=n,
                 n_blocks=blocks_t.shape[0], n_tasks=tasks_t.shape[0], aligned=aligned,
@@ -187,7 +187,8 @@ def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=No
     if _capturing(device):  # NOTE: [plans in CUDA graphs]
         plan = _plans.pop(key, None)
         if plan is None:
-            plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given, out)
+            plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given, out,
+                               capturing=True)
         _captured_plans[key] = plan
         return plan
     plan = _plans.get(key)
