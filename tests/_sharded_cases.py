@@ -286,6 +286,8 @@ def run_cases(rank: int, world: int, init_file: str, cases: List[str], result_di
         raise
     finally:
         dist.destroy_process_group()
+        # past this line, a SIGABRT is the process's exit (C++ destructors), not our cases
+        print("process group destroyed; exiting", file=fault, flush=True)
 
 
 def case_fsdp_tp(backend: str, kinds: str = KINDS):
