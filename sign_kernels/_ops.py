@@ -23,6 +23,21 @@ Contract shared by the three ops (docs/rules.md has the formulas):
   ``g / grad_scale``; when ``found_inf`` is non-zero the op changes nothing.
 * ``seeds[i]`` is the stochastic-rounding seed of tensor ``i`` (``sign_kernels._rng``);
   ``stochastic_rounding`` turns SR on for bf16 params and bf16 state.
+* ``clip`` (0-dim fp32, optional, trailing): the gradient-norm clipping coefficient
+  (NOTE: [clipping inside the step]). Given, the gradient used is ``(g / grad_scale) * clip``,
+  each operation rounded to fp32 in that order (``g * clip`` without a scale): the bits of
+  ``clip_grad_norm_``'s ``g.mul_(clip)`` on fp32 gradients followed by the step. Tiger's NaN
+  guard looks at that gradient too. Omitted, nothing is multiplied.
+
+NOTE: [clipping inside the step]
+``sumsq_(tensors, scale, out)`` is the norm pass: ``out[i]`` (fp64) = the sum over tensor i of
+``(fp32(x) / scale)**2``, each square taken in fp64 from the fp32 quotient (exact: 48
+significand bits) and summed in fp64 in an order that each backend fixes per tensor length
+(never by thread count, the other tensors of the call or addresses), so the same tensor gives
+the same bits in any call. NaN anywhere gives NaN, an infinity (no NaN) +inf; an empty tensor
+0. All tensors share a dtype (fp32, bf16, fp16) and the device of ``out``; ``out`` is a
+contiguous 1-D fp64 tensor of ``len(tensors)`` elements. The optimizers turn these sums into
+the total norm and the coefficient on the device (sign_kernels/optim/_clip.py).
 
 NOTE: [Tiger statistics input]
 ``tiger_`` reads two whole-tensor facts before it writes: whether ``g / grad_scale`` holds a
@@ -86,7 +101,7 @@ import torch
 
 LIB_NAME = "sign_kernels"
 
-_COMMON_TAIL = "Tensor? grad_scale, Tensor? found_inf, int[] seeds, bool stochastic_rounding) -> ()"
+_COMMON_TAIL = "Tensor? grad_scale, Tensor? found_inf, int[] seeds, bool stochastic_rounding, Tensor? clip=None) -> ()"
 # Tiger's statistics given from outside (NOTE: [Tiger statistics input]).
 _TIGER_STATS = "Tensor? stats=None, int[]? stats_nan=None, int[]? stats_sumsq=None, int[]? stats_n=None"
 # Tiger's sums of squares of θ as the call leaves it (NOTE: [Tiger sums of squares out]).
@@ -101,7 +116,8 @@ SCHEMAS = {
         "tiger_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] steps, "
         "int[] roles, float lr, Tensor? lr_t, float beta, float weight_decay, "
         "int grad_accum_steps, float shrink_ratio, "
-        + _COMMON_TAIL.replace(") -> ()", ", " + _TIGER_STATS + ", " + _TIGER_SUMSQ_OUT + ") -> ()")
+        + _COMMON_TAIL.replace(", Tensor? clip=None) -> ()", ", " + _TIGER_STATS + ", " + _TIGER_SUMSQ_OUT
+                              + ", Tensor? clip=None) -> ()")
     ),
     "simba_": (
         "simba_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] sign_counts, Tensor[] steps, "
@@ -117,7 +133,7 @@ SCHEMAS = {
 # ``found_inf`` non-zero, (a) keeps m and writes 0 fields, (b) changes nothing.
 SCHEMAS["dist_lion_pack_"] = (
     "dist_lion_pack_(Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] packed, float beta1, float beta2, "
-    "Tensor? grad_scale, Tensor? found_inf) -> ()"
+    "Tensor? grad_scale, Tensor? found_inf, Tensor? clip=None) -> ()"
 )
 SCHEMAS["dist_lion_apply_"] = (
     "dist_lion_apply_(Tensor(a!)[] params, Tensor[] votes, int bits, int divisor, float lr, Tensor? lr_t, "
@@ -129,6 +145,8 @@ SCHEMAS["dist_lion_apply_"] = (
 SCHEMAS["dist_lion_vote_"] = (
     "dist_lion_vote_(Tensor received, Tensor(a!) out, int world_size, int out_bits, bool majority) -> ()"
 )
+# The norm pass of clipping inside the step (NOTE: [clipping inside the step]).
+SCHEMAS["sumsq_"] = "sumsq_(Tensor[] tensors, Tensor? scale, Tensor(a!) out) -> ()"
 # Ops implemented for CPU only: on CUDA, Distributed Lion's vote runs as a few torch ops on the
 # device (sign_kernels/distributed/_wire.py). Every other op has CPU and CUDA kernels
 # (scripts/cuda_build_check.sh checks it on the CUDA build).

@@ -53,6 +53,9 @@ struct Common {
   const float* grad_scale = nullptr;  // g is divided by *grad_scale (GradScaler)
   const float* found_inf = nullptr;   // non-zero (NaN too): the call changes nothing, but Tiger's sums out
   bool stochastic_rounding = false;   // for bf16 params and bf16 state
+  // The clipping coefficient (NOTE: [clipping inside the step] in sign_kernels/_ops.py): the
+  // gradient used is (g / *grad_scale) * *clip, each operation rounded to fp32 in that order.
+  const float* clip = nullptr;
 };
 
 struct LionArgs {
@@ -111,6 +114,7 @@ struct DistPackArgs {
   float beta1 = 0.9f, beta2 = 0.99f;
   const float* grad_scale = nullptr;  // executor memory: g is divided by it
   const float* found_inf = nullptr;   // executor memory: non-zero keeps m and writes every field 0
+  const float* clip = nullptr;        // executor memory: the quotient is then multiplied by it
 };
 
 // Distributed Lion's apply pass: every worker applies the aggregate vote V.
@@ -129,6 +133,25 @@ struct DistApplyArgs {
   const float* lr_ptr = nullptr;     // executor memory
   float weight_decay = 0.0f;
   const float* found_inf = nullptr;  // executor memory: non-zero changes nothing
+};
+
+// The norm pass of clipping inside the step (op sumsq_; NOTE: [clipping inside the step] in
+// sign_kernels/_ops.py): out[i] = sum over tensor i of (fp32(x) / *scale)^2, each square in
+// fp64 from the fp32 quotient, summed in fp64 in an order fixed by numels[i] alone.
+struct SumsqList {
+  int64_t count = 0;
+  const void* const* tensors = nullptr;
+  const int64_t* numels = nullptr;
+  DType dtype = DType::kFloat32;  // fp32, bf16 or fp16
+};
+
+struct SumsqArgs {
+  const float* scale = nullptr;  // executor memory, null: no division
+  double* out = nullptr;         // executor memory: count fp64 sums
+  // CUDA only: device scratch (any contents, 16-byte aligned) for per-chunk partial sums;
+  // its size is the CUDA executor's to say (cuda::sumsq_workspace_bytes). The CPU ignores it.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 
 }  // namespace sign_kernels

@@ -51,14 +51,14 @@ constexpr int64_t kBlock = 256;  // elements; chunks start at multiples of kChun
 
 template <class Scale, class G, class S>
 void pack_block(const G* __restrict g, S* __restrict m, uint8_t* __restrict out, int64_t base, int64_t len,
-                const LionScalars& s, float scale) {
+                const LionScalars& s, float scale, float clip) {
   uint8_t codes[kBlock];
 #pragma omp simd
   for (int64_t k = 0; k < len; ++k) {
     const int64_t i = base + k;
     float mv = to_f32(m[i]);
     float gv = to_f32(g[i]);
-    if (Scale::value) gv = gv / scale;
+    if (Scale::value) gv = (gv / scale) * clip;  // x / 1 and x * 1 are x: one variant for either
     codes[k] = static_cast<uint8_t>(dist_lion_pack_one(mv, gv, s));
     store(m + i, mv, 0u, i, false);
   }
@@ -72,15 +72,15 @@ void pack_block(const G* __restrict g, S* __restrict m, uint8_t* __restrict out,
 
 template <class G, class S>
 void pack_span(const G* __restrict g, S* __restrict m, uint8_t* __restrict out, int64_t begin, int64_t end,
-               const LionScalars s, bool skip, bool has_grad_scale, float grad_scale) {
+               const LionScalars s, bool skip, bool has_grad_scale, float grad_scale, float clip) {
   if (skip) {
     for (int64_t b = begin / 4; b < (end + 3) / 4; ++b) out[b] = 0;
     return;
   }
   for (int64_t base = begin; base < end; base += kBlock) {
     const int64_t len = end - base < kBlock ? end - base : kBlock;
-    if (has_grad_scale) pack_block<std::true_type>(g, m, out, base, len, s, grad_scale);
-    else pack_block<std::false_type>(g, m, out, base, len, s, 1.0f);
+    if (has_grad_scale) pack_block<std::true_type>(g, m, out, base, len, s, grad_scale, clip);
+    else pack_block<std::false_type>(g, m, out, base, len, s, 1.0f, 1.0f);
   }
 }
 
@@ -132,8 +132,10 @@ const char* dist_lion_pack(const DistPackList& t, const DistPackArgs& a) {
   const LionScalars s = lion_scalars(0.0f, a.beta1, a.beta2, 0.0f);
   // The scalars given by pointer are host memory here (NOTE: [executor memory]).
   const bool skip = a.found_inf != nullptr && *a.found_inf != 0.0f;
-  const bool has_grad_scale = a.grad_scale != nullptr;
-  const float grad_scale = has_grad_scale ? *a.grad_scale : 1.0f;
+  // (g / grad_scale) * clip (NOTE: [clipping inside the step] in sign_kernels/_ops.py).
+  const bool has_grad_scale = a.grad_scale != nullptr || a.clip != nullptr;
+  const float grad_scale = a.grad_scale != nullptr ? *a.grad_scale : 1.0f;
+  const float clip = a.clip != nullptr ? *a.clip : 1.0f;
   const std::vector<Span> spans = spans_of(t.count, t.numels);
   bool inner = true;
   const bool outer = with_float_type(t.grad_dtype, [&](auto gtag) {
@@ -142,7 +144,7 @@ const char* dist_lion_pack(const DistPackList& t, const DistPackArgs& a) {
       using S = std::remove_pointer_t<decltype(stag)>;
       run_spans(spans, [&](const Span& sp) {
         pack_span(static_cast<const G*>(t.grads[sp.tensor]), static_cast<S*>(t.exp_avgs[sp.tensor]),
-                  t.packed[sp.tensor], sp.begin, sp.end, s, skip, has_grad_scale, grad_scale);
+                  t.packed[sp.tensor], sp.begin, sp.end, s, skip, has_grad_scale, grad_scale, clip);
       });
     });
   });

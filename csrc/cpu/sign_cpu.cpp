@@ -23,6 +23,7 @@ namespace cpu {
   const char* lion_step(const TensorList& t, const LionArgs& a);     \
   const char* tiger_step(const TensorList& t, const TigerArgs& a);   \
   const char* simba_step(const TensorList& t, const SimbaArgs& a);   \
+  const char* sumsq_step(const SumsqList& t, const SumsqArgs& a);    \
   }
 SK_DECLARE_VARIANT(baseline)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -81,6 +82,7 @@ const char* isa() {
 #endif
 
 const char* lion_step(const TensorList& t, const LionArgs& a) { return SK_DISPATCH(lion_step, t, a); }
+const char* sumsq_step(const SumsqList& t, const SumsqArgs& a) { return SK_DISPATCH(sumsq_step, t, a); }
 // NOTE: [Tiger windows]
 // The NaN guard must see a tensor's whole gradient before any of it is written, so Tiger
 // reads g twice: in its read-only pre-pass and in its update pass. Both passes run over a

@@ -19,6 +19,8 @@ using sign_kernels::Common;
 using sign_kernels::DType;
 using sign_kernels::LionArgs;
 using sign_kernels::SimbaArgs;
+using sign_kernels::SumsqArgs;
+using sign_kernels::SumsqList;
 using sign_kernels::TensorList;
 using sign_kernels::TigerArgs;
 
@@ -28,6 +30,8 @@ using sign_kernels::TigerArgs;
 const char* lion_step(const TensorList& t, const LionArgs& a);
 const char* tiger_step(const TensorList& t, const TigerArgs& a);
 const char* simba_step(const TensorList& t, const SimbaArgs& a);
+// The norm pass of clipping inside the step (op sumsq_; NOTE: [norm pass order]).
+const char* sumsq_step(const SumsqList& t, const SumsqArgs& a);
 
 // Parallel loops. By default the core uses its own OpenMP threads; a host framework
 // can hand in its thread pool instead (the torch binding passes at::parallel_for, so

@@ -263,5 +263,40 @@ inline void check_simba_window(const char* op, int64_t window_size, int64_t thre
               ": threshold_count must be in [0, window_size], got ", threshold_count);
 }
 
+// The norm pass (sumsq_): the tensors share a fused dtype and out's device; out is a contiguous
+// 1-D fp64 tensor with one entry per tensor. Returns the tables the executors take.
+struct SumsqLists {
+  std::vector<const void*> tensors;
+  std::vector<int64_t> numels;
+  SumsqList list;
+
+  SumsqLists(const char* op, at::TensorList t, const at::Tensor& out, c10::DeviceType device_type)
+      : tensors(t.size()), numels(t.size()) {
+    TORCH_CHECK(out.device().type() == device_type, op, ": out is on ", out.device(), ", this kernel takes ",
+                c10::DeviceTypeName(device_type), " tensors");
+    check_fp64_buffer(op, "out", out, out.device());
+    TORCH_CHECK(out.numel() == static_cast<int64_t>(t.size()), op, ": out has ", out.numel(),
+                " entries for ", t.size(), " tensors (one sum per tensor)");
+    const at::ScalarType dtype = t.empty() ? at::kFloat : t[0].scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                ": tensors must be float32, bfloat16 or float16, got ", dtype);
+    for (size_t i = 0; i < t.size(); ++i) {
+      TORCH_CHECK(t[i].scalar_type() == dtype, op, ": tensor ", i, " is ", t[i].scalar_type(),
+                  "; all tensors of one call share a dtype (", dtype, ")");
+      TORCH_CHECK(t[i].device() == out.device(), op, ": tensor ", i, " is on ", t[i].device(), ", out on ",
+                  out.device());
+      TORCH_CHECK(t[i].is_contiguous() && !t[i].is_sparse(), op, ": tensor ", i, " must be a contiguous dense tensor");
+      tensors[i] = t[i].data_ptr();
+      numels[i] = t[i].numel();
+    }
+    list.count = static_cast<int64_t>(t.size());
+    list.tensors = tensors.data();
+    list.numels = numels.data();
+    list.dtype = core_dtype(dtype);
+  }
+  SumsqLists(const SumsqLists&) = delete;  // `list` points into the vectors
+  SumsqLists& operator=(const SumsqLists&) = delete;
+};
+
 }  // namespace binding
 }  // namespace sign_kernels
