@@ -44,6 +44,7 @@ class Backend:
     lion_: Callable
     tiger_: Callable
     simba_: Callable
+    sumsq_: Callable  # the norm pass of clipping inside the step
 
     def fn(self, op_name: str) -> Callable:
         return getattr(self, op_name)
@@ -65,7 +66,7 @@ _C, _C_REASON = _compiled_state()
 
 
 def _op_backend(name: str) -> Backend:
-    return Backend(name, _ops.op("lion_"), _ops.op("tiger_"), _ops.op("simba_"))
+    return Backend(name, _ops.op("lion_"), _ops.op("tiger_"), _ops.op("simba_"), _ops.op("sumsq_"))
 
 
 def _cpu_reason() -> Optional[str]:
@@ -121,7 +122,7 @@ def get(name: str) -> Backend:
     if name in _BACKENDS:
         return _BACKENDS[name]
     if name == "reference":
-        backend = Backend("reference", reference.lion_, reference.tiger_, reference.simba_)
+        backend = Backend("reference", reference.lion_, reference.tiger_, reference.simba_, reference.sumsq_)
     elif name in ("cpu", "cuda"):
         reason = _cpu_reason() if name == "cpu" else _cuda_reason()
         if reason is not None:
@@ -132,7 +133,7 @@ def get(name: str) -> Backend:
         if reason is not None:
             raise BackendUnavailableError(f'backend="triton" is not available: {reason}')
         t = _triton_module()
-        backend = Backend("triton", t.lion_, t.tiger_, t.simba_)
+        backend = Backend("triton", t.lion_, t.tiger_, t.simba_, getattr(t, "sumsq_", None))
     else:
         raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
     _BACKENDS[name] = backend

@@ -44,10 +44,14 @@ def _skip(found_inf: Optional[torch.Tensor]) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
 
 
-def _grad(g: torch.Tensor, grad_scale: Optional[torch.Tensor], dtype) -> torch.Tensor:
+def _grad(g: torch.Tensor, grad_scale: Optional[torch.Tensor], dtype, clip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The gradient the rules use: (g / grad_scale) * clip, each rounded in ``dtype``, in that order
+    (NOTE: [clipping inside the step] in sign_kernels/_ops.py)."""
     g = g.to(dtype)
     if grad_scale is not None:
         g = g / grad_scale.to(device=g.device, dtype=dtype)
+    if clip is not None:
+        g = g * clip.to(device=g.device, dtype=dtype)
     return g
 
 
@@ -79,6 +83,7 @@ def lion_(
     found_inf: Optional[torch.Tensor],
     seeds: Sequence[int],
     stochastic_rounding: bool,
+    clip: Optional[torch.Tensor] = None,
 ) -> None:
     if _skip(found_inf):
         return
@@ -88,7 +93,7 @@ def lion_(
         lr_ = _lr(lr, lr_t, dt, dev)
         b1, b2, wd = (_scalar(v, dt, dev) for v in (beta1, beta2, weight_decay))
         one = _scalar(1.0, dt, dev)
-        p_, m_, g_ = p.to(dt), m.to(dt), _grad(g, grad_scale, dt)
+        p_, m_, g_ = p.to(dt), m.to(dt), _grad(g, grad_scale, dt, clip)
         c = b1 * m_ + (one - b1) * g_
         p_new = p_ * (one - lr_ * wd) - lr_ * _sign(c)
         m_new = b2 * m_ + (one - b2) * g_
@@ -191,6 +196,7 @@ def tiger_(
     stats_n: Optional[Sequence[int]] = None,
     sumsq_out: Optional[torch.Tensor] = None,
     sumsq_out_at: Optional[Sequence[int]] = None,
+    clip: Optional[torch.Tensor] = None,
 ) -> None:
     ext = _check_tiger_stats(params, roles, stats, stats_nan, stats_sumsq, stats_n)
     out = _check_sumsq_out(params, roles, sumsq_out, sumsq_out_at)
@@ -223,7 +229,7 @@ def tiger_(
         elementwise = role in (ROLE_ELEMENTWISE, ROLE_GAIN)
         one = _scalar(1.0, dt, dev)
         beta_ = _scalar(beta, dt, dev)
-        p_, m_, g_ = p.to(dt), m.to(dt), _grad(g, grad_scale, dt)
+        p_, m_, g_ = p.to(dt), m.to(dt), _grad(g, grad_scale, dt, clip)
         if ext and stats_nan[i] >= 0:  # NOTE: [Tiger statistics input] in sign_kernels/_ops.py
             nan = bool(stats[stats_nan[i]] != 0)
         else:
@@ -272,6 +278,7 @@ def simba_(
     found_inf: Optional[torch.Tensor],
     seeds: Sequence[int],
     stochastic_rounding: bool,
+    clip: Optional[torch.Tensor] = None,
 ) -> None:
     if _skip(found_inf):
         return
@@ -280,7 +287,7 @@ def simba_(
         t = int(step)
         lr_ = _lr(lr, lr_t, dt, dev)
         one = _scalar(1.0, dt, dev)
-        p_, g_ = p.to(dt), _grad(g, grad_scale, dt)
+        p_, g_ = p.to(dt), _grad(g, grad_scale, dt, clip)
         cnt = s.to(torch.int32)
         sg = _sign(g_)
         u = torch.where(cnt.abs() > threshold_count, _sign(cnt.to(dt)), sg)
@@ -289,6 +296,19 @@ def simba_(
         cnt = (cnt + sg.to(torch.int32)).clamp(-window_size, window_size)
         _write(p, p_new, seed, t, _rng.STREAM_PARAM, stochastic_rounding)
         s.copy_(cnt.to(torch.int16))
+
+
+def sumsq_(tensors: Sequence[torch.Tensor], scale: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """The norm pass (NOTE: [clipping inside the step] in sign_kernels/_ops.py): out[i] = the fp64
+    sum of (x / scale)**2 over tensor i, the quotient rounded in the tensor's opmath dtype (fp32;
+    fp64 for fp64 tensors, the tests' oracle) and squared in fp64. The order is torch's sum over
+    the tensor: fixed by its shape, not by the other tensors."""
+    if out.dtype != torch.float64 or out.dim() != 1 or out.numel() != len(tensors):
+        raise ValueError(f"sumsq_: out must be a 1-D float64 tensor of {len(tensors)} entries, got {out.dtype} "
+                         f"of shape {tuple(out.shape)}")
+    for i, x in enumerate(tensors):
+        q = _grad(x.detach().reshape(-1), scale, _opmath(x.dtype))
+        out[i] = q.to(torch.float64).square().sum().to(out.device)
 
 
 def threshold_count(window_size: int, threshold: float) -> int:

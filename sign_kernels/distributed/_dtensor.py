@@ -7,7 +7,7 @@ What a sharded step adds to an unsharded one (docs/rules.md, "Sharded parameters
 * state is created with the param's placements (``torch.zeros_like`` of the DTensor: each
   rank holds its 1/N, int16 counters stay int16);
 * Tiger reads two facts of the *whole* tensor: RMS(θ) and whether its gradient holds a NaN.
-  ``tiger_global_stats`` computes each rank's partial sums of squares and NaN flags of every
+  ``global_stats`` computes each rank's partial sums of squares and NaN flags of every
   sharded tensor of the step, reduces them in one all-reduce per process group (over exactly
   the mesh dims that shard each tensor; an embedding's rows only where the row itself is
   split), and hands the result to the ``tiger_`` op (NOTE: [Tiger statistics input] in
@@ -267,64 +267,75 @@ def _norm_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
     return None if t.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def tiger_global_stats(opt, plan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor] = None) -> None:
-    """Give every sharded Tiger bucket of ``plan`` the statistics of its whole tensors.
+def global_stats(opt, plan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor] = None,
+                 clip=None, tiger: bool = True) -> None:
+    """The statistics of the whole tensors of every sharded bucket of ``plan``, in one collective.
 
-    One fp64 buffer per step holds each sharded tensor's partial NaN flag (of g / grad_scale),
-    sum of squares (matrix role) and per-row sums of squares (embedding role, row split); one
-    all-reduce per process group sums them; each bucket's op call then reads its entries on
-    the device (``bucket.extra``). Every rank must step the same params (as FSDP2/TP do), so
-    every rank issues the same collectives in the same order.
+    One fp64 buffer per step holds, for each sharded tensor, a partial gradient entry and
+    (Tiger) the partial sum of squares of θ (matrix role) and per-row sums of squares
+    (embedding role, row split); one all-reduce per process group sums them (over exactly the
+    mesh dims that shard each tensor). The gradient entry is the NaN flag of g / grad_scale
+    (Tiger without clipping), or, with ``clip`` (max_grad_norm; NOTE: [clipping inside the
+    step] in sign_kernels/optim/_clip.py), the norm pass's local sum of squares of g /
+    grad_scale: the reduced sums go back into ``clip.sums``, whole, and a NaN in any shard
+    makes the whole tensor's sum NaN, which is Tiger's flag. Tiger's buckets then read their
+    entries on the device (``bucket.extra``). Every rank must step the same params (as FSDP2/TP
+    do), so every rank issues the same collectives in the same order.
     """
     import torch.distributed as dist
 
-    from ..backends.reference import ROLE_EMBEDDING, ROLE_MATRIX
+    from ..backends.reference import ROLE_ELEMENTWISE, ROLE_EMBEDDING, ROLE_MATRIX
 
-    buckets = [(group, b) for group, _, bs in plan for b in bs if b.sharded]
+    numbered = [(group, b) for group, _, bs in plan for b in bs]
+    buckets = [(group, b) for group, b in numbered if b.sharded]
     if not buckets:
         return
     devices = {b.params[0].device for _, b in buckets}
     if len(devices) > 1:
         raise RuntimeError(
-            f"{type(opt).__name__}: sharded Tiger params on several devices ({sorted(map(str, devices))}) in one "
+            f"{type(opt).__name__}: sharded params on several devices ({sorted(map(str, devices))}) in one "
             "optimizer are not supported; use one optimizer per device"
         )
     device = devices.pop()
-    key = tuple((id(group), opt._roles(group), tuple(map(id, b.keys))) for group, b in buckets)
-    layout = getattr(opt, "_dt_stats_layout", None)
+    if tiger:
+        roles_of = opt._roles
+    else:  # Lion, Simba: element-wise, only the gradients' entries
+        def roles_of(group):
+            return (ROLE_ELEMENTWISE,) * len(group["params"])
+    key = (tiger, tuple((id(group), roles_of(group), tuple(map(id, b.keys))) for group, b in buckets))
+    attr = "_dt_stats_layout" if tiger else "_dt_clip_layout"
+    layout = getattr(opt, attr, None)
     if layout is None or layout.key != key:
-        layout = _build_layout(key, buckets, opt._roles, ROLE_MATRIX, ROLE_EMBEDDING)
+        layout = _build_layout(key, buckets, roles_of, ROLE_MATRIX, ROLE_EMBEDDING)
         if layout.perm is not None:
             layout.perm = layout.perm.to(device)
         layout.nan_mask = layout.nan_mask.to(device)
         layout.collectives = [
             (pg, sl if isinstance(sl, slice) else sl.to(device)) for pg, sl in layout.collectives
         ]
-        opt._dt_stats_layout = layout
+        setattr(opt, attr, layout)
     if layout.size == 0:
         return
 
     f64 = torch.float64
     pieces = []
-    cached_sums = getattr(opt, "cached_local_sums", None)
+    cached_sums = getattr(opt, "local_sums", None)
+    clip_src: List[int] = []  # with clip: where each gradient entry's local sum is in clip.sums
     for bno, nan_ks, sq_ks, row_ks in layout.per_bucket:
         group, b = buckets[bno]
-        # NOTE: [cached sums in the collective] The local sums of squares the previous step's
-        # write pass left (NOTE: [cached sums of squares] in sign_kernels/optim/tiger.py) stand
-        # in for the norms of θ where they still describe it: no pass over θ before the
-        # all-reduce. They are the kernel's fp64 sums, the norms fp32/fp64 foreach norms
-        # squared: the same value to about an fp32 ulp (as the sharded RMS already was).
-        cache = cached_sums(group, b) if cached_sums is not None and (sq_ks or row_ks) else None
-        sums, at = cache if cache is not None else (None, [-1] * len(b.params))
-        # NOTE: [statistics from foreach norms] One fused foreach L2 norm per bucket for the
-        # grads and one for the matrices, instead of a pass per tensor. The norm of g is NaN
-        # exactly when g holds a NaN (squares of infinities and overflows give inf, never
-        # NaN). The norms are taken in the tensors' own precision when it is fp32 or fp64
-        # (torch accumulates fp32 in double on CPU, in fp32 on GPU; asking for an fp64 result
-        # costs a converted copy of every tensor, 5x the time) and in fp32 for 16-bit
-        # tensors; the sum of squares is the norm squared in fp64: within a few 1e-8 of the
-        # fp64 sum, so Tiger's sharded RMS matches the unsharded one to about an fp32 ulp.
-        if nan_ks and found_inf is not None:
+        # NOTE: [cached sums in the collective] The local sums of squares of θ come from the
+        # tiger_ op itself: the ones the previous step's write pass left (NOTE: [cached sums
+        # of squares] in sign_kernels/optim/tiger.py) where they still describe θ, else a
+        # call of the op that writes nothing and sums θ in its own pre-pass order
+        # (Tiger.local_sums). Either way the same bits for the same θ, so a run resumed from
+        # a checkpoint (no cache) feeds the collective exactly what the uninterrupted run fed
+        # it (it once used foreach norms there, in another order and in fp32: the resumed
+        # run differed).
+        sums, at = cached_sums(group, b) if cached_sums is not None and (sq_ks or row_ks) else (None, None)
+        if nan_ks and clip is not None:
+            clip_src.extend(b.clip_at + k for k in nan_ks)
+            pieces.append(clip.sums.index_select(0, torch.tensor([b.clip_at + k for k in nan_ks], device=clip.sums.device)).to(device))
+        elif nan_ks and found_inf is not None:
             # NOTE: [GradScaler's flag as the NaN guard] (sign_kernels/optim/tiger.py): found_inf
             # = 0 certifies these gradients finite, and a set one makes the op change nothing;
             # it stands in for the norms of g (NaN where set, 0 where not): no read of g.
@@ -332,36 +343,25 @@ def tiger_global_stats(opt, plan, grad_scale: Optional[torch.Tensor], found_inf:
             flag = torch.zeros(1, dtype=f64, device=device).masked_fill_(set_, float("nan"))
             pieces.append(flag.expand(len(nan_ks)))
         elif nan_ks:
+            # NOTE: [statistics from foreach norms] One fused foreach L2 norm per bucket for
+            # the grads: its norm is NaN exactly when g holds a NaN (squares of infinities and
+            # overflows give inf, never NaN); only that fact crosses the wire.
             grads = [b.grads[k] for k in nan_ks]
             pieces.append(torch.stack(torch._foreach_norm(grads, 2, _norm_dtype(grads[0]))).to(f64))
         if sq_ks:
-            fresh = [k for k in sq_ks if at[k] < 0]
-            if fresh:
-                params = [b.params[k] for k in fresh]
-                norms = torch.stack(torch._foreach_norm(params, 2, _norm_dtype(params[0]))).to(f64)
-                norms = norms * norms
-            if len(fresh) == len(sq_ks):
-                pieces.append(norms)
-            else:
-                piece = sums.index_select(0, torch.tensor([max(at[k], 0) for k in sq_ks], device=sums.device))
-                if fresh:
-                    pos = torch.tensor([i for i, k in enumerate(sq_ks) if at[k] < 0], device=sums.device)
-                    piece.index_copy_(0, pos, norms)
-                pieces.append(piece)
+            pieces.append(sums.index_select(0, torch.tensor([at[k] for k in sq_ks], device=sums.device)))
         for k in row_ks:
-            local = b.params[k]
-            if at[k] >= 0:
-                pieces.append(sums[at[k]:at[k] + local.shape[:-1].numel()])
-            else:
-                norms = torch.linalg.vector_norm(local, 2, dim=-1, dtype=_norm_dtype(local)).reshape(-1).to(f64)
-                pieces.append(norms * norms)
+            pieces.append(sums[at[k]:at[k] + b.params[k].shape[:-1].numel()])
     raw = torch.cat(pieces)
     if layout.perm is not None:
         raw = raw.index_select(0, layout.perm)
-    # g / grad_scale is NaN where g is (GradScaler's scale is finite and > 0). The NaN entries
-    # are norms of g, the others sums of squares of θ.
-    flags = raw if grad_scale is None else raw / grad_scale.to(device=device, dtype=f64)
-    vals = torch.where(layout.nan_mask, flags.isnan().to(f64), raw)
+    if clip is not None:
+        vals = raw  # the gradient entries are sums of squares of g / grad_scale already
+    else:
+        # g / grad_scale is NaN where g is (GradScaler's scale is finite and > 0). The NaN
+        # entries are norms of g, the others sums of squares of θ.
+        flags = raw if grad_scale is None else raw / grad_scale.to(device=device, dtype=f64)
+        vals = torch.where(layout.nan_mask, flags.isnan().to(f64), raw)
     for pg, sl in layout.collectives:
         if isinstance(sl, slice):
             dist.all_reduce(vals[sl], group=pg)
@@ -369,5 +369,21 @@ def tiger_global_stats(opt, plan, grad_scale: Optional[torch.Tensor], found_inf:
             part = vals.index_select(0, sl)
             dist.all_reduce(part, group=pg)
             vals.index_copy_(0, sl, part)
-    for bno, nan_i, sq_i, n_i in layout.extras:
-        buckets[bno][1].extra = (vals, nan_i, sq_i, n_i)
+    if clip is not None:
+        # The whole tensors' sums back into the step's norm vector.
+        dst, src = [], []
+        for bno, nan_i, _, _ in layout.extras:
+            b = buckets[bno][1]
+            for k, at in enumerate(nan_i):
+                if at >= 0:
+                    dst.append(b.clip_at + k)
+                    src.append(at)
+        if dst:
+            idx = torch.tensor(src, device=device)
+            clip.sums.index_copy_(0, torch.tensor(dst, device=clip.sums.device),
+                                  vals.index_select(0, idx).to(clip.sums.device))
+    if tiger:
+        for bno, nan_i, sq_i, n_i in layout.extras:
+            buckets[bno][1].extra = (vals, nan_i, sq_i, n_i)
+
+

@@ -113,8 +113,11 @@ def dist_lion_pack_(
     beta2: float,
     grad_scale: Optional[torch.Tensor],
     found_inf: Optional[torch.Tensor],
+    clip: Optional[torch.Tensor] = None,
 ) -> None:
-    """c = b1 m + (1-b1) g; d = sign(c) as 2-bit fields into ``packed``; m = b2 m + (1-b2) g."""
+    """c = b1 m + (1-b1) g; d = sign(c) as 2-bit fields into ``packed``; m = b2 m + (1-b2) g.
+
+    g is (g / grad_scale) * clip where given (NOTE: [clipping inside the step] in sign_kernels/_ops.py)."""
     skip = _skip(found_inf)
     for g, m, out in zip(grads, exp_avgs, packed):
         n = g.numel()
@@ -129,6 +132,8 @@ def dist_lion_pack_(
         g_ = g.reshape(-1).to(dt)
         if grad_scale is not None:
             g_ = g_ / grad_scale.to(device=dev, dtype=dt)
+        if clip is not None:
+            g_ = g_ * clip.to(device=dev, dtype=dt)
         m_ = m.reshape(-1).to(dt)
         c = b1 * m_ + (one - b1) * g_
         d = (c > 0).to(torch.int8) - (c < 0).to(torch.int8)  # NOTE: [sign]: NaN -> 0

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from .. import _rng
 from .. import backends as _backends
 from ..distributed import _dtensor
-from . import _checkpoint
+from . import _checkpoint, _clip
 
 _MOMENTUM_DTYPES = {
     None: None,
@@ -141,7 +141,7 @@ def _check_flags(group: Dict[str, Any], where: str) -> None:
 class _Bucket:
     """The tensors of one op call: same device, param dtype, grad dtype, state dtype."""
 
-    __slots__ = ("backend", "params", "grads", "positions", "keys", "sharded", "extra")
+    __slots__ = ("backend", "params", "grads", "positions", "keys", "sharded", "extra", "clip_at")
 
     def __init__(self, backend):
         self.backend = backend
@@ -151,6 +151,7 @@ class _Bucket:
         self.keys: List[torch.Tensor] = []  # the params as the optimizer holds them (state keys)
         self.sharded = False  # holds DTensor params (sign_kernels.distributed._dtensor)
         self.extra: tuple = ()  # trailing op arguments (Tiger's statistics of sharded tensors)
+        self.clip_at = -1  # with max_grad_norm: the index of its first tensor's sum in the step's norm vector
 
 
 class SignOptimizer(Optimizer):
@@ -172,6 +173,7 @@ class SignOptimizer(Optimizer):
     def __init__(self, params, defaults: Dict[str, Any]):
         for name, value in TORCH_FLAG_DEFAULTS.items():
             defaults.setdefault(name, value)
+        defaults.setdefault("max_grad_norm", None)
         # torch.optim validates hyperparameters before it looks at params (torch's error order).
         defaults.update(self._check_options(defaults, f"{type(self).__name__}"))
         self._reset_caches()
@@ -194,6 +196,7 @@ class SignOptimizer(Optimizer):
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         _check_flags(group, where)
+        _clip.check_max_grad_norm(group.get("max_grad_norm"), where)
         return {"momentum_dtype": momentum_dtype}
 
     def _check_group(self, group: Dict[str, Any], group_index: int, params: bool = True) -> Dict[str, Any]:
@@ -282,6 +285,7 @@ class SignOptimizer(Optimizer):
         """
         plan = []
         offset = 0
+        _clip.max_norm_of(self.param_groups, self._where)  # one norm over every group: one max_grad_norm
         dtensor = _dtensor.dtensor_class()  # None until torch.distributed.tensor is imported
         for gi, group in enumerate(self.param_groups):
             if select is not None and gi not in select:
@@ -359,16 +363,29 @@ class SignOptimizer(Optimizer):
         self._run_plan(self._plan(select), None, None)
 
     def _run_plan(self, plan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-        """The writes of a validated plan: the sharded step's collectives, then one op call per bucket."""
+        """The writes of a validated plan: the norm pass (max_grad_norm), the sharded step's
+        collective, then one op call per bucket (NOTE: [clipping inside the step] in _clip.py)."""
+        max_norm = self.param_groups[0].get("max_grad_norm") if self.param_groups else None
+        clip = _clip.norm_pass(plan, grad_scale, max_norm) if max_norm is not None else None
         if any(b.sharded for _, _, bs in plan for b in bs):
-            self._prepare_sharded(plan, grad_scale, found_inf)
-        for group, offset, buckets in plan:
-            seeds = self._group_seeds(group, offset)
-            for bucket in buckets:
-                self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], grad_scale, found_inf)
+            self._prepare_sharded(plan, grad_scale, found_inf, clip)
+        if clip is not None:
+            self.grad_norm = _clip.finish(clip, tiger=self._family == "Tiger")
+        self._clip_step = clip
+        try:
+            for group, offset, buckets in plan:
+                seeds = self._group_seeds(group, offset)
+                for bucket in buckets:
+                    self._run_bucket(group, bucket, [seeds[j] for j in bucket.positions], grad_scale, found_inf)
+        finally:
+            self._clip_step = None
 
-    def _prepare_sharded(self, plan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-        """Collectives a sharded step needs before its op calls (none: element-wise math)."""
+    def _prepare_sharded(self, plan, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                         clip: Optional["_clip.ClipStep"] = None) -> None:
+        """Collectives a sharded step needs before its op calls: none for element-wise math, but
+        the norm of the sharded gradients when clipping (one all-reduce per process group)."""
+        if clip is not None:
+            _dtensor.global_stats(self, plan, grad_scale, found_inf, clip, tiger=False)
 
     def _op_extra(self, group: Dict[str, Any], bucket: _Bucket, found_inf: Optional[torch.Tensor]) -> tuple:
         """The op's trailing optional arguments for this bucket (Tiger's statistics); found_inf is
@@ -391,7 +408,14 @@ class SignOptimizer(Optimizer):
             bufs = _dtensor.local_states(bufs)
         steps = [s["step"] for s in states]
         gs = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
-        fi = found_inf.to(device, non_blocking=True) if found_inf is not None else None
+        clip = getattr(self, "_clip_step", None)
+        if clip is not None:
+            # The coefficient, and GradScaler's found_inf or'ed with a non-finite norm (_clip.py).
+            coef, fi = clip.for_device(device, found_inf)
+            clip_kw = {"clip": coef}
+        else:
+            fi = found_inf.to(device, non_blocking=True) if found_inf is not None else None
+            clip_kw = {}
         if group["maximize"]:
             # NOTE: [maximize] torch.optim's maximize steps on -g (the state tracks -g too). The
             # kernels already divide g by grad_scale, and g / (-s) == -(g / s) exactly in IEEE
@@ -424,7 +448,7 @@ class SignOptimizer(Optimizer):
             lr_f, lr_t = float(lr), None
         fn = bucket.backend.fn(self._op_name)
         fn(params, grads, bufs, steps, *self._op_args(group, bucket, lr_f, lr_t), gs, fi, seeds,
-           bool(group["stochastic_rounding"]), *self._op_extra(group, bucket, fi))
+           bool(group["stochastic_rounding"]), *self._op_extra(group, bucket, fi), **clip_kw)
         if staged is not None:
             for i, p in staged:
                 p.copy_(params[i])
@@ -447,6 +471,10 @@ class SignOptimizer(Optimizer):
     def _reset_caches(self) -> None:
         self._seed_cache: Dict[int, Tuple[tuple, List[int]]] = {}
         self._device_scalars: Dict[tuple, torch.Tensor] = {}
+        self._clip_step = None
+        # The total gradient norm of the last clipped step (fp32, 0-dim, on the first param's
+        # device; the norm before clipping, as clip_grad_norm_ returns it), None before one.
+        self.grad_norm: Optional[torch.Tensor] = getattr(self, "grad_norm", None)
 
     def _check_state_tensor(self, buf: torch.Tensor, what: str) -> None:
         """Refuse a saved state tensor this optimizer cannot use (called before anything changes)."""

@@ -29,6 +29,10 @@ class Lion(SignOptimizer):
         lr: learning rate :math:`\eta` (float or 0-dim tensor).
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
+        max_grad_norm: clip the gradients' total norm (over every group) to this, inside the
+            step: one fused norm pass, the coefficient ``min(1, max_grad_norm / (norm + 1e-6))``
+            applied in registers by the update, ``p.grad`` left as it was; the norm of the last
+            step is ``opt.grad_norm``. None (default): no clipping. docs/rules.md, "Clipping".
         backend: "auto", "reference", "cpu", "cuda" or "triton".
         momentum_dtype: dtype of ``exp_avg``: None (the param's), torch.float32 or torch.bfloat16.
         stochastic_rounding: round bf16 writes (params and bf16 momentum) stochastically, with the
@@ -50,6 +54,7 @@ class Lion(SignOptimizer):
         betas: Tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         *,
+        max_grad_norm: Optional[float] = None,
         backend: str = "auto",
         momentum_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
@@ -64,6 +69,7 @@ class Lion(SignOptimizer):
             lr=lr,
             betas=betas,
             weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
             backend=backend,
             momentum_dtype=momentum_dtype,
             stochastic_rounding=stochastic_rounding,

@@ -35,8 +35,8 @@ class Simba(SignOptimizer):
         threshold: fraction of the window a counter must exceed to drive the update, in [0, 1].
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
         momentum_dtype: accepted for a uniform signature; must be None (the state is int16 counters).
-        backend, stochastic_rounding, seed, maximize, foreach, capturable, differentiable, fused:
-            as in :class:`Lion`.
+        max_grad_norm, backend, stochastic_rounding, seed, maximize, foreach, capturable,
+            differentiable, fused: as in :class:`Lion`.
     """
 
     _op_name = "simba_"
@@ -51,6 +51,7 @@ class Simba(SignOptimizer):
         threshold: float = 0.1,
         weight_decay: float = 0.0,
         *,
+        max_grad_norm: Optional[float] = None,
         backend: str = "auto",
         momentum_dtype: Optional[torch.dtype] = None,
         stochastic_rounding: bool = False,
@@ -66,6 +67,7 @@ class Simba(SignOptimizer):
             window_size=window_size,
             threshold=threshold,
             weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
             backend=backend,
             momentum_dtype=momentum_dtype,
             stochastic_rounding=stochastic_rounding,

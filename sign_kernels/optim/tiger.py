@@ -183,7 +183,7 @@ class Tiger(SignOptimizer):
         weight_decay: :math:`\lambda \ge 0` (matrices and embeddings only).
         grad_accum_steps: :math:`k \ge 1` micro-batches per parameter update.
         shrink_ratio: :math:`s \in (0, 1]` of the NaN guard.
-        backend, momentum_dtype, stochastic_rounding, seed, maximize, foreach, capturable,
+        max_grad_norm, backend, momentum_dtype, stochastic_rounding, seed, maximize, foreach, capturable,
             differentiable, fused: as in :class:`Lion`.
     """
 
@@ -198,6 +198,7 @@ class Tiger(SignOptimizer):
         beta: float = 0.965,
         weight_decay: float = 0.01,
         *,
+        max_grad_norm: Optional[float] = None,
         grad_accum_steps: int = 1,
         shrink_ratio: float = 0.99,
         backend: str = "auto",
@@ -217,6 +218,7 @@ class Tiger(SignOptimizer):
             grad_accum_steps=grad_accum_steps,
             shrink_ratio=shrink_ratio,
             role=None,
+            max_grad_norm=max_grad_norm,
             backend=backend,
             momentum_dtype=momentum_dtype,
             stochastic_rounding=stochastic_rounding,
@@ -268,9 +270,11 @@ class Tiger(SignOptimizer):
                 else:
                     n.append(p.numel())
                     size += 1
-            # One more entry, last: GradScaler's found_inf as the bucket's NaN count (NOTE:
-            # [GradScaler's flag as the NaN guard]); no tensor's sums range reaches it.
-            buf = torch.zeros(size + 1, dtype=torch.float64, device=bucket.params[0].device)
+            # Then one entry for GradScaler's found_inf as the bucket's NaN count (NOTE:
+            # [GradScaler's flag as the NaN guard]) and one per tensor for the NaN flags of the
+            # norm pass (max_grad_norm; NOTE: [clipping inside the step] in _clip.py); no
+            # tensor's sums range reaches them.
+            buf = torch.zeros(size + 1 + len(at), dtype=torch.float64, device=bucket.params[0].device)
             entry = self._sumsq_cache[key] = _SumsqEntry(buf, at, n, bucket.keys)
             while len(self._sumsq_cache) > _SUMSQ_CACHE_SIZE:
                 self._sumsq_cache.popitem(last=False)
@@ -295,24 +299,84 @@ class Tiger(SignOptimizer):
             return None
         return entry.buf, [at if ok else -1 for at, ok in zip(entry.at, self._sums_valid(entry, bucket))]
 
+    def local_sums(self, group, bucket):
+        """(buffer, index of each tensor's sums or -1 where it has none): the sums of squares of
+        the bucket's θ as this backend's tiger_ op sums them, every wanted one valid.
+
+        Where the cached ones no longer describe θ (a first step, a resumed run, θ changed), the
+        op is called once in a mode that writes nothing (found_inf set) and fills them from θ
+        in its own pre-pass order: the bits the write pass would have left (NOTE: [Tiger sums
+        of squares out] in sign_kernels/_ops.py). The sharded step reduces these
+        (sign_kernels.distributed._dtensor, NOTE: [cached sums in the collective])."""
+        cached = self.cached_local_sums(group, bucket)
+        entry = self._sumsq_entry(group, bucket)
+        if cached is None or entry is None:
+            return cached
+        buf, at = cached
+        stale = [e if (a < 0 and e >= 0) else -1 for a, e in zip(at, entry.at)]  # wanted, not valid
+        if all(x < 0 for x in stale):
+            return buf, at
+        device = bucket.params[0].device
+        params = [p if p.is_contiguous() else p.contiguous() for p in bucket.params]
+        n = len(params)
+        step = self._device_scalar(device, torch.int64, 0)
+        skip = self._device_scalar(device, torch.float32, 1.0)
+        roles, lr, lr_t, beta, wd, k, shrink = self._op_args(group, bucket, 0.0, None)
+        # params stand in for the grads and the momentum: nothing is read of them but θ, and
+        # nothing is written (found_inf set), whatever the step counts say.
+        bucket.backend.fn(self._op_name)(params, params, params, [step] * n, roles, 0.0, None, beta, wd, k, shrink,
+                                         None, skip, [0] * n, False, sumsq_out=entry.buf, sumsq_out_at=stale)
+        seen = list(entry.seen)
+        for i, (e, p) in enumerate(zip(stale, bucket.params)):
+            if e >= 0:
+                seen[i] = (p._version, p.data_ptr())
+        entry.seen = seen
+        return buf, list(entry.at)
+
     def _op_extra(self, group, bucket, found_inf) -> tuple:
         self._pending_sums.clear()  # one op call at a time; a call that raised left its entry here
         entry = self._sumsq_entry(group, bucket)
+        clip = self._clip_step
         if entry is None:
+            assert clip is None, "every backend makes Tiger's sums of squares (_SUMSQ_BACKENDS)"
             return bucket.extra
         valid = self._sums_valid(entry, bucket)
         entry.seen = [None] * len(valid)  # until the op has written them (a call that raises leaves none)
         self._pending_sums[id(bucket)] = entry
+        n = len(valid)
         if bucket.extra:  # a sharded bucket: the whole tensors' statistics (their sums came from these)
-            return tuple(bucket.extra) + (entry.buf, entry.at)
+            extra = tuple(bucket.extra)
+            if clip is not None:
+                extra = self._sharded_clip_flags(bucket, extra, clip)
+            return extra + (entry.buf, entry.at)
         # Given where θ is as the sums left it; -1 (read θ) elsewhere.
         given = [at if ok else -1 for at, ok in zip(entry.at, valid)]
-        nan = [-1] * len(given)
-        if found_inf is not None:  # NOTE: [GradScaler's flag as the NaN guard]
-            flag = entry.buf.numel() - 1
+        nan = [-1] * n
+        if clip is not None:
+            # NOTE: [clipping inside the step] (_clip.py): the norm pass read g; its sums say
+            # which tensors hold a NaN, so the op does not read g for the guard.
+            base = entry.buf.numel() - n
+            entry.buf[base:].copy_(clip.flags[bucket.clip_at:bucket.clip_at + n], non_blocking=True)
+            nan = list(range(base, base + n))
+        elif found_inf is not None:  # NOTE: [GradScaler's flag as the NaN guard]
+            flag = entry.buf.numel() - n - 1
             entry.buf[flag].copy_(found_inf)
-            nan = [flag] * len(given)
+            nan = [flag] * n
         return (entry.buf, nan, given, entry.n, entry.buf, entry.at)
+
+    @staticmethod
+    def _sharded_clip_flags(bucket, extra: tuple, clip) -> tuple:
+        """A sharded bucket's statistics with the norm pass's NaN flags of the whole tensors.
+
+        The collective carried each tensor's sum of squares of g where it carries a NaN count
+        without clipping; the op fires its guard on a non-zero entry, so it gets the flags
+        (NaN sum -> 1) appended to the statistics instead, for every tensor of the bucket."""
+        stats, _, sq_i, n_i = extra
+        cat = clip.cache.get("stats")
+        if cat is None or cat[0] is not stats:
+            cat = clip.cache["stats"] = (stats, torch.cat([stats, clip.flags.to(stats.device, non_blocking=True)]))
+        base = stats.numel() + bucket.clip_at
+        return (cat[1], list(range(base, base + len(sq_i))), sq_i, n_i)
 
     def _op_done(self, group, bucket) -> None:
         entry = self._pending_sums.pop(id(bucket), None)
@@ -353,9 +417,10 @@ class Tiger(SignOptimizer):
         self._role_cache[id(group)] = (key, roles)
         return roles
 
-    def _prepare_sharded(self, plan, grad_scale, found_inf):
-        # Whole-tensor RMS and NaN flags of sharded tensors: one all-reduce per process group.
-        _dtensor.tiger_global_stats(self, plan, grad_scale, found_inf)
+    def _prepare_sharded(self, plan, grad_scale, found_inf, clip=None):
+        # Whole-tensor RMS and NaN flags of sharded tensors (and, when clipping, the sums of
+        # squares of their gradients): one all-reduce per process group.
+        _dtensor.global_stats(self, plan, grad_scale, found_inf, clip, tiger=True)
 
     def _op_args(self, group, bucket, lr, lr_t):
         roles = self._roles(group)
