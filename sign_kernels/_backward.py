@@ -99,6 +99,7 @@ class StepInBackwardHandle:
                 self._refresh_index(opt)
                 for gi, group in enumerate(opt.param_groups):  # a bad hyperparameter raises now
                     opt._validate_group(group, gi, params=False)
+                _refuse_clipping(opt)
                 self._pending, self._pending_bytes = [], 0
             if task != -1:
                 _engine().queue_callback(lambda: self._end_of_backward(task))
@@ -159,6 +160,18 @@ class StepInBackwardHandle:
         self.remove()
 
 
+def _refuse_clipping(opt: SignOptimizer) -> None:
+    for gi, group in enumerate(opt.param_groups):
+        if group.get("max_grad_norm") is not None:
+            raise ValueError(
+                f"{type(opt).__name__} param group {gi}: max_grad_norm={group['max_grad_norm']!r} cannot work with "
+                "step_in_backward: the global gradient norm is known only after the last gradient of backward, "
+                "but here each parameter is stepped (and its gradient freed) as soon as its own gradient is "
+                "ready. Set max_grad_norm=None for step_in_backward, or keep the gradients and call "
+                "optimizer.step() after backward (clipping then costs one fused read of the gradients)"
+            )
+
+
 def step_in_backward(optimizer: SignOptimizer, *, bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> StepInBackwardHandle:
     """Step ``optimizer``'s parameters inside backward, freeing each gradient after its step.
 
@@ -185,6 +198,8 @@ def step_in_backward(optimizer: SignOptimizer, *, bucket_cap_mb: float = DEFAULT
       are handled, but a param whose gradient is accumulated in two of them (used inside and
       outside a checkpointed segment) would be stepped twice: use ``use_reentrant=False``.
       After an exception out of backward, call ``optimizer.zero_grad()`` before the next one.
+    * ``max_grad_norm`` (clipping inside the step) is refused, here and at each backward's first
+      gradient: the global norm needs every gradient before the first parameter steps.
     * Adding or removing parameters of the optimizer while active raises at the next backward
       (before anything is stepped): remove the handle and call this again.
     * State dicts are those of normal mode. ``handle.remove()`` (or leaving a ``with`` block)
@@ -200,6 +215,7 @@ def step_in_backward(optimizer: SignOptimizer, *, bucket_cap_mb: float = DEFAULT
         )
     if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not (bucket_cap_mb >= 0):
         raise ValueError(f"bucket_cap_mb must be a number >= 0, got {bucket_cap_mb!r}")
+    _refuse_clipping(optimizer)
     handle = StepInBackwardHandle(optimizer, int(bucket_cap_mb * 2**20))
     optimizer._step_in_backward = handle
     return handle

@@ -301,14 +301,19 @@ def simba_(
 def sumsq_(tensors: Sequence[torch.Tensor], scale: Optional[torch.Tensor], out: torch.Tensor) -> None:
     """The norm pass (NOTE: [clipping inside the step] in sign_kernels/_ops.py): out[i] = the fp64
     sum of (x / scale)**2 over tensor i, the quotient rounded in the tensor's opmath dtype (fp32;
-    fp64 for fp64 tensors, the tests' oracle) and squared in fp64. The order is torch's sum over
-    the tensor: fixed by its shape, not by the other tensors."""
+    fp64 for fp64 tensors, the tests' oracle) and squared in fp64. The order is fixed by the
+    tensor's length: numpy's pairwise sum on CPU (torch's CPU sum splits by thread count), torch's
+    sum on a GPU (its reduction tree depends on the size only)."""
     if out.dtype != torch.float64 or out.dim() != 1 or out.numel() != len(tensors):
         raise ValueError(f"sumsq_: out must be a 1-D float64 tensor of {len(tensors)} entries, got {out.dtype} "
                          f"of shape {tuple(out.shape)}")
     for i, x in enumerate(tensors):
-        q = _grad(x.detach().reshape(-1), scale, _opmath(x.dtype))
-        out[i] = q.to(torch.float64).square().sum().to(out.device)
+        sq = _grad(x.detach().reshape(-1), scale, _opmath(x.dtype)).to(torch.float64).square()
+        if sq.device.type == "cpu":
+            total = torch.tensor(float(sq.numpy().sum()) if sq.numel() else 0.0, dtype=torch.float64)
+        else:
+            total = sq.sum()
+        out[i] = total.to(out.device)
 
 
 def threshold_count(window_size: int, threshold: float) -> int:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from .. import _ops
 from .. import backends as _backends
+from ..optim import _clip
 from ..optim.lion import Lion
 from . import _wire
 
@@ -126,6 +127,10 @@ class DistributedLion(Lion):
 
     Args:
         params, lr, betas, weight_decay, backend, momentum_dtype: as :class:`sign_kernels.Lion`.
+        max_grad_norm: clip this rank's local gradients to this total norm inside the step
+            (:class:`sign_kernels.Lion`'s rule, over the local gradients: no collective of its
+            own). A non-finite local norm on any rank skips the step on every rank (it travels
+            in the step check), as GradScaler's inf does.
         vote: "majority" or "average".
         process_group: the data-parallel group (None: the default group).
         bucket_elements: parameters per exchange bucket (default 4M: 1 MiB of signs).
@@ -145,6 +150,7 @@ class DistributedLion(Lion):
         momentum_dtype: Optional[torch.dtype] = None,
         bucket_elements: int = DEFAULT_BUCKET_ELEMENTS,
         sync_params: bool = True,
+        max_grad_norm: Optional[float] = None,
     ):
         if vote not in VOTES:
             raise ValueError(f"vote must be one of {VOTES}, got {vote!r}")
@@ -164,7 +170,8 @@ class DistributedLion(Lion):
             _wire.sum_bits(self.world_size)  # raises past 127 ranks
         self._buffers: Dict[tuple, List[_CommBucket]] = {}
         self._last_bytes: Dict[str, int] = {}
-        super().__init__(params, lr, betas, weight_decay, backend=backend, momentum_dtype=momentum_dtype)
+        super().__init__(params, lr, betas, weight_decay, backend=backend, momentum_dtype=momentum_dtype,
+                         max_grad_norm=max_grad_norm)
         if sync_params and self.world_size > 1:
             self.broadcast_params()
 
@@ -266,6 +273,17 @@ class DistributedLion(Lion):
         if len(devices) > 1:
             raise RuntimeError(f"DistributedLion: all parameters must be on one device, got {sorted(map(str, devices))}")
         device = devices.pop() if devices else torch.device("cpu")
+        # Clipping inside the step (NOTE: [clipping inside the step] in optim/_clip.py), of the
+        # local gradients: the norm pass before the step check, which spreads a non-finite
+        # norm of any rank as it spreads GradScaler's inf (every rank must skip together).
+        max_norm = self.param_groups[0].get("max_grad_norm") if self.param_groups else None
+        clip = _clip.norm_pass(plan, grad_scale, max_norm) if max_norm is not None and layout else None
+        clip_kw = {}
+        if clip is not None:
+            self.grad_norm = _clip.finish(clip, tiger=False)
+            coef, skip = clip.for_device(device, found_inf)
+            clip_kw = {"clip": coef}
+            found_inf = skip  # GradScaler's flag or'ed with the local non-finite norm
 
         # NOTE: [step check] One small all-reduce (MAX) of (found_inf, hash, -hash): every rank
         # learns whether any rank found an inf (then all skip, as with DDP's reduced grads), and
@@ -322,7 +340,7 @@ class DistributedLion(Lion):
                 grads = [g if g.is_contiguous() else g.contiguous() for g in call.grads]
                 bufs = [self.state[p]["exp_avg"] for p in call.params]
                 views = [b.send[o:o + nb] for o, nb in zip(call.offsets, call.nbytes)]
-                call.pack(grads, bufs, views, float(beta1), float(beta2), gs, fi)
+                call.pack(grads, bufs, views, float(beta1), float(beta2), gs, fi, **clip_kw)
             elements += b.elements
             if n > 1:
                 a2a.append(dist.all_to_all_single(b.recv, b.send, group=pg, async_op=True))

@@ -3,11 +3,14 @@
 Public functions (the op signatures of ``sign_kernels._ops``)::
 
     lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
-          grad_scale, found_inf, seeds, stochastic_rounding)
+          grad_scale, found_inf, seeds, stochastic_rounding, clip=None)
     tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay,
-           grad_accum_steps, shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding)
+           grad_accum_steps, shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding,
+           stats=None, stats_nan=None, stats_sumsq=None, stats_n=None, sumsq_out=None,
+           sumsq_out_at=None, clip=None)
     simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count,
-           weight_decay, grad_scale, found_inf, seeds, stochastic_rounding)
+           weight_decay, grad_scale, found_inf, seeds, stochastic_rounding, clip=None)
+    sumsq_(tensors, scale, out)
     unavailable_reason() -> str | None
     register_for_cuda_if_missing() -> bool
 
@@ -67,13 +70,22 @@ tensor from its device step t and k.
 
 Fixed configurations (no autotuning of in-place kernels): see NOTE: [fixed configs] in
 ``_launch``: BLOCK 2048 with 8 warps for the update, 16x256 tiles for Tiger's statistics;
-aligned-address hints only when every θ, g and state address is 16-byte aligned. The hints
+aligned-address hints for the tensors whose θ, g and state addresses are all 16-byte aligned
+(their blocks run in one launch, any others in a second one without the hints: NOTE:
+[per-tensor alignment] in ``_launch``). The hints
 go on the typed pointers, full blocks take an unmasked path, and per-element offsets are
 int32 (NOTE: [vector hints] in ``_kernels``): compiled for sm_90, the update and statistics
 kernels issue 16-byte loads and stores and use at most 64 registers without spills, which
 ``tests/test_triton_codegen.py`` checks in CI without a GPU. Launches run under a device
 guard on the params' device. The
 interpreter uses the same tiles (``SIGN_KERNELS_TRITON_INTERP_BLOCK`` overrides its BLOCK).
+
+Clipping inside the step (NOTE: [clipping inside the step] in ``sign_kernels._ops``): the
+optional ``clip`` (0-dim fp32, read on the device) multiplies the gradient after the division by
+``grad_scale`` (``_kernels._grad_used``), in the update and in Tiger's NaN guard; ``sumsq_`` is
+the norm pass: per tensor, an fp64 sum of squares in an order fixed by its numel alone (NOTE:
+[Triton norm sums] in ``_kernels``), two launches per call (block partials, then one program
+per tensor), on a cached table like the update's.
 
 Status: the CI tests (``tests/test_triton.py``) run the interpreter. The compiled GPU path
 (same kernels, plus ``tl.multiple_of`` hints and ``enable_fp_fusion=False``) had no GPU to run
@@ -87,9 +99,9 @@ import importlib.util
 import os
 from typing import Optional
 
-__all__ = ["lion_", "tiger_", "simba_", "unavailable_reason", "register_for_cuda_if_missing"]
+__all__ = ["lion_", "tiger_", "simba_", "sumsq_", "unavailable_reason", "register_for_cuda_if_missing"]
 
-_OPS = ("lion_", "tiger_", "simba_")
+_OPS = ("lion_", "tiger_", "simba_", "sumsq_")
 _impl_lib = None
 
 
@@ -143,28 +155,32 @@ def _backend():
 
 
 def lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
-          grad_scale, found_inf, seeds, stochastic_rounding) -> None:
+          grad_scale, found_inf, seeds, stochastic_rounding, clip=None) -> None:
     _backend().lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
-                    grad_scale, found_inf, seeds, stochastic_rounding)
+                    grad_scale, found_inf, seeds, stochastic_rounding, clip)
 
 
 def tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay, grad_accum_steps,
            shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding, stats=None, stats_nan=None,
-           stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None) -> None:
+           stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None, clip=None) -> None:
     _backend().tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay,
                      grad_accum_steps, shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding,
-                     stats, stats_nan, stats_sumsq, stats_n, sumsq_out, sumsq_out_at)
+                     stats, stats_nan, stats_sumsq, stats_n, sumsq_out, sumsq_out_at, clip)
 
 
 def simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count, weight_decay,
-           grad_scale, found_inf, seeds, stochastic_rounding) -> None:
+           grad_scale, found_inf, seeds, stochastic_rounding, clip=None) -> None:
     _backend().simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count,
-                     weight_decay, grad_scale, found_inf, seeds, stochastic_rounding)
+                     weight_decay, grad_scale, found_inf, seeds, stochastic_rounding, clip)
+
+
+def sumsq_(tensors, scale, out) -> None:
+    _backend().sumsq_(tensors, scale, out)
 
 
 def register_for_cuda_if_missing() -> bool:
-    """Register these functions as the CUDA kernels of torch.ops.sign_kernels.{lion_,tiger_,simba_}
-    for every op that has no CUDA kernel yet (the compiled extension registers its own first).
+    """Register these functions as the CUDA kernels of
+    torch.ops.sign_kernels.{lion_,tiger_,simba_,sumsq_} for every op that has no CUDA kernel yet (the compiled extension registers its own first).
 
     Returns True if at least one op was registered. Does nothing when triton is missing or no
     CUDA device is present. Triton itself is imported only when an op first runs.
@@ -178,8 +194,8 @@ def register_for_cuda_if_missing() -> bool:
         return False
     from .. import _ops
 
-    fns = {"lion_": lion_, "tiger_": tiger_, "simba_": simba_}
-    missing = [name for name in _OPS if not _ops.has_kernel(name, "CUDA")]
+    fns = {"lion_": lion_, "tiger_": tiger_, "simba_": simba_, "sumsq_": sumsq_}
+    missing = [name for name in _OPS if name in _ops.SCHEMAS and not _ops.has_kernel(name, "CUDA")]
     if not missing:
         return False
     if _impl_lib is None:

@@ -46,9 +46,9 @@ def _store(ptr, offs, x, mask, DT: tl.constexpr):
 
 
 @triton.jit
-def dist_lion_pack_kernel(g_ptr, m_ptr, out_ptr, n, beta1, beta2, scale_ptr, found_ptr,
+def dist_lion_pack_kernel(g_ptr, m_ptr, out_ptr, n, beta1, beta2, scale_ptr, found_ptr, clip_ptr,
                           G_DT: tl.constexpr, M_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          HAS_FOUND: tl.constexpr, BYTES: tl.constexpr):
+                          HAS_FOUND: tl.constexpr, BYTES: tl.constexpr, HAS_CLIP: tl.constexpr = False):
     pid = tl.program_id(0).to(tl.int64)
     b = pid * BYTES + tl.arange(0, BYTES).to(tl.int64)
     bmask = b < (n + 3) // 4
@@ -61,9 +61,8 @@ def dist_lion_pack_kernel(g_ptr, m_ptr, out_ptr, n, beta1, beta2, scale_ptr, fou
     for j in tl.static_range(4):
         offs = b * 4 + j
         mask = offs < n
-        g = _load(g_ptr, offs, mask, G_DT)
-        if HAS_SCALE:
-            g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
+        # the gradient used: (g / grad_scale) * clip (NOTE: [clipping inside the step])
+        g = K._grad_used(_load(g_ptr, offs, mask, G_DT), scale_ptr, clip_ptr, HAS_SCALE, HAS_CLIP)
         m = _load(m_ptr, offs, mask, M_DT)
         c = b1 * m + (1.0 - b1) * g
         m_new = b2 * m + (1.0 - b2) * g
@@ -115,8 +114,10 @@ def _check(name: str, t: torch.Tensor) -> int:
 
 def dist_lion_pack_(grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
                     packed: Sequence[torch.Tensor], beta1: float, beta2: float,
-                    grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    """The op ``dist_lion_pack_`` (sign_kernels/_ops.py) on Triton."""
+                    grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor],
+                    clip: Optional[torch.Tensor] = None) -> None:
+    """The op ``dist_lion_pack_`` (sign_kernels/_ops.py) on Triton; ``clip`` (0-dim fp32, read on
+    the device) multiplies g / grad_scale (NOTE: [clipping inside the step])."""
     for i, (g, m, out) in enumerate(zip(grads, exp_avgs, packed)):
         n = g.numel()
         if n == 0:
@@ -129,8 +130,9 @@ def dist_lion_pack_(grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tens
         dist_lion_pack_kernel[grid](
             _raw(g), _raw(m), out, n, float(beta1), float(beta2),
             grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
+            clip if clip is not None else dummy,
             G_DT=gdt, M_DT=mdt, HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
-            BYTES=BYTES, enable_fp_fusion=False)
+            HAS_CLIP=clip is not None, BYTES=BYTES, enable_fp_fusion=False)
 
 
 def dist_lion_apply_(params: Sequence[torch.Tensor], votes: Sequence[torch.Tensor], bits: int, divisor: int,

@@ -189,11 +189,20 @@ def _st(ptr, offs, x, mask, key, hi, lo0, DT: tl.constexpr, SR: tl.constexpr):
 
 
 @triton.jit
-def _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr):
-    g = _ld(g_ptr, offs, mask, G_DT)
+def _grad_used(g, scale_ptr, clip_ptr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """The gradient the math uses: (g / grad_scale) * clip, each op rounded to fp32, in that
+    order (NOTE: [clipping inside the step] in sign_kernels/_ops.py); both read on the device."""
     if HAS_SCALE:
         g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
+    if HAS_CLIP:
+        g = g * tl.load(clip_ptr).to(tl.float32)
     return g
+
+
+@triton.jit
+def _ld_grad(g_ptr, offs, mask, scale_ptr, clip_ptr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+             HAS_CLIP: tl.constexpr):
+    return _grad_used(_ld(g_ptr, offs, mask, G_DT), scale_ptr, clip_ptr, HAS_SCALE, HAS_CLIP)
 
 
 @triton.jit
@@ -237,13 +246,19 @@ def _tree_sum(x, LOG2: tl.constexpr):
 
 @triton.jit
 def _block_task(tensors, blocks, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """(pid, tensor index, the block's first element, the tensor's table row) of this program's block."""
+    """(bi, tensor index, the block's first element, the tensor's table row) of this program's
+    block. bi is the block's index in the tensors' block numbering (the tensor's first block
+    F_BLK0, plus start / BLOCK), not the program id: the launcher splits the blocks between an
+    aligned and an unaligned launch (NOTE: [per-tensor alignment] in ``_launch``), and the
+    block partials (NOTE: [Triton sums of squares]) are indexed by bi."""
     pid = tl.program_id(0).to(tl.int64)
     ti = tl.load(blocks + 2 * pid)
     start = tl.load(blocks + 2 * pid + 1)
     if ALIGNED:
         start = tl.multiple_of(start, BLOCK)
-    return pid, ti, start, tensors + ti * NFIELDS
+    row = tensors + ti * NFIELDS
+    bi = tl.load(row + F_BLK0) + start // BLOCK
+    return bi, ti, start, row
 
 
 @triton.jit
@@ -328,10 +343,10 @@ def _sums_out(x, count, bi, start, row, written, sumsq_out, blk, LOG2: tl.conste
 @triton.jit
 def _update_block(
     p_ptr, g_ptr, m_ptr, offs, mask, hi, lo0, step, ti, start, row,
-    lr_, scale_ptr, weight_decay, beta1, beta2, shrink, k, window, threshold,
+    lr_, scale_ptr, clip_ptr, weight_decay, beta1, beta2, shrink, k, window, threshold,
     t_nan, t_rms, row_rms, bi, count, blk, sumsq_out,
     ALGO: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
-    HAS_SCALE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr,
     SUMSQ: tl.constexpr, LOG2_BLOCK: tl.constexpr,
 ):
     """One block of one tensor: pointers already advanced to the block start, offs an int32
@@ -343,7 +358,7 @@ def _update_block(
     p = _ld(p_ptr, offs, mask, P_DT)
 
     if ALGO == ALGO_LION:
-        g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
+        g = _ld_grad(g_ptr, offs, mask, scale_ptr, clip_ptr, G_DT, HAS_SCALE, HAS_CLIP)
         b1 = tl.cast(beta1, tl.float32)
         b2 = tl.cast(beta2, tl.float32)
         m = _ld(m_ptr, offs, mask, M_DT)
@@ -372,7 +387,7 @@ def _update_block(
         else:
             b1 = tl.where(step % kk == 0, beta, 1.0)
             coef = tl.math.div_rn(1.0 - beta, kk.to(tl.float32))
-            g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
+            g = _ld_grad(g_ptr, offs, mask, scale_ptr, clip_ptr, G_DT, HAS_SCALE, HAS_CLIP)
             m = _ld(m_ptr, offs, mask, M_DT)
             m_new = b1 * m + coef * g
             if update:
@@ -396,7 +411,7 @@ def _update_block(
         if SUMSQ:
             _sums_out(p_out, count, bi, start, row, nan | update, sumsq_out, blk, LOG2_BLOCK, BLOCK)
     else:
-        g = _ld_grad(g_ptr, offs, mask, scale_ptr, G_DT, HAS_SCALE)
+        g = _ld_grad(g_ptr, offs, mask, scale_ptr, clip_ptr, G_DT, HAS_SCALE, HAS_CLIP)
         cnt = _load(m_ptr + offs, mask).to(tl.int32)
         win = tl.cast(window, tl.int32)
         sg = _sign(g)
@@ -416,6 +431,7 @@ def _update_block(
 def sign_step_kernel(
     tensors, blocks,                       # int64 tables: [n, NFIELDS], [n_blocks, 2] (tensor, start)
     lr, lr_t, scale_ptr, found_ptr,        # lr (float) unless HAS_LR_T; optional 0-dim fp32 tensors
+    clip_ptr,                              # optional 0-dim fp32 clipping coefficient (HAS_CLIP)
     weight_decay, beta1, beta2, shrink,    # Lion: beta1, beta2; Tiger: beta1 = beta, shrink
     k, window, threshold,                  # Tiger: grad_accum_steps; Simba: W, T
     t_nan, t_rms, row_rms,                 # Tiger stats: per-tensor NaN flag, RMS, per-row RMS
@@ -423,9 +439,9 @@ def sign_step_kernel(
     ALGO: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
     HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
     SR: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-    SUMSQ: tl.constexpr = False, LOG2_BLOCK: tl.constexpr = 11,
+    SUMSQ: tl.constexpr = False, LOG2_BLOCK: tl.constexpr = 11, HAS_CLIP: tl.constexpr = False,
 ):
-    pid, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)
+    bi, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)
     numel = tl.load(row + F_NUMEL)
     sums_only = False  # a compile-time False unless SUMSQ and HAS_FOUND
     if HAS_FOUND:
@@ -457,39 +473,40 @@ def sign_step_kernel(
                 p = _ld(p_ptr, offs, None, P_DT)
             else:
                 p = _ld(p_ptr, offs, offs < rem.to(tl.int32), P_DT)
-            _sums_out(p, count, pid, start, row, False, sumsq_out, blk, LOG2_BLOCK, BLOCK)
+            _sums_out(p, count, bi, start, row, False, sumsq_out, blk, LOG2_BLOCK, BLOCK)
         elif rem >= BLOCK:
             _update_block(p_ptr, g_ptr, m_ptr, offs, None, hi, lo0, step, ti, start, row,
-                          lr_, scale_ptr, weight_decay, beta1, beta2, shrink, k, window, threshold,
-                          t_nan, t_rms, row_rms, pid, count, blk, sumsq_out,
-                          ALGO, P_DT, G_DT, M_DT, HAS_SCALE, SR, BLOCK, SUMSQ, LOG2_BLOCK)
+                          lr_, scale_ptr, clip_ptr, weight_decay, beta1, beta2, shrink, k, window,
+                          threshold, t_nan, t_rms, row_rms, bi, count, blk, sumsq_out,
+                          ALGO, P_DT, G_DT, M_DT, HAS_SCALE, HAS_CLIP, SR, BLOCK, SUMSQ, LOG2_BLOCK)
         else:
             _update_block(p_ptr, g_ptr, m_ptr, offs, offs < rem.to(tl.int32), hi, lo0, step, ti,
-                          start, row, lr_, scale_ptr, weight_decay, beta1, beta2, shrink, k,
-                          window, threshold, t_nan, t_rms, row_rms, pid, count, blk, sumsq_out,
-                          ALGO, P_DT, G_DT, M_DT, HAS_SCALE, SR, BLOCK, SUMSQ, LOG2_BLOCK)
+                          start, row, lr_, scale_ptr, clip_ptr, weight_decay, beta1, beta2, shrink, k,
+                          window, threshold, t_nan, t_rms, row_rms, bi, count, blk, sumsq_out,
+                          ALGO, P_DT, G_DT, M_DT, HAS_SCALE, HAS_CLIP, SR, BLOCK, SUMSQ, LOG2_BLOCK)
 
 
 # ------------------------------------------------------------------ Tiger statistics
 @triton.jit
-def _rows_chunk(g_ptr, offs, mask, scale_ptr, acc_nan, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr):
-    # One [ROWS, COLS] chunk: NaN count of g / grad_scale per row.
-    g = _ld(g_ptr, offs, mask, G_DT)
-    if HAS_SCALE:
-        g = tl.math.div_rn(g, tl.load(scale_ptr).to(tl.float32))
-    acc_nan += tl.sum((g != g).to(tl.int32), axis=1)
-    return acc_nan
+def _rows_chunk(g_ptr, offs, mask, scale_ptr, clip_ptr, acc_nan, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_CLIP: tl.constexpr):
+    # One [ROWS, COLS] chunk: whether each row of the gradient used (g / grad_scale * clip)
+    # holds a NaN. NOTE: [NaN flags] flags (0 / 1) combined by max, never counts added: a
+    # count of 2**31 NaNs or more would wrap in int32 and read as none.
+    g = _grad_used(_ld(g_ptr, offs, mask, G_DT), scale_ptr, clip_ptr, HAS_SCALE, HAS_CLIP)
+    return tl.maximum(acc_nan, tl.max((g != g).to(tl.int32), axis=1))
 
 
 @triton.jit
 def tiger_rows_kernel(
     tensors, tasks,                        # tasks: [n_tasks, 2] (tensor, first row)
-    scale_ptr, row_nan,                    # per stats row: int32 NaN count of g / grad_scale
+    scale_ptr, clip_ptr, row_nan,          # row_nan: per stats row, int32 1 if the gradient used has a NaN
     G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
-    ROWS: tl.constexpr, COLS: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, HAS_CLIP: tl.constexpr = False,
 ):
-    """Pass 1a: per stats row, the number of NaNs in g / grad_scale (integer counts: any order
-    gives the same result). The sums of squares of θ are pass 1b, ``tiger_sumsq_kernel``."""
+    """Pass 1a: per stats row, whether the gradient used (g / grad_scale * clip) holds a NaN
+    (NOTE: [NaN flags]; any order gives the same result). The sums of squares of θ are pass 1b,
+    ``tiger_sumsq_kernel``."""
     pid = tl.program_id(0).to(tl.int64)
     ti = tl.load(tasks + 2 * pid)
     row0 = tl.multiple_of(tl.load(tasks + 2 * pid + 1), ROWS)  # the launcher's tasks: step ROWS
@@ -515,12 +532,13 @@ def tiger_rows_kernel(
             base = rows[:, None] * rl
             n_full = (rl // COLS) * COLS
             for c0 in range(0, n_full, COLS):
-                acc_nan = _rows_chunk(g_t, base + (c0 + cols)[None, :], None, scale_ptr, acc_nan,
-                                      G_DT, HAS_SCALE)
+                acc_nan = _rows_chunk(g_t, base + (c0 + cols)[None, :], None, scale_ptr, clip_ptr, acc_nan,
+                                      G_DT, HAS_SCALE, HAS_CLIP)
             if n_full < rl:
                 tail = n_full + cols
                 msk = (rows[:, None] >= 0) & (tail[None, :] < rl)
-                acc_nan = _rows_chunk(g_t, base + tail[None, :], msk, scale_ptr, acc_nan, G_DT, HAS_SCALE)
+                acc_nan = _rows_chunk(g_t, base + tail[None, :], msk, scale_ptr, clip_ptr, acc_nan, G_DT,
+                                      HAS_SCALE, HAS_CLIP)
         else:
             # Any other tile (the last of a tensor, odd or huge rows, unaligned addresses): one
             # row at a time in chunks of COLS, the row's start a scalar int64 and the offsets
@@ -534,8 +552,8 @@ def tiger_rows_kernel(
                 s_nan = tl.zeros([1], dtype=tl.int32)
                 for c1 in range(0, n_r, COLS):
                     s_nan = _rows_chunk(g_b + first + c1, lane[None, :], (lane < (n_r - c1))[None, :],
-                                        scale_ptr, s_nan, G_DT, HAS_SCALE)
-                acc_nan = tl.where(rows == r, acc_nan + tl.sum(s_nan, axis=0), acc_nan)
+                                        scale_ptr, clip_ptr, s_nan, G_DT, HAS_SCALE, HAS_CLIP)
+                acc_nan = tl.where(rows == r, tl.maximum(acc_nan, tl.max(s_nan, axis=0)), acc_nan)
         out = row0 + rows.to(tl.int64)
         tl.store(row_nan + slot + out, acc_nan, mask=out < nrows)
 
@@ -558,7 +576,7 @@ def tiger_sumsq_kernel(
     """Pass 1b, over the update's blocks: the partial sums of squares of θ where this call
     needs an RMS (NOTE: [Triton sums of squares]: the very partials the update's SUMSQ pass
     writes for the next call)."""
-    pid, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)
+    bi, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)
     if _needs_sums(row, k):
         rem = tl.load(row + F_NUMEL) - start
         p_ptr = _typed_ptr(tl.load(row + F_PARAM), P_DT, ALIGNED) + start
@@ -567,7 +585,7 @@ def tiger_sumsq_kernel(
             x = _ld(p_ptr, offs, None, P_DT)
         else:
             x = _ld(p_ptr, offs, offs < rem.to(tl.int32), P_DT)
-        _block_sums(x, tl.minimum(rem, BLOCK), pid, start, tl.load(row + F_ROWLEN),
+        _block_sums(x, tl.minimum(rem, BLOCK), bi, start, tl.load(row + F_ROWLEN),
                     tl.load(row + F_ROLE) == ROLE_EMBEDDING, row_sumsq + tl.load(row + F_SLOT), blk,
                     LOG2_BLOCK, BLOCK)
 
@@ -599,7 +617,8 @@ def tiger_finish_kernel(
     nan = tl.zeros([BLOCK], dtype=tl.int32)
     for r0 in range(0, nrows, BLOCK):
         r = r0 + tl.arange(0, BLOCK).to(tl.int64)
-        nan += tl.load(row_nan + slot + r, mask=r < tl.where(at_nan < 0, nrows, 0), other=0)  # NOTE: [scalar masks]
+        f = tl.load(row_nan + slot + r, mask=r < tl.where(at_nan < 0, nrows, 0), other=0)  # NOTE: [scalar masks]
+        nan = tl.maximum(nan, (f != 0).to(tl.int32))  # NOTE: [NaN flags]: OR, never a sum
     if role == ROLE_EMBEDDING:
         given_rows = at_sq >= 0
         row_n = tl.where(given_rows, given_n, row_len.to(tl.float64))
@@ -616,7 +635,7 @@ def tiger_finish_kernel(
             s_given = tl.load(stats + tl.maximum(at_sq, 0) + r, mask=r < tl.where(given_rows, nrows, 0), other=0.0)
             s = tl.where(given_rows, s_given, s)
             tl.store(row_rms + slot + r, tl.sqrt(s / row_n).to(tl.float32), mask=ok)
-    own_nan = tl.sum(nan, axis=0) > 0
+    own_nan = tl.max(nan, axis=0) > 0
     given_nan = tl.load(stats + tl.maximum(at_nan, 0)) != 0.0
     tl.store(t_nan + ti, tl.where(at_nan >= 0, given_nan, own_nan).to(tl.int32))
     total = tl.cast(0.0, tl.float64)
@@ -656,3 +675,55 @@ def tiger_sumsq_out_kernel(
                 tl.store(sumsq_out + out_at + r, s, mask=cross)
         else:
             tl.store(sumsq_out + out_at, _matrix_total(blk, blk0, (numel + UBLOCK - 1) // UBLOCK, BLOCK, LOG2))
+
+
+# ------------------------------------------------------------------ the norm pass (sumsq_)
+# NOTE: [Triton norm sums] ``sumsq_`` (NOTE: [clipping inside the step] in sign_kernels/_ops.py):
+# out[i] = sum over tensor i of (fp32(x) / scale)**2, each square in fp64 from the fp32
+# quotient (exact), summed in an order fixed by the tensor's numel alone: the tensor is cut into
+# blocks of BLOCK elements from element 0; ``sumsq_blocks_kernel`` sums each block by the
+# pairwise tree ``_tree_sum`` (zeros past the end: adding 0 is exact) into part[bi]; then
+# ``sumsq_total_kernel`` (one program per tensor) adds the tensor's block partials in
+# ``_matrix_total``'s order (pairwise trees over runs of FINISH_BLOCK partials, added in order). BLOCK
+# and FINISH_BLOCK are the launcher's constants, never chosen per call, and the block index bi
+# comes from the tensor's own numbering (F_BLK0), so neither the other tensors of the call nor
+# the split between aligned and unaligned launches changes a bit. NaN propagates through the
+# adds; +inf + finite = +inf (squares are never negative, so no inf - inf); an empty tensor
+# has no block and gets 0.
+@triton.jit
+def sumsq_blocks_kernel(
+    tensors, blocks, scale_ptr, part,      # part: fp64, one partial per block (bi)
+    DT: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr,
+):
+    bi, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)
+    rem = tl.load(row + F_NUMEL) - start
+    x_ptr = _typed_ptr(tl.load(row + F_PARAM), DT, ALIGNED) + start
+    offs = tl.arange(0, BLOCK)
+    if rem >= BLOCK:
+        x = _ld(x_ptr, offs, None, DT)
+    else:
+        x = _ld(x_ptr, offs, offs < rem.to(tl.int32), DT)
+    if HAS_SCALE:
+        x = tl.math.div_rn(x, tl.load(scale_ptr).to(tl.float32))
+    xd = x.to(tl.float64)
+    sq = tl.where(offs < tl.minimum(rem, BLOCK).to(tl.int32), xd * xd, 0.0)
+    tl.store(part + bi, _tree_sum(sq, LOG2_BLOCK))
+
+
+@triton.jit
+def sumsq_total_kernel(
+    tensors, part, out,                    # out: fp64, one sum per tensor
+    BLOCK: tl.constexpr, LOG2: tl.constexpr, UBLOCK: tl.constexpr,
+):
+    ti = tl.program_id(0).to(tl.int64)
+    row = tensors + ti * NFIELDS
+    nblk = (tl.load(row + F_NUMEL) + UBLOCK - 1) // UBLOCK
+    blk0 = tl.load(row + F_BLK0)
+    # _matrix_total's order over one partial per block (it reads Tiger's two per block).
+    total = tl.zeros([1], dtype=tl.float64)
+    for c0 in range(0, nblk, BLOCK):
+        b = c0 + tl.arange(0, BLOCK).to(tl.int64)
+        v = tl.load(part + blk0 + b, mask=b < nblk, other=0.0)
+        total = total + _tree_sum(v, LOG2)
+    tl.store(out + ti, tl.sum(total, axis=0))

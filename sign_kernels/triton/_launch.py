@@ -17,7 +17,8 @@ import torch
 from . import _kernels as K
 
 ALGO_LION, ALGO_TIGER, ALGO_SIMBA = 0, 1, 2
-_ALGO_NAME = {ALGO_LION: "lion_", ALGO_TIGER: "tiger_", ALGO_SIMBA: "simba_"}
+ALGO_SUMSQ = 3  # the norm pass (host side only: its own kernels)
+_ALGO_NAME = {ALGO_LION: "lion_", ALGO_TIGER: "tiger_", ALGO_SIMBA: "simba_", ALGO_SUMSQ: "sumsq_"}
 _STATE_NAME = {ALGO_LION: "exp_avgs", ALGO_TIGER: "exp_avgs", ALGO_SIMBA: "sign_counts"}
 
 _DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int16: 3}
@@ -53,20 +54,41 @@ ROLE_EMBEDDING = 2
 class Plan:
     """Device tables of one parameter set, built once and reused while its key is unchanged."""
     meta: torch.Tensor          # one int64 allocation holding the three tables below
-    tensors: torch.Tensor       # [n, NFIELDS]: addresses, numel, seed, role, stats rows
+    tensors: torch.Tensor       # [n, NFIELDS]: addresses, numel, seed, role, stats rows, first block
     blocks: torch.Tensor        # [n_blocks, 2]: (tensor, first element) of each program
     tasks: torch.Tensor         # [n_tasks, 2]: (tensor, first stats row), Tiger only
     n: int
     n_blocks: int
     n_tasks: int
-    aligned: bool
+    # NOTE: [per-tensor alignment] the blocks (and tasks) of the tensors whose θ, g and state
+    # are all 16-byte aligned come first, n_blocks_al (n_tasks_al) of them: they run in one
+    # launch with the aligned-address hints, the others in a second launch without. The
+    # (sub-table, programs, aligned) of each non-empty launch:
+    n_blocks_al: int = 0
+    n_tasks_al: int = 0
+    block_parts: tuple = ()
+    task_parts: tuple = ()
     # Tiger: row_sumsq f64, row_nan i32, t_nan i32, t_rms f32, row_rms f32, blk f64 (2 per block:
     # NOTE: [Triton sums of squares] in _kernels), t_sumsq f64. After a call, row_sumsq and
     # t_sumsq hold the sums of squares its RMS came from (embedding rows, matrices).
+    # sumsq_: (part,), f64, one partial per block (NOTE: [Triton norm sums] in _kernels).
     stats: Optional[tuple] = None
     # Built during CUDA graph capture (NOTE: [plans in CUDA graphs]): the host table the graph's
-    # copy node reads at every replay, kept alive with the plan.
+    # copy node reads at every replay (a region of a pinned staging buffer, NOTE: [pinned
+    # staging]), kept alive with the plan.
     host: Optional[torch.Tensor] = None
+    ident: tuple = ()           # the parameter set, whatever its grads and stream (NOTE: [pinned staging])
+    device: str = ""
+
+    @property
+    def aligned(self) -> bool:
+        """Whether every tensor takes the aligned launch."""
+        return self.n_blocks_al == self.n_blocks and self.n_tasks_al == self.n_tasks
+
+
+def _parts(table: torch.Tensor, n_al: int, total: int) -> tuple:
+    return tuple((t, c, al) for t, c, al in ((table[:n_al], n_al, True), (table[n_al:], total - n_al, False))
+                 if c > 0)
 
 
 _plans: "collections.OrderedDict[tuple, Plan]" = collections.OrderedDict()
@@ -74,11 +96,25 @@ _plans: "collections.OrderedDict[tuple, Plan]" = collections.OrderedDict()
 # and scratch buffers, so a plan built or used while a stream is capturing moves here and is
 # never evicted: evicting it would free memory a replay still reads and writes. One entry per
 # parameter set that was captured. A plan missing at capture (Tiger's key changes after its
-# first step; a whole-network capture after zero_grad(set_to_none=True) gets new grads) is
-# built there: the table goes to the device by a non-blocking copy, which capture records as
-# a copy node reading the host table at each replay, instead of the eager path's blocking
-# copy (a stream synchronisation, illegal while capturing).
+# first step; a whole-network capture after zero_grad(set_to_none=True) gets new grads; the
+# capture runs on its own stream, NOTE: [plans per stream]) is built there: the table goes to
+# the device by a non-blocking copy from pinned memory (NOTE: [pinned staging]), which capture
+# records as a copy node reading that host memory at each replay, instead of the eager path's
+# blocking copy (a stream synchronisation, illegal while capturing).
 _captured_plans: Dict[tuple, Plan] = {}
+
+# NOTE: [pinned staging] While a stream captures, torch refuses any copy between CPU and CUDA
+# from unpinned memory, and pinned memory cannot be allocated either. So each device has a
+# staging buffer (pinned on CUDA), allocated outside capture: a plan built during capture takes
+# the next free region of it for good (the graph's copy node reads that region at every
+# replay; nothing else ever writes it) and keeps it alive. Outside capture, after every plan
+# built and after any capture took a region, the free part is grown to hold one new table per
+# parameter set in the plan cache (``Plan.ident``: the same params, states, shapes and
+# options, whatever the grads' addresses and the stream), so a capture after an eager step
+# with the same parameters always finds room. A capture that needs more (say, a parameter
+# set never run eagerly) stops with an error that asks for that eager warm-up step.
+_staging: Dict[str, list] = {}  # device -> [buffer, elements used]
+_staging_taken: set = set()      # devices whose buffer a capture used since it was last grown
 
 
 def clear_cache() -> None:
@@ -88,6 +124,51 @@ def clear_cache() -> None:
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# NOTE: [plans per stream] A plan's device tables and scratch buffers (Tiger's statistics, the
+# norm pass's partials) are written and read by the kernels of each call, and freed when the
+# plan leaves the cache. Keyed by the current stream as well, a plan is only ever used on the
+# stream it was allocated on: two streams never share scratch (concurrent calls with the same
+# tensors would race on it), and freeing it is ordered after its last use by that stream
+# (the caching allocator hands a freed block out again only to the same stream), with no
+# record_stream to call per launch.
+def _stream_key(device: torch.device):
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _staging_room(device: torch.device) -> None:
+    """Outside capture: grow the device's staging buffer (NOTE: [pinned staging])."""
+    dev = str(device)
+    need = sum({p.ident: p.meta.numel() for p in _plans.values() if p.device == dev}.values())
+    st = _staging.get(dev)
+    _staging_taken.discard(dev)
+    if st is not None and st[0].numel() - st[1] >= need:
+        return
+    size = max(need + need // 2, 1024)
+    # Regions that captured plans took keep the old buffer alive through their views.
+    _staging[dev] = [torch.empty(size, dtype=torch.int64, pin_memory=device.type == "cuda"), 0]
+
+
+def _staged(host: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+    """During capture: ``host`` copied into a region of the staging buffer, taken for good."""
+    dev = str(device)
+    st = _staging.get(dev)
+    free = st[0].numel() - st[1] if st is not None else 0
+    if free < host.numel():
+        raise RuntimeError(
+            f"sign_kernels {what} (triton): these tensors need a new launch table ({host.numel() * 8} bytes) "
+            f"while CUDA graph capture is under way, and the pinned staging buffer of {dev} has "
+            f"{free * 8} bytes free (pinned memory cannot be allocated during capture). Run one eager "
+            "step with the same parameters (and optimizer options) before capturing (NOTE: [pinned staging] "
+            "in sign_kernels/triton/_launch.py).")
+    region = st[0][st[1]:st[1] + host.numel()]
+    st[1] += host.numel()
+    _staging_taken.add(dev)
+    region.copy_(host)
+    return region
 
 
 _data_ptr = torch.Tensor.data_ptr
@@ -114,8 +195,16 @@ def _ranges(counts: torch.Tensor, step: int) -> torch.Tensor:
     return torch.stack([idx, j * step], dim=1)
 
 
+def _split_ranges(counts: torch.Tensor, step: int, aligned: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """_ranges of the aligned tensors, then of the others (NOTE: [per-tensor alignment]), and
+    how many rows the aligned ones have."""
+    zero = torch.zeros_like(counts)
+    first = _ranges(torch.where(aligned, counts, zero), step)
+    return torch.cat([first, _ranges(torch.where(aligned, zero, counts), step)]), first.shape[0]
+
+
 def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=None, out=None,
-                capturing=False) -> Plan:
+                capturing=False, ident=()) -> Plan:
     n = len(params)
     addr = torch.tensor([list(map(_data_ptr, lst)) for lst in (params, grads, states, steps)],
                         dtype=torch.int64)  # [4, n]
@@ -124,6 +213,10 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
     table[:, :4] = addr.T
     table[:, K.F_NUMEL.value] = numel
     table[:, K.F_SEED.value] = torch.tensor([int(x) & 0xFFFFFFFF for x in seeds], dtype=torch.int64)
+    # Every block's index bi = F_BLK0 + start / BLOCK (NOTE: [per-tensor alignment]).
+    per = (numel + (BLOCK - 1)) // BLOCK
+    table[:, K.F_BLK0.value] = torch.cumsum(per, 0) - per
+    aligned = (addr[:3] % 16 == 0).all(dim=0)  # per tensor: θ, g and state
     if algo == ALGO_TIGER:
         # Built once per parameter set (NOTE: [plan key]); per-tensor Python is fine here.
         layout = torch.tensor([_stats_rows(p, int(r)) for p, r in zip(params, roles)],
@@ -133,7 +226,7 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
         table[:, K.F_ROWLEN.value] = layout[:, 0]
         table[:, K.F_NROWS.value] = nrows
         table[:, K.F_SLOT.value] = torch.cumsum(nrows, 0) - nrows
-        tasks_t = _ranges(nrows, STAT_ROWS)
+        tasks_t, n_tasks_al = _split_ranges(nrows, STAT_ROWS, aligned)
         slot = int(nrows.sum())
         # NOTE: [Tiger statistics input]: indices of the given statistics, -1 when none.
         table[:, K.F_GIVEN_NAN.value] = torch.tensor(given[0], dtype=torch.int64) if given else -1
@@ -142,19 +235,22 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
         # NOTE: [Tiger sums of squares out]: index of the wanted sums, -1 when none; kept in place.
         table[:, K.F_OUT_AT.value] = torch.tensor(out[0], dtype=torch.int64) if out else -1
         table[:, K.F_OUT_KEPT.value] = torch.tensor(out[1], dtype=torch.int64) if out else 0
-        per = (numel + (BLOCK - 1)) // BLOCK
-        table[:, K.F_BLK0.value] = torch.cumsum(per, 0) - per
     else:
-        tasks_t = torch.zeros((0, 2), dtype=torch.int64)
+        tasks_t, n_tasks_al = torch.zeros((0, 2), dtype=torch.int64), 0
         slot = 0
-    blocks_t = _ranges(numel, BLOCK)
-    aligned = bool((addr[:3] % 16 == 0).all())
+    blocks_t, n_blocks_al = _split_ranges(numel, BLOCK, aligned)
     host = torch.cat([table.reshape(-1), blocks_t.reshape(-1), tasks_t.reshape(-1)])
-    meta = host.to(device, non_blocking=capturing)  # NOTE: [plans in CUDA graphs]
+    if capturing:  # NOTE: [plans in CUDA graphs]
+        host = _staged(host, device, _ALGO_NAME[algo])
+        meta = host.to(device, non_blocking=True)
+    else:
+        meta = host.to(device)
     a, b = table.numel(), table.numel() + blocks_t.numel()
-    plan = Plan(meta=meta, tensors=meta[:a], blocks=meta[a:b], tasks=meta[b:], n=n,
-                n_blocks=blocks_t.shape[0], n_tasks=tasks_t.shape[0], aligned=aligned,
-                host=host if capturing else None)
+    plan = Plan(meta=meta, tensors=meta[:a], blocks=meta[a:b].view(-1, 2), tasks=meta[b:].view(-1, 2), n=n,
+                n_blocks=blocks_t.shape[0], n_tasks=tasks_t.shape[0], n_blocks_al=n_blocks_al,
+                n_tasks_al=n_tasks_al, host=host if capturing else None, ident=ident, device=str(device))
+    plan.block_parts = _parts(plan.blocks, n_blocks_al, plan.n_blocks)
+    plan.task_parts = _parts(plan.tasks, n_tasks_al, plan.n_tasks)
     if algo == ALGO_TIGER:
         nslots = max(slot, 1)
         plan.stats = (
@@ -166,6 +262,33 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
             torch.empty(2 * max(plan.n_blocks, 1), dtype=torch.float64, device=device),
             torch.empty(n, dtype=torch.float64, device=device),
         )
+    elif algo == ALGO_SUMSQ:
+        plan.stats = (torch.empty(max(plan.n_blocks, 1), dtype=torch.float64, device=device),)
+    return plan
+
+
+def _cached(key, ident, device, build) -> Plan:
+    """The plan of ``key``: a captured one, else the LRU's, else ``build(capturing)``."""
+    plan = _captured_plans.get(key)
+    if plan is not None:
+        return plan
+    if _capturing(device):  # NOTE: [plans in CUDA graphs]
+        plan = _plans.pop(key, None)
+        if plan is None:
+            plan = build(True)
+        _captured_plans[key] = plan
+        return plan
+    plan = _plans.get(key)
+    if plan is None:
+        plan = build(False)
+        _plans[key] = plan
+        while len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+        _staging_room(device)  # NOTE: [pinned staging]
+    else:
+        _plans.move_to_end(key)
+        if _staging_taken:
+            _staging_room(device)
     return plan
 
 
@@ -175,31 +298,15 @@ def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=No
     # a role or a seed gives a new key and a new table. With the caching allocator the grads
     # usually come back at the same addresses and the table is reused. The key is made with
     # `map` over C-level accessors, not a Python loop per tensor: on a GPT-2-sized list this
-    # is what every step pays on the host (the CUDA backend's equivalent is C++).
-    key = (algo, str(device), params[0].dtype, grads[0].dtype, states[0].dtype,
-           tuple(map(_data_ptr, params)), tuple(map(_data_ptr, grads)),
-           tuple(map(_data_ptr, states)), tuple(map(_data_ptr, steps)),
-           tuple(map(_shape, params)),
-           tuple(roles) if roles is not None else None, tuple(seeds), given, out)
-    plan = _captured_plans.get(key)
-    if plan is not None:
-        return plan
-    if _capturing(device):  # NOTE: [plans in CUDA graphs]
-        plan = _plans.pop(key, None)
-        if plan is None:
-            plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given, out,
-                               capturing=True)
-        _captured_plans[key] = plan
-        return plan
-    plan = _plans.get(key)
-    if plan is None:
-        plan = _build_plan(algo, params, grads, states, steps, roles, seeds, device, given, out)
-        _plans[key] = plan
-        while len(_plans) > _PLAN_CACHE_SIZE:
-            _plans.popitem(last=False)
-    else:
-        _plans.move_to_end(key)
-    return plan
+    # is what every step pays on the host (the CUDA backend's equivalent is C++). It also holds
+    # the current stream (NOTE: [plans per stream]).
+    ident = (algo, str(device), params[0].dtype, grads[0].dtype, states[0].dtype,
+             tuple(map(_data_ptr, params)), tuple(map(_data_ptr, states)), tuple(map(_data_ptr, steps)),
+             tuple(map(_shape, params)),
+             tuple(roles) if roles is not None else None, tuple(seeds), given, out)
+    key = (ident, tuple(map(_data_ptr, grads)), _stream_key(device))
+    return _cached(key, ident, device, lambda capturing: _build_plan(
+        algo, params, grads, states, steps, roles, seeds, device, given, out, capturing=capturing, ident=ident))
 
 
 def _lists_ok(params, grads, states, steps, roles, pdt, gdt, sdt, device) -> bool:
@@ -340,11 +447,13 @@ def _check_sumsq_out(params, roles, device, stats, given, sumsq_out, sumsq_out_a
     return tuple(at), tuple(kept)
 
 
-def step_config(algo, pdt, gdt, sdt, *, has_lr_t, has_scale, has_found, sr, aligned, sumsq=False) -> dict:
+def step_config(algo, pdt, gdt, sdt, *, has_lr_t, has_scale, has_found, sr, aligned, sumsq=False,
+                has_clip=False) -> dict:
     """Constexpr arguments and launch options of ``sign_step_kernel`` for one call: what
     ``run`` launches and what ``tests/test_triton_codegen.py`` compiles for sm_90."""
     return dict(ALGO=algo, P_DT=_DT_CODE[pdt], G_DT=_DT_CODE[gdt], M_DT=_DT_CODE[sdt],
                 HAS_LR_T=bool(has_lr_t), HAS_SCALE=bool(has_scale), HAS_FOUND=bool(has_found),
+                HAS_CLIP=bool(has_clip),
                 # SR changes only bf16 stores: one specialisation fewer where none exists.
                 SR=bool(sr) and torch.bfloat16 in (pdt, sdt), ALIGNED=bool(aligned),
                 BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
@@ -378,9 +487,9 @@ def _maxnreg(algo, sr, aligned, sumsq) -> dict:
     return {}
 
 
-def rows_config(gdt, *, has_scale, aligned) -> dict:
+def rows_config(gdt, *, has_scale, aligned, has_clip=False) -> dict:
     """Constexpr arguments and launch options of ``tiger_rows_kernel``."""
-    return dict(G_DT=_DT_CODE[gdt], HAS_SCALE=bool(has_scale),
+    return dict(G_DT=_DT_CODE[gdt], HAS_SCALE=bool(has_scale), HAS_CLIP=bool(has_clip),
                 ALIGNED=bool(aligned), ROWS=STAT_ROWS, COLS=STAT_COLS, num_warps=STAT_WARPS,
                 enable_fp_fusion=False)
 
@@ -406,6 +515,21 @@ def sumsq_out_config(*, has_found) -> dict:
     return dict(HAS_FOUND=bool(has_found), **finish_config())
 
 
+def norm_config(dt, *, has_scale, aligned) -> dict:
+    """Constexpr arguments and launch options of ``sumsq_blocks_kernel`` (the norm pass)."""
+    # As sumsq_config: 16 bytes of x per thread (NOTE: [Triton norm sums]: the order of the
+    # sums depends on BLOCK only).
+    return dict(DT=_DT_CODE[dt], HAS_SCALE=bool(has_scale), ALIGNED=bool(aligned), BLOCK=BLOCK,
+                LOG2_BLOCK=LOG2_BLOCK, num_warps=NUM_WARPS if dt.itemsize == 2 else STAT_WARPS,
+                enable_fp_fusion=False, **({"maxnreg": 64} if aligned else {}))  # NOTE: [triton maxnreg]
+
+
+def norm_total_config() -> dict:
+    """Constexpr arguments and launch options of ``sumsq_total_kernel``."""
+    return dict(BLOCK=FINISH_BLOCK, LOG2=LOG2_FINISH, UBLOCK=BLOCK, num_warps=FINISH_WARPS,
+                enable_fp_fusion=False)
+
+
 def _device_guard(device: torch.device):
     # Triton launches on the current CUDA device's stream: make it the params' device.
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -416,7 +540,7 @@ def _device_guard(device: torch.device):
 def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weight_decay=0.0,
         beta1=0.0, beta2=0.0, shrink=1.0, k=1, window=0, threshold=0, grad_scale=None,
         found_inf=None, stochastic_rounding=False, stats=None, stats_nan=None, stats_sumsq=None,
-        stats_n=None, sumsq_out=None, sumsq_out_at=None) -> None:
+        stats_n=None, sumsq_out=None, sumsq_out_at=None, clip=None) -> None:
     if len(params) == 0:
         return
     op = _ALGO_NAME[algo]
@@ -430,6 +554,7 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
     lr_t = _scalar_tensor(lr_t, device, "lr_t", op)
     grad_scale = _scalar_tensor(grad_scale, device, "grad_scale", op)
     found_inf = _scalar_tensor(found_inf, device, "found_inf", op)
+    clip = _scalar_tensor(clip, device, "clip", op)  # NOTE: [clipping inside the step]
     plan = _get_plan(algo, params, grads, states, steps, roles, seeds, device, given, out)
     if plan.n_blocks == 0:
         return
@@ -437,18 +562,22 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
     scale_ptr = grad_scale if grad_scale is not None else dummy
     found_ptr = found_inf if found_inf is not None else dummy
     has_scale = grad_scale is not None
+    has_clip = clip is not None
+    clip_ptr = clip if has_clip else dummy
     pdt, gdt, sdt = params[0].dtype, grads[0].dtype, states[0].dtype
     sumsq = out is not None
     with _device_guard(device):
         if algo == ALGO_TIGER:
             row_sumsq, row_nan, t_nan, t_rms, row_rms, blk, t_sumsq = plan.stats
-            if plan.n_tasks:
-                K.tiger_rows_kernel[(plan.n_tasks,)](
-                    plan.tensors, plan.tasks, scale_ptr, row_nan,
-                    **rows_config(gdt, has_scale=has_scale, aligned=plan.aligned))
-            K.tiger_sumsq_kernel[(plan.n_blocks,)](
-                plan.tensors, plan.blocks, int(k), row_sumsq, blk,
-                **sumsq_config(pdt, aligned=plan.aligned))
+            # NOTE: [per-tensor alignment]: one launch per non-empty part.
+            for tasks, count, aligned in plan.task_parts:
+                K.tiger_rows_kernel[(count,)](
+                    plan.tensors, tasks, scale_ptr, clip_ptr, row_nan,
+                    **rows_config(gdt, has_scale=has_scale, aligned=aligned, has_clip=has_clip))
+            for blocks, count, aligned in plan.block_parts:
+                K.tiger_sumsq_kernel[(count,)](
+                    plan.tensors, blocks, int(k), row_sumsq, blk,
+                    **sumsq_config(pdt, aligned=aligned))
             stats_ptr = stats if given is not None and stats.numel() > 0 else row_sumsq  # unread when unused
             K.tiger_finish_kernel[(plan.n,)](
                 plan.tensors, row_nan, row_sumsq, blk, int(k), t_nan, t_rms, row_rms, t_sumsq, stats_ptr,
@@ -456,15 +585,16 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
         else:
             t_nan = t_rms = row_rms = blk = dummy
         out_ptr = sumsq_out if sumsq and sumsq_out.numel() > 0 else dummy  # unread when unused
-        K.sign_step_kernel[(plan.n_blocks,)](
-            plan.tensors, plan.blocks,
-            float(lr), lr_t if lr_t is not None else dummy, scale_ptr, found_ptr,
-            float(weight_decay), float(beta1), float(beta2), float(shrink),
-            int(k), int(window), int(threshold),
-            t_nan, t_rms, row_rms, blk, out_ptr,
-            **step_config(algo, pdt, gdt, sdt, has_lr_t=lr_t is not None, has_scale=has_scale,
-                          has_found=found_inf is not None, sr=stochastic_rounding,
-                          aligned=plan.aligned, sumsq=sumsq))
+        for blocks, count, aligned in plan.block_parts:
+            K.sign_step_kernel[(count,)](
+                plan.tensors, blocks,
+                float(lr), lr_t if lr_t is not None else dummy, scale_ptr, found_ptr, clip_ptr,
+                float(weight_decay), float(beta1), float(beta2), float(shrink),
+                int(k), int(window), int(threshold),
+                t_nan, t_rms, row_rms, blk, out_ptr,
+                **step_config(algo, pdt, gdt, sdt, has_lr_t=lr_t is not None, has_scale=has_scale,
+                              has_found=found_inf is not None, sr=stochastic_rounding,
+                              aligned=aligned, sumsq=sumsq, has_clip=has_clip))
         if sumsq:
             K.tiger_sumsq_out_kernel[(plan.n,)](
                 plan.tensors, blk, t_nan, found_ptr, int(k), out_ptr,
@@ -473,24 +603,79 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
 
 # ------------------------------------------------------------------ the op signatures
 def lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
-          grad_scale, found_inf, seeds, stochastic_rounding) -> None:
+          grad_scale, found_inf, seeds, stochastic_rounding, clip=None) -> None:
     run(ALGO_LION, params, grads, exp_avgs, steps, None, seeds, lr=lr, lr_t=lr_t,
         weight_decay=weight_decay, beta1=beta1, beta2=beta2, grad_scale=grad_scale,
-        found_inf=found_inf, stochastic_rounding=stochastic_rounding)
+        found_inf=found_inf, stochastic_rounding=stochastic_rounding, clip=clip)
 
 
 def tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay, grad_accum_steps,
            shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding, stats=None, stats_nan=None,
-           stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None) -> None:
+           stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None, clip=None) -> None:
     run(ALGO_TIGER, params, grads, exp_avgs, steps, roles, seeds, lr=lr, lr_t=lr_t,
         weight_decay=weight_decay, beta1=beta, shrink=shrink_ratio, k=grad_accum_steps,
         grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding,
         stats=stats, stats_nan=stats_nan, stats_sumsq=stats_sumsq, stats_n=stats_n,
-        sumsq_out=sumsq_out, sumsq_out_at=sumsq_out_at)
+        sumsq_out=sumsq_out, sumsq_out_at=sumsq_out_at, clip=clip)
 
 
 def simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count, weight_decay,
-           grad_scale, found_inf, seeds, stochastic_rounding) -> None:
+           grad_scale, found_inf, seeds, stochastic_rounding, clip=None) -> None:
     run(ALGO_SIMBA, params, grads, sign_counts, steps, None, seeds, lr=lr, lr_t=lr_t,
         weight_decay=weight_decay, window=window_size, threshold=threshold_count,
-        grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding)
+        grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding, clip=clip)
+
+
+def sumsq_(tensors, scale, out) -> None:
+    """out[i] = sum of (fp32(tensors[i]) / scale)**2 in fp64 (NOTE: [clipping inside the step]
+    in sign_kernels/_ops.py; the order: NOTE: [Triton norm sums] in _kernels)."""
+    n = len(tensors)
+    device = _check_norm(tensors, out)
+    if n == 0:
+        return
+    scale = _scalar_tensor(scale, device, "scale", "sumsq_")
+    dt = tensors[0].dtype
+    # NOTE: [plan key]: only the addresses and shapes of the tensors (and the stream).
+    ident = (ALGO_SUMSQ, str(device), dt, tuple(map(_shape, tensors)))
+    key = (ident, tuple(map(_data_ptr, tensors)), _stream_key(device))
+    plan = _cached(key, ident, device, lambda capturing: _build_plan(
+        ALGO_SUMSQ, tensors, tensors, tensors, tensors, None, (0,) * n, device, capturing=capturing,
+        ident=ident))
+    (part,) = plan.stats
+    with _device_guard(device):
+        for blocks, count, aligned in plan.block_parts:
+            K.sumsq_blocks_kernel[(count,)](
+                plan.tensors, blocks, scale if scale is not None else plan.meta, part,
+                **norm_config(dt, has_scale=scale is not None, aligned=aligned))
+        K.sumsq_total_kernel[(n,)](plan.tensors, part, out, **norm_total_config())
+
+
+def _check_norm(tensors, out) -> torch.device:
+    """sumsq_'s arguments (NOTE: [clipping inside the step]): the device of ``out``."""
+    n = len(tensors)
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float64 or out.dim() != 1 \
+            or not out.is_contiguous() or out.numel() != n:
+        raise ValueError(f"sumsq_: out must be a contiguous 1-D float64 tensor of {n} elements (one per tensor), "
+                         f"got {getattr(out, 'dtype', type(out))} of shape {tuple(getattr(out, 'shape', ()))}")
+    device = out.device
+    if device.type != "cuda" and not (K.INTERPRETED and device.type == "cpu"):
+        raise ValueError("sumsq_ (triton): tensors must be CUDA tensors"
+                         + (" (or CPU tensors under TRITON_INTERPRET=1)" if K.INTERPRETED else
+                            "; CPU tensors need TRITON_INTERPRET=1 set before sign_kernels.triton is first used"))
+    if n == 0:
+        return device
+    dt = tensors[0].dtype
+    if dt not in _FLOAT_DTYPES:
+        raise TypeError(f"sumsq_ (triton): tensors[0] has dtype {dt}; supported: fp32, bf16, fp16")
+    if set(map(_dtype, tensors)) == {dt} and set(map(_device, tensors)) == {device} \
+            and all(map(torch.Tensor.is_contiguous, tensors)):
+        return device
+    for i, t in enumerate(tensors):
+        if t.dtype != dt:
+            raise TypeError(f"sumsq_: tensors[{i}] has dtype {t.dtype}, tensors[0] has {dt} "
+                            "(one call takes one dtype)")
+        if t.device != device:
+            raise ValueError(f"sumsq_: tensors[{i}] is on {t.device}, out on {device}")
+        if not t.is_contiguous():
+            raise ValueError(f"sumsq_: tensors[{i}] is not contiguous")
+    return device
