@@ -349,9 +349,15 @@ def global_stats(opt, plan, grad_scale: Optional[torch.Tensor], found_inf: Optio
             grads = [b.grads[k] for k in nan_ks]
             pieces.append(torch.stack(torch._foreach_norm(grads, 2, _norm_dtype(grads[0]))).to(f64))
         if sq_ks:
-            pieces.append(sums.index_select(0, torch.tensor([at[k] for k in sq_ks], device=sums.device)))
+            # (an empty shard has no sums: its entry is 0)
+            piece = sums.index_select(0, torch.tensor([max(at[k], 0) for k in sq_ks], device=sums.device))
+            empty = [i for i, k in enumerate(sq_ks) if at[k] < 0]
+            if empty:
+                piece[torch.tensor(empty, device=piece.device)] = 0.0
+            pieces.append(piece)
         for k in row_ks:
-            pieces.append(sums[at[k]:at[k] + b.params[k].shape[:-1].numel()])
+            count = b.params[k].shape[:-1].numel()
+            pieces.append(sums[at[k]:at[k] + count] if at[k] >= 0 else torch.zeros(count, dtype=f64, device=device))
     raw = torch.cat(pieces)
     if layout.perm is not None:
         raw = raw.index_select(0, layout.perm)
