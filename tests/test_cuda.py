@@ -10,7 +10,11 @@ Skipped without a GPU or without the compiled CUDA op. What is checked:
 * sizes around packs (8 elements) and chunks (65536), misaligned views, thousands of
   tensors (several launches), NaN/Inf grads, exact zeros and cancellations;
 * bit-identity with the compiled CPU op (fp32, bf16 with SR), opcheck, CUDA-graph replay,
-  GradScaler's found_inf, and one tensor of more than 2^31 elements (large_memory).
+  GradScaler's found_inf, and one tensor of more than 2^31 elements (large_memory);
+* clipping inside the step (NOTE: [clipping inside the step] in sign_kernels/_ops.py): a given
+  ``clip`` is bit for bit the step on ``(g / grad_scale) * clip`` rounded to fp32 (what
+  ``g.mul_(clip)`` leaves in fp32 grads), Tiger's NaN guard included; ``sumsq_`` within 1e-12 of
+  an fp64 sum, the same bits whatever the companions, NaN/inf/empty, CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -115,10 +119,11 @@ def state_name(name):
     return "sign_counts" if name == "simba_" else "exp_avgs"
 
 
-def call(fn, name, ps, gs, ss, steps, h, *, grad_scale=None, found_inf=None, seeds=None, sr=False):
+def call(fn, name, ps, gs, ss, steps, h, *, grad_scale=None, found_inf=None, seeds=None, sr=False, clip=None):
     seeds = list(seeds) if seeds is not None else [(1000003 * i + 17) & 0xFFFFFFFF for i in range(len(ps))]
+    extra = {} if clip is None else {"clip": clip}  # omitted, as the callers without clipping do
     fn(params=ps, grads=gs, steps=steps, grad_scale=grad_scale, found_inf=found_inf, seeds=seeds,
-       stochastic_rounding=sr, **{state_name(name): ss}, **h)
+       stochastic_rounding=sr, **{state_name(name): ss}, **h, **extra)
 
 
 def clone(ts, **kw):
@@ -486,3 +491,342 @@ def test_maximize_is_the_step_on_minus_g(cls, backend):
         runs.append([p.detach() for p in params])
     for a, b in zip(*runs):
         assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+
+
+# ------------------------------------------------------------------ clipping inside the step
+# NOTE: [clipping inside the step] in sign_kernels/_ops.py; NOTE: [CUDA gradient used] in
+# csrc/cuda/sign_functors.cuh; NOTE: [CUDA sums of squares for clipping] in csrc/cuda/sumsq.cu.
+CLIP = 0.3  # not a power of 2: the product rounds
+
+
+def used_grads(gs, clip, grad_scale=None):
+    """The fp32 gradient the ops use: (g / grad_scale) * clip, each rounded to fp32 -- on fp32
+    grads without a scale, what clip_grad_norm_'s g.mul_(clip) leaves in them. Device tensors
+    only (torch divides by a CPU scalar through its reciprocal)."""
+    out = []
+    for g in gs:
+        x = g.detach().float()
+        if grad_scale is not None:
+            x = x / grad_scale.to(x.device)
+        out.append(x * clip.to(x.device))
+    return out
+
+
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("scaled", [False, True], ids=["noscale", "scale"])
+def test_clip_is_the_step_on_clipped_fp32_grads(name, scaled):
+    """fp32: clip given == g.mul_(clip) then no clip, bit for bit, against the reference and
+    against the CUDA op itself (Tiger's θ exactly too: the same RMS order); non-finite grads
+    included (Tiger's guard sees the clipped gradient)."""
+    shapes = SHAPES[:9] + [(64, 48), (9, 4100)]
+    counters = name == "simba_"
+    sdt = torch.int16 if counters else F32
+    ps, gs, ss = make_tensors(shapes, F32, F32, sdt, seed=11, counters=counters)
+    for g in gs[2::3]:
+        if g.numel() >= 3:
+            flat = g.view(-1)
+            flat[0], flat[1], flat[-1] = float("nan"), float("inf"), float("-inf")
+    clip = torch.tensor(CLIP, device="cuda")
+    scale = torch.tensor(3.0, device="cuda") if scaled else None
+    h = hyper(name, shapes)
+    runs = []
+    for fn, with_clip in ((op(name), True), (op(name), False), (ref_fn(name), False)):
+        p, s = clone(ps), clone(ss)
+        g = clone(gs) if with_clip else used_grads(gs, clip, scale)
+        call(fn, name, p, g, s, steps_of(len(ps), 2), h, grad_scale=scale if with_clip else None,
+             clip=clip if with_clip else None)
+        runs.append((p, s))
+    (pc, sc), (pm, sm), (pr, sr_) = runs
+    assert_same(pc, pm, "params (clip vs premultiplied, cuda)")
+    assert_same(sc, sm, "state (clip vs premultiplied, cuda)")
+    assert_same(sc, sr_, "state (clip vs premultiplied reference)")
+    if name == "tiger_":
+        for i, (a, b) in enumerate(zip(pc, pr)):
+            torch.testing.assert_close(a, b, **tiger_param_tol(F32), msg=lambda m: f"params[{i}]: {m}")
+    else:
+        assert_same(pc, pr, "params (clip vs premultiplied reference)")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_clip_matches_reference_with_clip(name):
+    """bf16 params and grads with SR: the CUDA op and the reference, both given the clip."""
+    counters = name == "simba_"
+    sdt = torch.int16 if counters else BF16
+    ps, gs, ss = make_tensors(SHAPES, BF16, BF16, sdt, seed=12, counters=counters)
+    clip = torch.tensor(CLIP, device="cuda")
+    scale = torch.tensor(0.75, device="cuda")
+    h = hyper(name, SHAPES)
+    ps_r, gs_r, ss_r = clone(ps), clone(gs), clone(ss)
+    call(op(name), name, ps, gs, ss, steps_of(len(ps), 1), h, grad_scale=scale, sr=True, clip=clip)
+    call(ref_fn(name), name, ps_r, gs_r, ss_r, steps_of(len(ps), 1), h, grad_scale=scale, sr=True, clip=clip)
+    assert_same(ss, ss_r, "state")
+    if name == "tiger_":
+        for i, (a, b) in enumerate(zip(ps, ps_r)):
+            torch.testing.assert_close(a, b, **tiger_param_tol(BF16), msg=lambda m: f"params[{i}]: {m}")
+    else:
+        assert_same(ps, ps_r, "params")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_clip_bf16_grads(name):
+    """bf16 grads: the gradient used is fp32(g) * clip in fp32, i.e. the step on fp32 grads
+    holding that product (bit for bit, Tiger's θ included)."""
+    counters = name == "simba_"
+    sdt = torch.int16 if counters else BF16
+    shapes = SHAPES[:9] + [(64, 48)]
+    ps, gs, ss = make_tensors(shapes, BF16, BF16, sdt, seed=13, counters=counters)
+    clip = torch.tensor(CLIP, device="cuda")
+    h = hyper(name, shapes)
+    pm, sm = clone(ps), clone(ss)
+    call(op(name), name, ps, gs, ss, steps_of(len(ps)), h, sr=True, clip=clip)
+    call(op(name), name, pm, used_grads(gs, clip), sm, steps_of(len(ps)), h, sr=True)
+    assert_same(ps, pm, "params")
+    assert_same(ss, sm, "state")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_clip_omitted_and_host_clip(name):
+    """clip=None is the call without the argument; a CPU clip equals a device one; a clip of 1
+    changes nothing (x * 1 is x)."""
+    counters = name == "simba_"
+    sdt = torch.int16 if counters else F32
+    shapes = SHAPES[:8]
+    ps, gs, ss = make_tensors(shapes, F32, F32, sdt, seed=14, counters=counters)
+    h = hyper(name, shapes)
+    seeds = [(1000003 * i + 17) & 0xFFFFFFFF for i in range(len(ps))]
+    variants = {
+        "omitted": {},
+        "None": {"clip": None},
+        "one": {"clip": torch.tensor(1.0, device="cuda")},
+        "cpu": {"clip": torch.tensor(CLIP)},
+        "device": {"clip": torch.tensor(CLIP, device="cuda")},
+        "device-fp64": {"clip": torch.tensor(CLIP, device="cuda", dtype=torch.float64)},  # to fp32, as grad_scale
+    }
+    outs = {}
+    for key, extra in variants.items():
+        p, s = clone(ps), clone(ss)
+        op(name)(params=p, grads=clone(gs), steps=steps_of(len(ps)), grad_scale=None, found_inf=None, seeds=seeds,
+                 stochastic_rounding=False, **{state_name(name): s}, **h, **extra)
+        outs[key] = (p, s)
+    for a, b in (("omitted", "None"), ("omitted", "one"), ("cpu", "device"), ("device-fp64", "device")):
+        assert_same(outs[a][0], outs[b][0], f"params ({a} vs {b})")
+        assert_same(outs[a][1], outs[b][1], f"state ({a} vs {b})")
+
+
+@pytest.mark.parametrize("clip_value", [float("nan"), 0.0])
+def test_tiger_guard_sees_the_clipped_gradient(clip_value):
+    """A NaN clip fires every tensor's guard; a zero clip fires it where g holds an inf (inf * 0)."""
+    shapes = [(5, 7), (4097,), (3, 9000), (300,)]
+    ps, gs, ss = make_tensors(shapes, F32, F32, F32, hard=False, seed=15)
+    gs[1].view(-1)[100] = float("inf")
+    h = hyper("tiger_", shapes, roles=[ref.ROLE_MATRIX, ref.ROLE_MATRIX, ref.ROLE_EMBEDDING, ref.ROLE_GAIN])
+    clip = torch.tensor(clip_value, device="cuda")
+    m0 = clone(ss)
+    pm, sm = clone(ps), clone(ss)
+    call(op("tiger_"), "tiger_", ps, gs, ss, steps_of(4), h, clip=clip)
+    call(op("tiger_"), "tiger_", pm, used_grads(gs, clip), sm, steps_of(4), h)
+    fired = [True] * 4 if clip_value != clip_value else [False, True, False, False]
+    for i, f in enumerate(fired):
+        assert torch.equal(ss[i], m0[i]) == f, f"tensor {i}: guard {'not ' if f else ''}expected"
+    assert_same(ps, pm, "params")
+    assert_same(ss, sm, "exp_avgs")
+
+
+def test_dist_lion_pack_clip():
+    """Distributed Lion's pack pass: clip given == the pass on the clipped fp32 gradient."""
+    from sign_kernels.distributed import _wire
+
+    if not _ops.has_kernel("dist_lion_pack_", "CUDA"):
+        pytest.skip("no CUDA dist_lion_pack_")
+    shapes = [(1,), (7,), (4097,), (CHUNK + 3,)]
+    _, gs, ms = make_tensors(shapes, F32, F32, F32, seed=16)
+    gs[2].view(-1)[5] = float("nan")
+    clip = torch.tensor(CLIP, device="cuda")
+    scale = torch.tensor(0.75, device="cuda")
+    runs = []
+    for fn, with_clip in ((op("dist_lion_pack_"), True), (op("dist_lion_pack_"), False),
+                          (_wire.dist_lion_pack_, True)):
+        m = clone(ms)
+        packed = [torch.full(((g.numel() + 3) // 4,), 0xAA, dtype=torch.uint8, device="cuda") for g in gs]
+        if with_clip:
+            fn(clone(gs), m, packed, 0.9, 0.99, scale, None, clip)
+        else:
+            fn(used_grads(gs, clip, scale), m, packed, 0.9, 0.99, None, None)
+        runs.append((m, packed))
+    for m, packed in runs[1:]:
+        assert_same(runs[0][0], m, "exp_avgs")
+        assert_same(runs[0][1], packed, "packed")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_clip_opcheck(name):
+    shapes = [(3, 5), (17,)]
+    sdt = torch.int16 if name == "simba_" else F32
+    ps, gs, ss = make_tensors(shapes, F32, F32, sdt, hard=False, counters=name == "simba_")
+    h = hyper(name, shapes)
+    kwargs = dict(params=ps, grads=gs, steps=steps_of(2), grad_scale=torch.tensor(2.0, device="cuda"),
+                  found_inf=None, seeds=[1, 2], stochastic_rounding=False, clip=torch.tensor(0.5, device="cuda"),
+                  **{state_name(name): ss}, **h)
+    args = [kwargs.get(a.name) for a in op(name).default._schema.arguments]
+    torch.library.opcheck(op(name).default, args)
+
+
+def test_clip_cuda_graph_replay_reads_the_current_clip():
+    shapes = [(257, 33), (4097,)]
+    ps, gs, ss = make_tensors(shapes, F32, F32, F32, hard=False, seed=17)
+    h = hyper("lion_", shapes)
+    clip = torch.tensor(CLIP, device="cuda")
+    pe, se = clone(ps), clone(ss)
+
+    def step(p, s):
+        call(op("lion_"), "lion_", p, gs, s, steps_of(2), h, clip=clip)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(ps, ss)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(ps, ss)
+    step(pe, se)
+    for _ in range(3):
+        clip.mul_(-0.5)  # the sign of the clipped gradient flips: the replay must see it
+        graph.replay()
+        step(pe, se)
+    torch.cuda.synchronize()
+    assert_same(ps, pe, "params")
+    assert_same(ss, se, "exp_avgs")
+
+
+# ------------------------------------------------------------------ sumsq_
+def sumsq(tensors, scale=None, fn=None):
+    out = torch.full((len(tensors),), -1.0, dtype=torch.float64, device="cuda")
+    (fn or op("sumsq_"))(tensors, scale, out)
+    return out
+
+
+def sumsq64(tensors, scale=None):
+    """The fp64 oracle: the fp32 quotient, squared and summed in fp64 by torch."""
+    out = []
+    for x in tensors:
+        q = x.float()
+        if scale is not None:
+            q = q / scale.to(device=x.device, dtype=torch.float32)
+        out.append(q.double().square().sum())
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64, device="cuda")
+
+
+SUMSQ_SIZES = [1, 3, 8, 9, 4095, 4097, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 5, 1_000_003]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("scale", [None, "device", "cpu"])
+def test_sumsq_matches_fp64(dtype, scale):
+    gen = torch.Generator().manual_seed(21)
+    xs = [hard_values(n, gen, dtype).cuda() for n in SUMSQ_SIZES] + [normal_values(64 * 48, gen, dtype).cuda().view(64, 48)]
+    s = {None: None, "device": torch.tensor(0.75, device="cuda"), "cpu": torch.tensor(0.75)}[scale]
+    got = sumsq(xs, s)
+    want = sumsq64(xs, None if s is None else s.cuda())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    ref_out = torch.zeros(len(xs), dtype=torch.float64, device="cuda")
+    ref.sumsq_(xs, None if s is None else s.cuda(), ref_out)
+    torch.testing.assert_close(got, ref_out, rtol=1e-12, atol=0)
+
+
+def test_sumsq_same_bits_whatever_the_companions():
+    """The order is fixed by each tensor's numel: other tensors, their number (several launches),
+    their order, and a misaligned copy of the same values give the same bits."""
+    gen = torch.Generator().manual_seed(22)
+    xs = [normal_values(n, gen, F32).cuda() for n in SUMSQ_SIZES]
+    scale = torch.tensor(3.0, device="cuda")
+    alone = [sumsq([x], scale) for x in xs]
+    together = sumsq(xs, scale)
+    # several launches of both kernels (NOTE: [chunk table in kernel arguments])
+    others = [normal_values(int(n), gen, F32).cuda() for n in torch.randint(1, 3000, (5000,), generator=gen)]
+    mixed = list(others[:1000]) + xs[::-1] + list(others[1000:])
+    in_crowd = sumsq(mixed, scale)[1000:1000 + len(xs)].flip(0)
+    misaligned = []
+    for x in xs:
+        buf = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
+        view = buf[1:]
+        view.copy_(x)
+        misaligned.append(view)
+    shifted = sumsq(misaligned, scale)
+    for i in range(len(xs)):
+        bits = together[i : i + 1].view(torch.int64)
+        assert torch.equal(alone[i].view(torch.int64), bits), f"tensor {i}: alone"
+        assert torch.equal(in_crowd[i : i + 1].view(torch.int64), bits), f"tensor {i}: in a crowd"
+        assert torch.equal(shifted[i : i + 1].view(torch.int64), bits), f"tensor {i}: misaligned"
+    again = sumsq(xs, scale)
+    assert torch.equal(again.view(torch.int64), together.view(torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=lambda d: str(d).split(".")[1])
+def test_sumsq_nonfinite_and_empty(dtype):
+    gen = torch.Generator().manual_seed(23)
+    nan = normal_values(CHUNK + 7, gen, dtype).cuda()
+    nan[CHUNK + 3] = float("nan")
+    nan[2] = float("inf")  # NaN wins over inf
+    inf = normal_values(CHUNK + 7, gen, dtype).cuda()
+    inf[CHUNK + 1] = float("-inf")
+    empty = torch.empty(0, dtype=dtype, device="cuda")
+    empty2d = torch.empty(3, 0, dtype=dtype, device="cuda")
+    tiny = torch.zeros(5, dtype=dtype, device="cuda")
+    out = sumsq([empty, nan, inf, empty2d, tiny])
+    assert out[0].item() == 0.0 and not torch.signbit(out[0])
+    assert out[1].isnan()
+    assert out[2].item() == float("inf")
+    assert out[3].item() == 0.0 and out[4].item() == 0.0
+    # a zero scale: x / 0 is inf (0 / 0 NaN), as the division would give
+    out = sumsq([torch.ones(9, dtype=dtype, device="cuda"), empty], torch.tensor(0.0, device="cuda"))
+    assert out[0].item() == float("inf") and out[1].item() == 0.0
+    assert sumsq([]).numel() == 0  # nothing to do
+
+
+def test_sumsq_cuda_graph_capture():
+    gen = torch.Generator().manual_seed(24)
+    xs = [normal_values(n, gen, BF16).cuda() for n in (5, CHUNK + 9, 3 * CHUNK)]
+    scale = torch.tensor(2.0, device="cuda")
+    out = torch.zeros(len(xs), dtype=torch.float64, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op("sumsq_")(xs, scale, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op("sumsq_")(xs, scale, out)
+    for s in (2.0, 0.5, 3.0):
+        scale.fill_(s)  # the replay reads the current scale and tensors
+        for x in xs:
+            x.add_(0.25)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.view(torch.int64), sumsq(xs, scale).view(torch.int64))
+
+
+def test_sumsq_checks_and_opcheck():
+    x = torch.randn(10, device="cuda")
+    with pytest.raises(RuntimeError, match="sumsq_"):
+        op("sumsq_")([x, x.half()], None, torch.zeros(2, dtype=torch.float64, device="cuda"))
+    with pytest.raises(RuntimeError, match="sumsq_"):
+        op("sumsq_")([x], None, torch.zeros(2, dtype=torch.float64, device="cuda"))
+    with pytest.raises(RuntimeError, match="sumsq_"):
+        op("sumsq_")([x], None, torch.zeros(1, dtype=torch.float32, device="cuda"))
+    with pytest.raises(RuntimeError, match="sumsq_"):
+        op("sumsq_")([x[::2]], None, torch.zeros(1, dtype=torch.float64, device="cuda"))
+    torch.library.opcheck(op("sumsq_").default,
+                          ([x, torch.randn(3, 4, device="cuda")], torch.tensor(2.0, device="cuda"),
+                           torch.zeros(2, dtype=torch.float64, device="cuda")))
+
+
+def test_sumsq_close_to_cpu_op():
+    if not _ops.has_kernel("sumsq_", "CPU"):
+        pytest.skip("the compiled CPU op is not built")
+    gen = torch.Generator().manual_seed(25)
+    xs = [hard_values(n, gen, BF16) for n in SUMSQ_SIZES]
+    cpu = torch.zeros(len(xs), dtype=torch.float64)
+    op("sumsq_")(xs, torch.tensor(0.75), cpu)
+    torch.testing.assert_close(sumsq([x.cuda() for x in xs], torch.tensor(0.75, device="cuda")).cpu(), cpu,
+                               rtol=1e-12, atol=0)

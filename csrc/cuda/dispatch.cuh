@@ -63,6 +63,7 @@ inline DeviceCommon device_common(const Common& c) {
   d.lr_ptr = c.lr_ptr;
   d.grad_scale = c.grad_scale;
   d.found_inf = c.found_inf;
+  d.clip = c.clip;
   d.sr = c.stochastic_rounding;
   return d;
 }

@@ -16,9 +16,10 @@ constexpr int64_t kMaxBlocks = 4096;
 
 template <class G, class S>
 __global__ void pack_kernel(const G* __restrict__ g, S* __restrict__ m, uint8_t* __restrict__ out, int64_t n,
-                            LionScalars s, const float* grad_scale, const float* found_inf) {
+                            LionScalars s, const float* grad_scale, const float* found_inf, const float* clip) {
   const bool skip = found_inf != nullptr && *found_inf != 0.0f;
   const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
+  const float coef = clip != nullptr ? *clip : 1.0f;
   const int64_t bytes = (n + 3) / 4;
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < bytes;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -30,7 +31,10 @@ __global__ void pack_kernel(const G* __restrict__ g, S* __restrict__ m, uint8_t*
         if (i < n) {
           float mv = to_f32(m[i]);
           float gv = to_f32(g[i]);
-          if (grad_scale != nullptr) gv = gv / scale;
+          // The gradient used (NOTE: [CUDA gradient used] in sign_functors.cuh): the quotient,
+          // then the clipping product, each rounded to fp32.
+          if (grad_scale != nullptr) gv = __fdiv_rn(gv, scale);
+          if (clip != nullptr) gv = __fmul_rn(gv, coef);
           byte |= dist_lion_pack_one(mv, gv, s) << (2 * j);
           store(m + i, mv, 0u, i, false);
         }
@@ -81,7 +85,7 @@ cudaError_t dist_lion_pack(const DistPackList& t, const DistPackArgs& a, cudaStr
         if (t.numels[i] == 0) continue;
         pack_kernel<G, S><<<blocks_for((t.numels[i] + 3) / 4), kThreads, 0, stream>>>(
             static_cast<const G*>(t.grads[i]), static_cast<S*>(t.exp_avgs[i]), t.packed[i], t.numels[i], s,
-            a.grad_scale, a.found_inf);
+            a.grad_scale, a.found_inf, a.clip);
       }
       return cudaGetLastError();
     });

@@ -22,13 +22,15 @@ namespace cuda {
 
 // The executor takes the one descriptor of csrc/core/descriptor.h (NOTE: [executor
 // memory]): the pointer tables are host arrays, the pointers they hold and the scalar
-// pointers (steps[i], lr_ptr, grad_scale, found_inf, stats, sumsq_out, workspace) are
-// device pointers, read by the kernels.
+// pointers (steps[i], lr_ptr, grad_scale, found_inf, clip, stats, sumsq_out, workspace;
+// sumsq's scale and out) are device pointers, read by the kernels.
 using sign_kernels::Common;
 using sign_kernels::DType;
 using sign_kernels::LionArgs;
 using sign_kernels::Op;
 using sign_kernels::SimbaArgs;
+using sign_kernels::SumsqArgs;
+using sign_kernels::SumsqList;
 using sign_kernels::TensorList;
 using sign_kernels::TigerArgs;
 
@@ -43,6 +45,13 @@ cudaError_t simba(const TensorList& t, const SimbaArgs& a, cudaStream_t stream);
 // and the update, all on `stream`. workspace_bytes depends on the shapes and roles only.
 size_t tiger_workspace_bytes(const TensorList& t, const TigerArgs& a);
 cudaError_t tiger(const TensorList& t, const TigerArgs& a, cudaStream_t stream);
+
+// The norm pass of clipping inside the step (op sumsq_; NOTE: [CUDA sums of squares for
+// clipping] in sumsq.cu): a per-chunk kernel writes partial sums to the workspace, a
+// per-tensor kernel sums them into a.out. workspace_bytes depends on the numels only (0: a
+// list the kernels do not take).
+size_t sumsq_workspace_bytes(const SumsqList& t);
+cudaError_t sumsq(const SumsqList& t, const SumsqArgs& a, cudaStream_t stream);
 
 // Human-readable build facts ("nvcc 13.0, sm_80 sm_90a"), for diagnostics.
 const char* build_info();

@@ -1,7 +1,7 @@
 // sign_functors.cuh -- the per-chunk functors of Lion, Tiger and Simba.
 //
 // They only move memory: read the per-tensor scalars on the device (step, lr, grad
-// scale, found_inf), load packs of every list, call the fp32 math of
+// scale, found_inf, clip), load packs of every list, call the fp32 math of
 // csrc/core/sign_math.h on each element, and store the packs with the storage rounding
 // of sign_math.h (RNE, or the documented stochastic rounding for bf16). Nothing here
 // computes a formula of docs/rules.md by itself.
@@ -30,6 +30,7 @@ struct DeviceCommon {
   const float* lr_ptr;      // device lr, or null
   const float* grad_scale;  // device scale, or null
   const float* found_inf;   // device flag, or null
+  const float* clip;        // device clipping coefficient, or null
   bool sr;
 
   // NOTE: [found_inf]: GradScaler's flag; NaN compares != 0 too, as in the reference.
@@ -44,6 +45,28 @@ template <typename G>
 __device__ __forceinline__ float unscale(G g, float scale) {
   return __fdiv_rn(to_f32(g), scale);
 }
+
+// NOTE: [CUDA gradient used] The gradient the math sees (NOTE: [clipping inside the step] in
+// sign_kernels/_ops.py): (g / scale) * clip, the quotient and then the product each rounded to
+// fp32 (__fdiv_rn, __fmul_rn: never contracted, whatever the flags). Without a clip the factor
+// is 1 and the product is the quotient exactly (IEEE, denormals kept), but for a NaN's payload,
+// which nothing observes: every use of the gradient compares it or multiplies it again. So an
+// omitted clip gives the bits of unscale alone, with no flag kept in a register (the Tiger
+// update runs at the bound of NOTE: [two blocks per SM]; a flag made three of its
+// instantiations spill). The scalars are read once per chunk; every functor, and Tiger's NaN
+// scan, goes through this.
+struct GradIn {
+  float scale;  // 1 when absent (exact)
+  float clip;   // 1 when absent (exact)
+
+  __device__ __forceinline__ explicit GradIn(const DeviceCommon& c)
+      : scale(c.scale()), clip(c.clip != nullptr ? *c.clip : 1.0f) {}
+
+  template <typename G>
+  __device__ __forceinline__ float operator()(G g) const {
+    return __fmul_rn(unscale(g, scale), clip);
+  }
+};
 
 // Storage value of an int16 counter, for symmetry with to_f32.
 __device__ __forceinline__ int16_t to_i16(int16_t v) { return v; }
@@ -65,7 +88,7 @@ struct LionFunctor {
     const LionMeta& meta = tl.meta[c.tensor];
     const int64_t t = *meta.step;
     const LionScalars sc = lion_scalars(common.learning_rate(), beta1, beta2, weight_decay);
-    const float scale = common.scale();
+    const GradIn grad(common);
     const uint32_t key_p = sr_key(meta.seed, t, kStreamParam);
     const uint32_t key_s = sr_key(meta.seed, t, kStreamState);
     P* p = static_cast<P*>(tl.ptrs[kParamIdx][c.tensor]);
@@ -83,7 +106,7 @@ struct LionFunctor {
       for (int j = 0; j < kILP; ++j) {
         float pf = to_f32(pk.v[j]);
         float mf = to_f32(mk.v[j]);
-        lion_update(pf, mf, unscale(gk.v[j], scale), sc);
+        lion_update(pf, mf, grad(gk.v[j]), sc);
         store(&pk.v[j], pf, key_p, s.index(j), common.sr);
         store(&mk.v[j], mf, key_s, s.index(j), common.sr);
       }
@@ -108,7 +131,7 @@ struct SimbaFunctor {
     const SimbaMeta& meta = tl.meta[c.tensor];
     const int64_t t = *meta.step;
     const SimbaScalars sc = simba_scalars(common.learning_rate(), weight_decay, window, threshold_count);
-    const float scale = common.scale();
+    const GradIn grad(common);
     const uint32_t key_p = sr_key(meta.seed, t, kStreamParam);
     P* p = static_cast<P*>(tl.ptrs[kParamIdx][c.tensor]);
     const G* g = static_cast<const G*>(tl.ptrs[kGradIdx][c.tensor]);
@@ -124,7 +147,7 @@ struct SimbaFunctor {
 #pragma unroll
       for (int j = 0; j < kILP; ++j) {
         float pf = to_f32(pk.v[j]);
-        simba_update(pf, ck.v[j], unscale(gk.v[j], scale), sc);
+        simba_update(pf, ck.v[j], grad(gk.v[j]), sc);
         store(&pk.v[j], pf, key_p, s.index(j), common.sr);
       }
       store_pack(p, pk, s);
@@ -136,8 +159,9 @@ struct SimbaFunctor {
 // ------------------------------------------------------------------ Tiger
 // NOTE: [Tiger pre-pass]
 // Tiger needs two facts about a whole tensor before any element may be written: whether
-// g / scale holds a NaN anywhere (the NaN guard), and the RMS of θ_{t-1} (matrix role:
-// the whole tensor; embedding role: each row). A chunk cannot know them, so a call is
+// the gradient used (NOTE: [CUDA gradient used]) holds a NaN anywhere (the NaN guard), and
+// the RMS of θ_{t-1} (matrix role: the whole tensor; embedding role: each row). A chunk
+// cannot know them, so a call is
 //   1. pre-pass, one block per chunk: NaN flag of the chunk and (matrix) its sum of
 //      squares, written to its own slot; (embedding) the RMS of each row, whole rows
 //      per chunk (the pre-pass chunks of an embedding are row-aligned);
@@ -167,7 +191,7 @@ struct TigerMeta {
 
 struct TigerTensorInfo {
   float rms;    // RMS of the whole tensor (matrix role, on updating steps)
-  int32_t nan;  // g / scale holds a NaN
+  int32_t nan;  // the gradient used ((g / scale) * clip) holds a NaN
 };
 
 struct TigerWorkspace {
@@ -338,7 +362,7 @@ struct TigerPrepassFunctor {
     const bool given_sums = meta.given_sumsq >= 0;  // whole-tensor sums given: θ is not read
     const bool matrix_rms = update && meta.role == kRoleMatrix && !given_sums;
     const bool row_rms = update && meta.role == kRoleEmbedding;
-    const float scale = h.common.scale();
+    const GradIn grad(h.common);  // the NaN guard looks at the gradient the update uses
     const P* p = static_cast<const P*>(tl.ptrs[kParamIdx][c.tensor]);
     const G* g = static_cast<const G*>(tl.ptrs[kGradIdx][c.tensor]);
 
@@ -354,7 +378,7 @@ struct TigerPrepassFunctor {
         Pack<G> gk;
         load_pack(gk, g, s);
 #pragma unroll
-        for (int j = 0; j < kILP; ++j) nan |= s.valid(j) && isnan(unscale(gk.v[j], scale));
+        for (int j = 0; j < kILP; ++j) nan |= s.valid(j) && isnan(grad(gk.v[j]));
       }
       if (fused_sq) {
         Pack<P> pk;
@@ -471,7 +495,7 @@ struct TigerUpdateFunctor {
       return;
     }
 
-    const float scale = h.common.scale();
+    const GradIn grad(h.common);
     if (!sc.update) {  // accumulation micro-step: θ is neither read nor written
       for_each_pack(c, all_aligned16(c.begin, g, m), [&](const PackSlot& s) {
         Pack<G> gk;
@@ -482,7 +506,7 @@ struct TigerUpdateFunctor {
         for (int j = 0; j < kILP; ++j) {
           float unused = 0.0f;
           float mf = to_f32(mk.v[j]);
-          tiger_update(unused, mf, unscale(gk.v[j], scale), 0.0f, sc);
+          tiger_update(unused, mf, grad(gk.v[j]), 0.0f, sc);
           store(&mk.v[j], mf, key_s, s.index(j), sr);
         }
         store_pack(m, mk, s);
@@ -522,7 +546,7 @@ struct TigerUpdateFunctor {
         }
         float pf = to_f32(pk.v[j]);
         float mf = to_f32(mk.v[j]);
-        tiger_update(pf, mf, unscale(gk.v[j], scale), lr_p, sc);
+        tiger_update(pf, mf, grad(gk.v[j]), lr_p, sc);
         store(&pk.v[j], pf, key_p, s.index(j), sr);
         store(&mk.v[j], mf, key_s, s.index(j), sr);
         if (sum_regs && aligned) acc += s.valid(j) ? sq(pk.v[j]) : 0.0;

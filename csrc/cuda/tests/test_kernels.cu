@@ -5,7 +5,9 @@
 // rounding, fp16), Tiger's momentum bit for bit and its θ to within the one-ulp effect of
 // a different fp64 summation order on the RMS. Cases: sizes around packs and chunks,
 // misaligned views, hundreds of tensors (several launches), mixed dtypes, grad scale,
-// found_inf, device lr, Tiger's NaN guard, accumulation window and roles.
+// clipping coefficient, found_inf, device lr, Tiger's NaN guard, accumulation window and
+// roles. And the norm pass (sumsq): against a host fp64 sum, the same bits whatever the
+// companions and the alignment, NaN, inf and empty tensors.
 //
 // Exit codes: 0 pass, 1 failure, 77 no CUDA device (CTest SKIP_RETURN_CODE).
 #include <cuda_runtime.h>
@@ -109,6 +111,9 @@ struct Case {
   int offset = 0;              // element offset of every device pointer (misaligned views)
   bool sr = false;
   bool scale = false;          // grad_scale = 4
+  float clip = 0.0f;           // the clipping coefficient; 0 = not given (clip_zero: given, 0)
+  bool clip_zero = false;      // clip = 0 given (inf * 0 = NaN: fires Tiger's guard)
+  int inf_tensor = -1;         // put an inf in this tensor's grad
   bool found_inf = false;
   bool device_lr = false;
   int64_t step = 0;            // t of every tensor
@@ -120,12 +125,17 @@ struct Case {
 void reference(const Case& c, std::vector<HostTensor>& P, const std::vector<HostTensor>& G,
                std::vector<HostTensor>& S, const std::vector<int64_t>& seeds) {
   const float lr = 1e-2f, scale = c.scale ? 4.0f : 1.0f;
+  const bool clipped = c.clip != 0.0f || c.clip_zero;
   if (c.found_inf) return;
   for (size_t i = 0; i < P.size(); ++i) {
     const int64_t n = P[i].n;
     const uint32_t seed = static_cast<uint32_t>(seeds[i]);
     const uint32_t kp = sk::sr_key(seed, c.step, 0), ks = sk::sr_key(seed, c.step, 1);
-    auto grad = [&](int64_t j) { return G[i].get(j) / scale; };
+    // The gradient used: (g / scale) * clip, each rounded to fp32 (host: -ffp-contract=off).
+    auto grad = [&](int64_t j) {
+      const float q = G[i].get(j) / scale;
+      return clipped ? q * c.clip : q;
+    };
     if (c.algo == Algo::kLion) {
       const sk::LionScalars sc = sk::lion_scalars(lr, 0.9f, 0.99f, 0.1f);
       for (int64_t j = 0; j < n; ++j) {
@@ -218,6 +228,7 @@ void run(const Case& c) {
       }
     }
     if (static_cast<int>(i) == c.nan_tensor && n > 0) G[i].put(n / 2, NAN, 0, false);
+    if (static_cast<int>(i) == c.inf_tensor && n > 0) G[i].put(n - 1, INFINITY, 0, false);
   }
 
   // Device copies.
@@ -234,11 +245,11 @@ void run(const Case& c) {
     sp.push_back(ds.back()->ptr);
   }
   int64_t* d_steps;
-  float* d_scalars;  // lr, scale, found_inf
+  float* d_scalars;  // lr, scale, found_inf, clip
   CHECK_CUDA(cudaMalloc(&d_steps, sizeof(int64_t) * (nt + 1)));
-  CHECK_CUDA(cudaMalloc(&d_scalars, sizeof(float) * 3));
+  CHECK_CUDA(cudaMalloc(&d_scalars, sizeof(float) * 4));
   std::vector<int64_t> h_steps(nt + 1, c.step);
-  const float h_scalars[3] = {1e-2f, 4.0f, c.found_inf ? 1.0f : 0.0f};
+  const float h_scalars[4] = {1e-2f, 4.0f, c.found_inf ? 1.0f : 0.0f, c.clip};
   CHECK_CUDA(cudaMemcpy(d_steps, h_steps.data(), sizeof(int64_t) * (nt + 1), cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(d_scalars, h_scalars, sizeof(h_scalars), cudaMemcpyHostToDevice));
   std::vector<const int64_t*> steps(nt);
@@ -260,6 +271,7 @@ void run(const Case& c) {
   common.lr_ptr = c.device_lr ? d_scalars : nullptr;
   common.grad_scale = c.scale ? d_scalars + 1 : nullptr;
   common.found_inf = c.found_inf ? d_scalars + 2 : nullptr;
+  common.clip = c.clip != 0.0f || c.clip_zero ? d_scalars + 3 : nullptr;
   common.stochastic_rounding = c.sr;
 
   cudaStream_t stream;
@@ -317,6 +329,107 @@ void run(const Case& c) {
   cudaFree(d_scalars);
   if (ws) cudaFree(ws);
   cudaStreamDestroy(stream);
+}
+
+// ------------------------------------------------------------------ sumsq
+// One sumsq call over device copies of `tensors` (offset elements into their buffers); the
+// workspace and out start as garbage (the kernels must not rely on zeros).
+std::vector<double> device_sumsq(const std::vector<const HostTensor*>& tensors, int offset, const float* d_scale) {
+  std::vector<DeviceBuf*> bufs;
+  std::vector<const void*> ptrs;
+  std::vector<int64_t> numels;
+  for (const HostTensor* h : tensors) {
+    bufs.push_back(new DeviceBuf(*h, offset));
+    ptrs.push_back(bufs.back()->ptr);
+    numels.push_back(h->n);
+  }
+  sk::SumsqList l;
+  l.count = static_cast<int64_t>(tensors.size());
+  l.tensors = ptrs.data();
+  l.numels = numels.data();
+  l.dtype = tensors.empty() ? skc::DType::kFloat32 : tensors[0]->dtype;
+  sk::SumsqArgs a;
+  a.scale = d_scale;
+  a.workspace_bytes = skc::sumsq_workspace_bytes(l);
+  double* d_out;
+  CHECK_CUDA(cudaMalloc(&d_out, sizeof(double) * (tensors.size() + 1)));
+  CHECK_CUDA(cudaMemset(d_out, 0xFF, sizeof(double) * (tensors.size() + 1)));
+  CHECK_CUDA(cudaMalloc(&a.workspace, a.workspace_bytes));
+  CHECK_CUDA(cudaMemset(a.workspace, 0xFF, a.workspace_bytes));
+  a.out = d_out;
+  CHECK_CUDA(skc::sumsq(l, a, nullptr));
+  std::vector<double> out(tensors.size());
+  CHECK_CUDA(cudaMemcpy(out.data(), d_out, sizeof(double) * out.size(), cudaMemcpyDeviceToHost));
+  cudaFree(d_out);
+  cudaFree(a.workspace);
+  for (DeviceBuf* b : bufs) delete b;
+  return out;
+}
+
+bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+
+// The norm pass: each sum within 1e-12 of a host fp64 sum, the same bits with other
+// companions and misaligned, NaN -> NaN, inf -> +inf, empty -> 0.
+void run_sumsq(skc::DType dtype, bool scaled) {
+  const float scale = 0.75f;  // not a power of 2: the fp32 quotient rounds
+  float* d_scale = nullptr;
+  if (scaled) {
+    CHECK_CUDA(cudaMalloc(&d_scale, sizeof(float)));
+    CHECK_CUDA(cudaMemcpy(d_scale, &scale, sizeof(float), cudaMemcpyHostToDevice));
+  }
+  const std::vector<int64_t> sizes = {0, 1, 7, 8, 9, 4097, 65535, 65536, 65537, 3 * 65536 + 5, 1000000, 0, 33};
+  std::vector<HostTensor> T;
+  for (int64_t n : sizes) {
+    T.emplace_back(dtype, n);
+    for (int64_t j = 0; j < n; ++j) T.back().put(j, next_value(), 0, false);
+  }
+  const size_t k_nan = T.size(), k_inf = T.size() + 1;
+  T.emplace_back(dtype, 70000);
+  T.emplace_back(dtype, 70000);
+  for (int64_t j = 0; j < 70000; ++j) {
+    T[k_nan].put(j, next_value(), 0, false);
+    T[k_inf].put(j, next_value(), 0, false);
+  }
+  T[k_nan].put(69999, NAN, 0, false);
+  T[k_nan].put(3, INFINITY, 0, false);  // NaN wins over inf
+  T[k_inf].put(65536 + 5, -INFINITY, 0, false);
+
+  std::vector<const HostTensor*> all, rev, sub;
+  for (const HostTensor& h : T) all.push_back(&h);
+  rev.assign(all.rbegin(), all.rend());
+  for (size_t i = 0; i < all.size(); i += 3) sub.push_back(all[i]);
+  const std::vector<double> got = device_sumsq(all, 0, d_scale);
+  const std::vector<double> got_rev = device_sumsq(rev, 0, d_scale);
+  const std::vector<double> got_sub = device_sumsq(sub, 0, d_scale);
+  const std::vector<double> got_mis = device_sumsq(all, 1, d_scale);  // misaligned: scalar loads
+
+  int bad = 0;
+  for (size_t i = 0; i < T.size(); ++i) {
+    long double acc = 0.0L;  // wider than the device's fp64: the reference's own error is negligible
+    for (int64_t j = 0; j < T[i].n; ++j) {
+      const float q = scaled ? T[i].get(j) / scale : T[i].get(j);
+      acc += static_cast<long double>(static_cast<double>(q) * static_cast<double>(q));
+    }
+    const double want = static_cast<double>(acc);
+    const double g = got[i];
+    bool ok;
+    if (i == k_nan) ok = std::isnan(g);
+    else if (i == k_inf) ok = std::isinf(g) && g > 0;
+    else if (T[i].n == 0) ok = same_bits(g, 0.0);
+    else ok = std::fabs(g - want) <= 1e-12 * want;
+    const bool same = same_bits(g, got_rev[T.size() - 1 - i]) && same_bits(g, got_mis[i]) &&
+                      (i % 3 != 0 || same_bits(g, got_sub[i / 3]));
+    if ((!ok || !same) && bad++ < 3)
+      std::fprintf(stderr, "  sumsq tensor %zu (%lld elements): want %.17g got %.17g (reversed %.17g, "
+                   "misaligned %.17g)\n", i, static_cast<long long>(T[i].n), want, g, got_rev[T.size() - 1 - i],
+                   got_mis[i]);
+  }
+  char name[64];
+  std::snprintf(name, sizeof name, "sumsq %s%s", dtype == skc::DType::kFloat32 ? "fp32" :
+                dtype == skc::DType::kBFloat16 ? "bf16" : "fp16", scaled ? " scaled" : "");
+  std::printf("%-40s %s (%zu tensors)\n", name, bad ? "FAIL" : "ok", T.size());
+  g_failures += bad != 0;
+  if (d_scale) cudaFree(d_scale);
 }
 
 }  // namespace
@@ -393,8 +506,29 @@ int main() {
     c.name = "tiger found_inf";
     c.found_inf = true;
     add(c);
+    c = base;
+    c.name = "tiger clip + scale + nan guard";
+    c.clip = 0.3f;
+    c.scale = true;
+    c.nan_tensor = 4;
+    add(c);
+    c = base;
+    c.name = "tiger clip 0, an inf grad (guard)";
+    c.clip_zero = true;
+    c.inf_tensor = 5;
+    c.p = D::kBFloat16;
+    c.g = D::kFloat32;
+    c.s = D::kBFloat16;
+    c.sr = true;
+    add(c);
   }
+  // The clipping coefficient (NOTE: [CUDA gradient used]).
+  { Case c{"lion clip + scale", Algo::kLion, D::kFloat32, D::kFloat32, D::kFloat32, edge}; c.clip = 0.3f; c.scale = true; add(c); }
+  { Case c{"lion clip bf16", Algo::kLion, D::kBFloat16, D::kBFloat16, D::kBFloat16, edge}; c.clip = 0.3f; c.sr = true; add(c); }
+  { Case c{"simba clip misaligned", Algo::kSimba, D::kFloat16, D::kFloat32, D::kInt16, edge}; c.clip = 0.3f; c.offset = 3; add(c); }
   for (const Case& c : cases) run(c);
+  for (D d : pd)
+    for (bool scale : {false, true}) run_sumsq(d, scale);
   std::printf("%s\n", g_failures ? "FAILED" : "all passed");
   return g_failures ? 1 : 0;
 }
