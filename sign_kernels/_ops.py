@@ -24,7 +24,18 @@ Contract shared by the three ops (docs/rules.md has the formulas):
 * ``seeds[i]`` is the stochastic-rounding seed of tensor ``i`` (``sign_kernels._rng``);
   ``stochastic_rounding`` turns SR on for bf16 params and bf16 state.
 * ``clip`` (0-dim fp32, optional, trailing): the gradient-norm clipping coefficient
-  (NOTE: [clipping inside the step]). Given, the gradient used is ``(g / grad_scale) * clip``,
+  (NOTE: [8-bit momentum and the correction byte]
+``lion_`` and ``tiger_`` take two more optional lists (docs/rules.md "8-bit momentum" and
+"Correction byte"; the bits: NOTE: [int8 momentum] and NOTE: [correction byte] in
+csrc/core/sign_math.h; the reference: sign_kernels/_quant.py):
+
+* ``exp_avg_scales``: with int8 ``exp_avgs`` (codes), one bf16 tensor per momentum of shape
+  ``shape[:-1] + (ceil(shape[-1] / 64),)``, the block scales (read and written). Given exactly
+  when the momenta are int8; int8 momenta have >= 2 dims.
+* ``residuals``: one int8 tensor per param, of its shape, for bf16 or fp16 params: the
+  correction byte (read and written). Exclusive with ``stochastic_rounding``.
+
+NOTE: [clipping inside the step]). Given, the gradient used is ``(g / grad_scale) * clip``,
   each operation rounded to fp32 in that order (``g * clip`` without a scale): the bits of
   ``clip_grad_norm_``'s ``g.mul_(clip)`` on fp32 gradients followed by the step. Tiger's NaN
   guard looks at that gradient too. Omitted, nothing is multiplied.
@@ -102,6 +113,8 @@ import torch
 LIB_NAME = "sign_kernels"
 
 _COMMON_TAIL = "Tensor? grad_scale, Tensor? found_inf, int[] seeds, bool stochastic_rounding, Tensor? clip=None) -> ()"
+# 8-bit momentum and the correction byte (NOTE: [int8 momentum], NOTE: [correction byte]).
+_COMPRESSED = "Tensor(d!)[]? exp_avg_scales=None, Tensor(e!)[]? residuals=None"
 # Tiger's statistics given from outside (NOTE: [Tiger statistics input]).
 _TIGER_STATS = "Tensor? stats=None, int[]? stats_nan=None, int[]? stats_sumsq=None, int[]? stats_n=None"
 # Tiger's sums of squares of θ as the call leaves it (NOTE: [Tiger sums of squares out]).
@@ -110,14 +123,15 @@ _TIGER_SUMSQ_OUT = "Tensor(c!)? sumsq_out=None, int[]? sumsq_out_at=None"
 SCHEMAS = {
     "lion_": (
         "lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] steps, "
-        "float lr, Tensor? lr_t, float beta1, float beta2, float weight_decay, " + _COMMON_TAIL
+        "float lr, Tensor? lr_t, float beta1, float beta2, float weight_decay, "
+        + _COMMON_TAIL.replace(") -> ()", ", " + _COMPRESSED + ") -> ()")
     ),
     "tiger_": (
         "tiger_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] steps, "
         "int[] roles, float lr, Tensor? lr_t, float beta, float weight_decay, "
         "int grad_accum_steps, float shrink_ratio, "
         + _COMMON_TAIL.replace(", Tensor? clip=None) -> ()", ", " + _TIGER_STATS + ", " + _TIGER_SUMSQ_OUT
-                              + ", Tensor? clip=None) -> ()")
+                              + ", Tensor? clip=None, " + _COMPRESSED + ") -> ()")
     ),
     "simba_": (
         "simba_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] sign_counts, Tensor[] steps, "

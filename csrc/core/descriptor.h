@@ -26,7 +26,7 @@
 
 namespace sign_kernels {
 
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt16 = 3 };
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt16 = 3, kInt8 = 4 };
 
 enum class Op : int32_t { kLion = 0, kTiger = 1, kSimba = 2 };
 
@@ -44,6 +44,13 @@ struct TensorList {
   DType param_dtype = DType::kFloat32;
   DType grad_dtype = DType::kFloat32;
   DType state_dtype = DType::kFloat32;
+  // int8 momentum (state_dtype kInt8; NOTE: [int8 momentum] in sign_math.h): tensor i's bf16
+  // block scales, rows x ceil(row_sizes[i] / kQBlock); null otherwise.
+  void* const* scales = nullptr;
+  const int64_t* row_sizes = nullptr;  // last-dim size of each tensor (set with scales)
+  // The correction byte (NOTE: [correction byte]): tensor i's int8 residuals, for bf16/fp16
+  // params; null: none.
+  void* const* residuals = nullptr;
 };
 
 // Shared by the three ops. The scalar pointers are executor memory (fp32), null when not given.

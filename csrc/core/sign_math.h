@@ -30,6 +30,7 @@
 // computed in Python (sign_kernels/_rng.py).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -255,6 +256,91 @@ SK_HD void simba_update(float& p, int16_t& cnt, float g, const SimbaScalars& s) 
   n = n < s.window ? n : s.window;
   n = n > -s.window ? n : -s.window;
   cnt = static_cast<int16_t>(n);
+}
+
+// ------------------------------------------------------------- int8 momentum
+// NOTE: [int8 momentum] (docs/rules.md, "8-bit momentum"; the reference is
+// sign_kernels/_quant.py). The momentum of a tensor of >= 2 dims is stored as int8 codes,
+// one per element, and one bf16 scale per block of kQBlock consecutive elements of a row
+// (the last dim; a row's last block may be shorter). A block never crosses a row, so FSDP2's
+// Shard(0) keeps blocks whole, and a split of the last dim at a multiple of kQBlock too.
+// Codes are companded (a square law: small momenta keep relative precision, 4 decades below
+// the block's largest with a nonzero code):
+//   value(c) = sign(c) * (s * (fp32(c*c) / 16129))        s = fp32(scale); 16129 = 127^2
+// The new momentum of a block is computed for all its elements first (in fp32, as for an
+// fp32 momentum), then:
+//   absmax = max |m| over the block (NaN ignored);  scale = bf16 of absmax rounded up
+//   r  = |m| / s;  y = 127 * sqrt(r);  lo = clamp(floor(y), 0, 126)
+//   p  = (|m| - value(lo)) / (value(lo + 1) - value(lo))       (the position between the two codes)
+//   |c| = lo + (u < p), sign(c) = sign(m);  c = 0 where r is not in [0, 1] (s = 0: an all-zero
+//        block; an infinity in the block zeroes it; NaN m -> 0)
+// Rounding up with probability p makes the stored value unbiased (E = m): a momentum moving
+// by far less than a code step per step is kept on average, where round-to-nearest would
+// freeze it. u in [0, 1) are the 24 high bits of a function of the value, not of the index:
+//   u = (sr_bits(sr_key(seed, step, STREAM_STATE), f32_bits(m)) >> 8) * 2^-24
+// so a sharded tensor rounds exactly as the whole one. sqrt, the divisions and products are
+// IEEE-rounded operations, the same bits on every backend.
+constexpr int64_t kQBlock = 64;
+
+// bf16 bits of a >= 0 (not NaN) rounded toward +inf; +inf stays +inf.
+SK_HD uint16_t bf16_bits_up(float a) { return static_cast<uint16_t>((f32_bits(a) + 0xFFFFu) >> 16); }
+
+SK_HD float q8_scale(uint16_t scale_bits) { return bits_f32(static_cast<uint32_t>(scale_bits) << 16); }
+
+// |value| of code magnitude c (0..127) under block scale s.
+SK_HD float q8_level(float s, float c) { return s * ((c * c) / 16129.0f); }
+
+SK_HD float q8_dequant(int8_t code, float s) {
+  const float c = static_cast<float>(code);
+  const float v = q8_level(s, c < 0.0f ? -c : c);
+  return c < 0.0f ? -v : v;
+}
+
+SK_HD int8_t q8_code(float m, float s, uint32_t key) {
+  const float a = m < 0.0f ? -m : m;
+  const float r = a / s;
+  if (!(r >= 0.0f && r <= 1.0f)) return 0;  // s = 0, s = inf, m NaN
+  float lo = floorf(127.0f * sqrtf(r));
+  lo = lo > 126.0f ? 126.0f : lo;
+  const float vlo = q8_level(s, lo);
+  const float p = (a - vlo) / (q8_level(s, lo + 1.0f) - vlo);
+  const float u = static_cast<float>(sr_bits(key, static_cast<int64_t>(f32_bits(m))) >> 8) * 5.9604644775390625e-8f;  // 2^-24
+  const float c = lo + (u < p ? 1.0f : 0.0f);
+  return static_cast<int8_t>(m < 0.0f ? -c : c);
+}
+
+// ------------------------------------------------------------- the correction byte
+// NOTE: [correction byte] (docs/rules.md, "Correction byte"). A 16-bit param θ16 (bf16 or
+// fp16) with error_correction keeps an int8 ρ per element; the weight the optimizer updates is
+//   θ^ = θ16 + ρ · u(θ16),   u(v) = ulp(v) / 256   (a power of two; |ρ| <= 127: within half an ulp)
+// exact in fp32 (bf16: 8 + 8 significant bits, fp16: 11 + 8). After the update θ^':
+//   θ16' = round-to-nearest-even(θ^'),  ρ' = clamp(rint((θ^' - θ16') / u(θ16')), -127, 127)
+// (the difference is exact; dividing by a power of two is exact). An infinite or NaN θ16'
+// gets ρ' = 0. u of a zero or subnormal θ16 is that of the smallest normal binade.
+SK_HD float ec_unit(bf16_t v) {
+  int32_t e = static_cast<int32_t>((v.x >> 7) & 0xFFu);
+  if (e == 0xFF) return 0.0f;
+  e = e < 1 ? 1 : e;
+  const int32_t p = e - 127 - 15;  // ulp 2^(e-127-7), / 256; in [-141, 112]
+  return p >= -126 ? bits_f32(static_cast<uint32_t>(p + 127) << 23) : bits_f32(1u << (p + 149));
+}
+SK_HD float ec_unit(fp16_t v) {
+  int32_t e = static_cast<int32_t>((v.x >> 10) & 0x1Fu);
+  if (e == 0x1F) return 0.0f;
+  e = e < 1 ? 1 : e;
+  return bits_f32(static_cast<uint32_t>(e - 15 - 18 + 127) << 23);  // ulp 2^(e-15-10), / 256
+}
+
+template <class P>
+SK_HD float ec_decode(P v, int8_t rho) { return to_f32(v) + static_cast<float>(rho) * ec_unit(v); }
+
+template <class P>
+SK_HD int8_t ec_residual(P v, float hat) {
+  const float u = ec_unit(v);
+  if (!(u > 0.0f)) return 0;
+  const float r = rintf((hat - to_f32(v)) / u);
+  if (!(r == r)) return 0;
+  return static_cast<int8_t>(r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r));
 }
 
 }  // namespace sign_kernels

@@ -27,6 +27,7 @@ inline DType core_dtype(at::ScalarType t) {
     case at::kBFloat16: return DType::kBFloat16;
     case at::kHalf: return DType::kFloat16;
     case at::kShort: return DType::kInt16;
+    case at::kChar: return DType::kInt8;
     default: break;
   }
   TORCH_CHECK(false, "sign_kernels: no kernel dtype for ", t);  // the checks admit none
@@ -77,11 +78,12 @@ inline ListInfo check_lists(const char* op, at::TensorList params, at::TensorLis
   const bool fused_param = info.param == at::kFloat || info.param == at::kBFloat16 || info.param == at::kHalf;
   const bool grad_ok = info.grad == info.param || info.grad == at::kFloat;
   const bool state_ok = counters ? info.state == at::kShort
-                                 : (info.state == info.param || info.state == at::kFloat || info.state == at::kBFloat16);
+                                 : (info.state == info.param || info.state == at::kFloat || info.state == at::kBFloat16 ||
+                                    info.state == at::kChar);
   TORCH_CHECK(fused_param && grad_ok && state_ok, op, ": unsupported dtypes (param ", info.param, ", grad ",
               info.grad, ", state ", info.state,
               "): params float32/bfloat16/float16, grads the param dtype or float32, ",
-              counters ? "int16 counters" : "state the param dtype, float32 or bfloat16");
+              counters ? "int16 counters" : "state the param dtype, float32, bfloat16 or int8 (with its scales)");
   return info;
 }
 
@@ -262,6 +264,64 @@ inline void check_simba_window(const char* op, int64_t window_size, int64_t thre
   TORCH_CHECK(threshold_count >= 0 && threshold_count <= window_size, op,
               ": threshold_count must be in [0, window_size], got ", threshold_count);
 }
+
+// 8-bit momentum's block scales and the correction byte (NOTE: [8-bit momentum and the
+// correction byte] in sign_kernels/_ops.py), checked and set into a checked call's `list`.
+struct CompressedLists {
+  std::vector<void*> scales, residuals;
+  std::vector<int64_t> rows;
+
+  CompressedLists(const char* op, Lists& l, at::TensorList params, at::TensorList states,
+                  const c10::optional<at::TensorList>& exp_avg_scales, const c10::optional<at::TensorList>& residual,
+                  bool stochastic_rounding) {
+    const size_t n = params.size();
+    const bool int8 = n > 0 && states[0].scalar_type() == at::kChar;
+    TORCH_CHECK(int8 == exp_avg_scales.has_value() || n == 0, op,
+                ": int8 momentum and exp_avg_scales are given together or not at all");
+    if (exp_avg_scales.has_value()) {
+      TORCH_CHECK(exp_avg_scales->size() == n, op, ": exp_avg_scales has ", exp_avg_scales->size(), " tensors for ",
+                  n, " params");
+      scales.resize(n);
+      rows.resize(n);
+      for (size_t i = 0; i < n; ++i) {
+        const at::Tensor& m = states[i];
+        const at::Tensor& sc = (*exp_avg_scales)[i];
+        TORCH_CHECK(m.dim() >= 2, op, ": tensor ", i, ": int8 momentum needs >= 2 dims (rows of blocks), got ",
+                    m.dim());
+        const int64_t cols = m.size(-1);
+        std::vector<int64_t> want(m.sizes().begin(), m.sizes().end());
+        want.back() = (cols + kQBlock - 1) / kQBlock;
+        TORCH_CHECK(sc.scalar_type() == at::kBFloat16 && sc.is_contiguous() && sc.sizes() == at::IntArrayRef(want) &&
+                        sc.device() == m.device(),
+                    op, ": tensor ", i, ": exp_avg_scales must be a contiguous bf16 tensor of shape ",
+                    at::IntArrayRef(want), " on ", m.device(), ", got ", sc.scalar_type(), " ", sc.sizes(), " on ",
+                    sc.device());
+        scales[i] = sc.data_ptr();
+        rows[i] = cols;
+      }
+      l.list.scales = scales.data();
+      l.list.row_sizes = rows.data();
+    }
+    if (residual.has_value()) {
+      TORCH_CHECK(!stochastic_rounding, op, ": residuals (the correction byte) and stochastic_rounding are exclusive");
+      TORCH_CHECK(residual->size() == n, op, ": residuals has ", residual->size(), " tensors for ", n, " params");
+      residuals.resize(n);
+      for (size_t i = 0; i < n; ++i) {
+        const at::Tensor& p = params[i];
+        const at::Tensor& r = (*residual)[i];
+        TORCH_CHECK(p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf, op, ": tensor ", i,
+                    ": the correction byte is for bf16 and fp16 params, got ", p.scalar_type());
+        TORCH_CHECK(r.scalar_type() == at::kChar && r.is_contiguous() && r.sizes() == p.sizes() &&
+                        r.device() == p.device(),
+                    op, ": tensor ", i, ": residuals must be contiguous int8 tensors of the param's shape and device");
+        residuals[i] = r.data_ptr();
+      }
+      l.list.residuals = residuals.data();
+    }
+  }
+  CompressedLists(const CompressedLists&) = delete;
+  CompressedLists& operator=(const CompressedLists&) = delete;
+};
 
 // The norm pass (sumsq_): the tensors share a fused dtype and out's device; out is a contiguous
 // 1-D fp64 tensor with one entry per tensor. Returns the tables the executors take.

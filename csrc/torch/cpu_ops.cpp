@@ -51,13 +51,15 @@ void common_args(const char* op, Common& c, ScalarHold& hold, double lr, const c
 void lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList steps, double lr,
               const c10::optional<at::Tensor>& lr_t, double beta1, double beta2, double weight_decay,
               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-              c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& clip) {
+              c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& clip,
+              const c10::optional<at::TensorList>& exp_avg_scales, const c10::optional<at::TensorList>& residuals) {
   const auto info = check_lists("lion_", params, grads, exp_avgs, steps, seeds, c10::kCPU, false);
   LionArgs a;
   ScalarHold hold;
   common_args("lion_", a.common, hold, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip);
   binding::lion_args(a, beta1, beta2, weight_decay);
-  const binding::Lists l("lion_", params, grads, exp_avgs, steps, seeds, info);
+  binding::Lists l("lion_", params, grads, exp_avgs, steps, seeds, info);
+  const binding::CompressedLists q("lion_", l, params, exp_avgs, exp_avg_scales, residuals, stochastic_rounding);
   const char* err = cpu::lion_step(l.list, a);
   TORCH_CHECK(err == nullptr, "lion_: ", err);
 }
@@ -69,7 +71,8 @@ void tiger_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& stats,
                at::OptionalIntArrayRef stats_nan, at::OptionalIntArrayRef stats_sumsq,
                at::OptionalIntArrayRef stats_n, const c10::optional<at::Tensor>& sumsq_out,
-               at::OptionalIntArrayRef sumsq_out_at, const c10::optional<at::Tensor>& clip) {
+               at::OptionalIntArrayRef sumsq_out_at, const c10::optional<at::Tensor>& clip,
+               const c10::optional<at::TensorList>& exp_avg_scales, const c10::optional<at::TensorList>& residuals) {
   const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCPU, false);
   const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
   TigerArgs a;
@@ -77,7 +80,8 @@ void tiger_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                       stats_nan, stats_sumsq, stats_n, sumsq_out, sumsq_out_at, c10::Device(c10::kCPU));
   ScalarHold hold;
   common_args("tiger_", a.common, hold, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip);
-  const binding::Lists l("tiger_", params, grads, exp_avgs, steps, seeds, info);
+  binding::Lists l("tiger_", params, grads, exp_avgs, steps, seeds, info);
+  const binding::CompressedLists q("tiger_", l, params, exp_avgs, exp_avg_scales, residuals, stochastic_rounding);
   const char* err = cpu::tiger_step(l.list, a);
   TORCH_CHECK(err == nullptr, "tiger_: ", err);
 }

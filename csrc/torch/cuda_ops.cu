@@ -105,11 +105,23 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// NOTE: [8-bit momentum and the correction byte] in sign_kernels/_ops.py: the CUDA kernels do not
+// implement them yet; the optimizers send such buckets to another backend (backends/__init__.py).
+void refuse_compressed(const char* op, const binding::ListInfo& info,
+                       const c10::optional<at::TensorList>& exp_avg_scales,
+                       const c10::optional<at::TensorList>& residuals) {
+  TORCH_CHECK(info.state != at::kChar && !exp_avg_scales.has_value() && !residuals.has_value(), op,
+              ": int8 momentum and the correction byte are not implemented in the CUDA kernels yet "
+              "(backend='reference' has them)");
+}
+
 void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList steps,
                double lr, const c10::optional<at::Tensor>& lr_t, double beta1, double beta2, double weight_decay,
                const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-               c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& clip) {
+               c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& clip,
+               const c10::optional<at::TensorList>& exp_avg_scales, const c10::optional<at::TensorList>& residuals) {
   const auto info = check_lists("lion_", params, grads, exp_avgs, steps, seeds, c10::kCUDA, false);
+  refuse_compressed("lion_", info, exp_avg_scales, residuals);
   if (params.empty()) return;
   const c10::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -129,8 +141,10 @@ void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& stats,
                 at::OptionalIntArrayRef stats_nan, at::OptionalIntArrayRef stats_sumsq,
                 at::OptionalIntArrayRef stats_n, const c10::optional<at::Tensor>& sumsq_out,
-                at::OptionalIntArrayRef sumsq_out_at, const c10::optional<at::Tensor>& clip) {
+                at::OptionalIntArrayRef sumsq_out_at, const c10::optional<at::Tensor>& clip,
+                const c10::optional<at::TensorList>& exp_avg_scales, const c10::optional<at::TensorList>& residuals) {
   const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCUDA, false);
+  refuse_compressed("tiger_", info, exp_avg_scales, residuals);
   const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
   if (params.empty()) return;
   const c10::Device device = params[0].device();

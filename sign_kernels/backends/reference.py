@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import _rng
+from .. import _quant, _rng
 
 # Tiger roles, as in csrc/core/sign_math.h (TigerRole).
 ROLE_ELEMENTWISE, ROLE_GAIN, ROLE_EMBEDDING, ROLE_MATRIX = 0, 1, 2, 3
@@ -84,21 +84,74 @@ def lion_(
     seeds: Sequence[int],
     stochastic_rounding: bool,
     clip: Optional[torch.Tensor] = None,
+    exp_avg_scales: Optional[Sequence[torch.Tensor]] = None,
+    residuals: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
+    _check_compressed(params, exp_avgs, exp_avg_scales, residuals, stochastic_rounding, "lion_")
     if _skip(found_inf):
         return
-    for p, g, m, step, seed in zip(params, grads, exp_avgs, steps, seeds):
+    for i, (p, g, m, step, seed) in enumerate(zip(params, grads, exp_avgs, steps, seeds)):
         dt, dev = _opmath(p.dtype), p.device
         t = int(step)
         lr_ = _lr(lr, lr_t, dt, dev)
         b1, b2, wd = (_scalar(v, dt, dev) for v in (beta1, beta2, weight_decay))
         one = _scalar(1.0, dt, dev)
-        p_, m_, g_ = p.to(dt), m.to(dt), _grad(g, grad_scale, dt, clip)
+        p_, m_, g_ = _read_param(p, residuals, i, dt), _read_momentum(m, exp_avg_scales, i, dt), _grad(g, grad_scale, dt, clip)
         c = b1 * m_ + (one - b1) * g_
         p_new = p_ * (one - lr_ * wd) - lr_ * _sign(c)
         m_new = b2 * m_ + (one - b2) * g_
-        _write(p, p_new, seed, t, _rng.STREAM_PARAM, stochastic_rounding)
-        _write(m, m_new, seed, t, _rng.STREAM_STATE, stochastic_rounding)
+        _write_param(p, p_new, residuals, i, seed, t, stochastic_rounding)
+        _write_momentum(m, m_new, exp_avg_scales, i, seed, t, stochastic_rounding)
+
+
+def _check_compressed(params, exp_avgs, scales, residuals, sr, op) -> None:
+    """8-bit momentum (int8 codes + bf16 block scales) and the correction byte: their lists."""
+    int8 = any(m.dtype == torch.int8 for m in exp_avgs)
+    if int8 != (scales is not None):
+        raise ValueError(f"{op}: int8 momentum and exp_avg_scales are given together or not at all")
+    if scales is not None:
+        if len(scales) != len(exp_avgs) or not all(m.dtype == torch.int8 for m in exp_avgs):
+            raise ValueError(f"{op}: exp_avg_scales needs one bf16 scale tensor per int8 momentum")
+        for i, (m, sc) in enumerate(zip(exp_avgs, scales)):
+            if m.dim() < 2 or sc.dtype != torch.bfloat16 or tuple(sc.shape) != _quant.scale_shape(m.shape):
+                raise ValueError(f"{op}: tensor {i}: int8 momentum needs >= 2 dims and bf16 scales of shape "
+                                 f"{_quant.scale_shape(m.shape) if m.dim() >= 2 else '?'}, got {m.dim()} dims and "
+                                 f"{sc.dtype} {tuple(sc.shape)}")
+    if residuals is not None:
+        if sr:
+            raise ValueError(f"{op}: residuals (the correction byte) and stochastic_rounding are exclusive")
+        if len(residuals) != len(params):
+            raise ValueError(f"{op}: residuals needs one int8 tensor per param")
+        for i, (p, r) in enumerate(zip(params, residuals)):
+            if p.dtype not in (torch.bfloat16, torch.float16) or r.dtype != torch.int8 or r.shape != p.shape:
+                raise ValueError(f"{op}: tensor {i}: the correction byte needs bf16/fp16 params and an int8 "
+                                 f"residual of their shape, got {p.dtype} and {r.dtype} {tuple(r.shape)}")
+
+
+def _read_param(p, residuals, i, dt):
+    return _quant.ec_decode(p, residuals[i]) if residuals is not None else p.to(dt)
+
+
+def _read_momentum(m, scales, i, dt):
+    return _quant.dequantize(m, scales[i]) if scales is not None else m.to(dt)
+
+
+def _write_param(p, value, residuals, i, seed, t, sr) -> None:
+    if residuals is not None:
+        v, rho = _quant.ec_encode(value.to(torch.float32), p.dtype)
+        p.copy_(v)
+        residuals[i].copy_(rho)
+    else:
+        _write(p, value, seed, t, _rng.STREAM_PARAM, sr)
+
+
+def _write_momentum(m, value, scales, i, seed, t, sr) -> None:
+    if scales is not None:
+        codes, scale = _quant.quantize(value.to(torch.float32), _quant.state_key(seed, t))
+        m.copy_(codes)
+        scales[i].copy_(scale)
+    else:
+        _write(m, value, seed, t, _rng.STREAM_STATE, sr)
 
 
 def tiger_rms(p: torch.Tensor, role: int) -> torch.Tensor:
@@ -197,7 +250,10 @@ def tiger_(
     sumsq_out: Optional[torch.Tensor] = None,
     sumsq_out_at: Optional[Sequence[int]] = None,
     clip: Optional[torch.Tensor] = None,
+    exp_avg_scales: Optional[Sequence[torch.Tensor]] = None,
+    residuals: Optional[Sequence[torch.Tensor]] = None,
 ) -> None:
+    _check_compressed(params, exp_avgs, exp_avg_scales, residuals, stochastic_rounding, "tiger_")
     ext = _check_tiger_stats(params, roles, stats, stats_nan, stats_sumsq, stats_n)
     out = _check_sumsq_out(params, roles, sumsq_out, sumsq_out_at)
     if out:
@@ -229,7 +285,7 @@ def tiger_(
         elementwise = role in (ROLE_ELEMENTWISE, ROLE_GAIN)
         one = _scalar(1.0, dt, dev)
         beta_ = _scalar(beta, dt, dev)
-        p_, m_, g_ = p.to(dt), m.to(dt), _grad(g, grad_scale, dt, clip)
+        p_, m_, g_ = _read_param(p, residuals, i, dt), _read_momentum(m, exp_avg_scales, i, dt), _grad(g, grad_scale, dt, clip)
         if ext and stats_nan[i] >= 0:  # NOTE: [Tiger statistics input] in sign_kernels/_ops.py
             nan = bool(stats[stats_nan[i]] != 0)
         else:
@@ -238,7 +294,7 @@ def tiger_(
             # NaN guard: leave m, shrink p towards its init centre.
             centre = _scalar(1.0 if role == ROLE_GAIN else 0.0, dt, dev)
             p_new = (p_ - centre) * _scalar(shrink_ratio, dt, dev) + centre
-            _write(p, p_new, seed, t, _rng.STREAM_PARAM, stochastic_rounding)
+            _write_param(p, p_new, residuals, i, seed, t, stochastic_rounding)
             fill(i, p, True)
             continue
         b1 = beta_ if t % k == 0 else one
@@ -259,8 +315,8 @@ def tiger_(
                 lr_p = lr_ * rms
                 wd_p = _scalar(weight_decay, dt, dev)
             p_new = p_ - lr_p * (_sign(m_new) + wd_p * p_)
-            _write(p, p_new, seed, t, _rng.STREAM_PARAM, stochastic_rounding)
-        _write(m, m_new, seed, t, _rng.STREAM_STATE, stochastic_rounding)
+            _write_param(p, p_new, residuals, i, seed, t, stochastic_rounding)
+        _write_momentum(m, m_new, exp_avg_scales, i, seed, t, stochastic_rounding)
         fill(i, p, (t + 1) % k == 0)
 
 
