@@ -160,12 +160,22 @@ def unsupported_reason(
         return f'backend="{name}" takes float32, bfloat16 or float16 parameters, got {param_dtype}'
     if grad_dtype not in (param_dtype, torch.float32):
         return f'backend="{name}" takes gradients of the parameter dtype or float32, got {grad_dtype} for {param_dtype} parameters'
-    if state_dtype not in (param_dtype, torch.float32, torch.bfloat16, torch.int16):
-        return f'backend="{name}" takes state of the parameter dtype, float32 or bfloat16, got {state_dtype}'
+    if state_dtype not in (param_dtype, torch.float32, torch.bfloat16, torch.int16, torch.int8):
+        return f'backend="{name}" takes state of the parameter dtype, float32, bfloat16 or int8, got {state_dtype}'
     return None
 
 
 _AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+_fallbacks_logged: set = set()
+
+
+def log_fallback(name: str, what: str) -> None:
+    """Log once that backend="auto" took ``name`` for ``what`` (a feature the faster one lacks)."""
+    if what not in _fallbacks_logged:
+        _fallbacks_logged.add(what)
+        logger.info("sign_kernels: backend 'auto' uses %r for %s (the faster backend lacks it)", name, what)
+
+
 # The automatic choice per (device type, dtypes), made and logged once per process.
 _auto_cache: Dict[tuple, Backend] = {}
 

@@ -108,6 +108,58 @@ def local_states(bufs: List[Any]) -> List[torch.Tensor]:
     return [getattr(b, "_local_tensor", b) for b in bufs]
 
 
+# ------------------------------------------------------------------ 8-bit momentum's block scales
+def _scale_layout(p, scale_shape_fn):
+    """(global scale shape, local scale shape) of DTensor ``p``'s int8 momentum, or raise
+    ValueError when its sharding splits a block (NOTE: [int8 momentum] in csrc/core/sign_math.h:
+    blocks are 64 consecutive elements of a row, so only a split of the last dim at a multiple
+    of 64 keeps them whole; FSDP2's Shard(0) always does)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from .._quant import QBLOCK
+
+    gshape = tuple(scale_shape_fn(p.shape))
+    lshape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    slocal, soffset = compute_local_shape_and_global_offset(torch.Size(gshape), p.device_mesh, p.placements)
+    want = tuple(scale_shape_fn(torch.Size(lshape))) if len(lshape) else ()
+    if offset[-1] % QBLOCK or tuple(slocal) != want or soffset[-1] * QBLOCK != offset[-1]:
+        raise ValueError(
+            f"{_describe(p)}: this rank holds columns [{offset[-1]}, {offset[-1] + lshape[-1]}) of the last dim "
+            f"(size {p.shape[-1]}); int8 momentum keeps one scale per {QBLOCK} consecutive elements of a row, "
+            f"so a split of the last dim must fall on a multiple of {QBLOCK} on every rank. Use another "
+            "momentum_dtype for this parameter (a param group of its own), or shard another dim"
+        )
+    return gshape, tuple(slocal)
+
+
+_CHECKED_INT8: Dict[int, Any] = {}
+
+
+def check_int8_sharding(p, where: str, j: int, scale_shape_fn) -> None:
+    """Refuse (before anything changes) a DTensor param whose sharding would split a block."""
+    spec = p._spec
+    if _CHECKED_INT8.get(id(spec)) is spec:
+        return
+    try:
+        _scale_layout(p, scale_shape_fn)
+    except ValueError as exc:
+        raise ValueError(f"{where}: param {j}: {exc}") from None
+    _CHECKED_INT8[id(spec)] = spec
+
+
+def zeros_scales(p, scale_shape_fn) -> torch.Tensor:
+    """Zero bf16 block scales for ``p``'s int8 momentum: a plain tensor, or a DTensor with the
+    param's mesh and placements (each rank holds the scales of its own blocks)."""
+    cls = dtensor_class()
+    if cls is None or not isinstance(p, cls):
+        return torch.zeros(scale_shape_fn(p.shape), dtype=torch.bfloat16, device=p.device)
+    gshape, lshape = _scale_layout(p, scale_shape_fn)
+    local = torch.zeros(lshape, dtype=torch.bfloat16, device=p._local_tensor.device)
+    stride = torch.empty(gshape, device="meta").stride()
+    return cls.from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(gshape),
+                          stride=stride)
+
+
 def full_tensor(t) -> torch.Tensor:
     """The whole tensor of a DTensor; int16 (Simba's counters) travels as int32 (neither gloo
     nor NCCL has int16 collectives), exactly."""

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
-from .. import _rng
+from .. import _quant, _rng
 from .. import backends as _backends
 from ..distributed import _dtensor
 from . import _checkpoint, _clip
@@ -39,6 +39,8 @@ _MOMENTUM_DTYPES = {
     torch.float16: torch.float16,
     torch.float64: torch.float64,
     "float64": torch.float64,
+    torch.int8: torch.int8,  # 8-bit momentum (NOTE: [int8 momentum] in csrc/core/sign_math.h)
+    "int8": torch.int8,
 }
 
 
@@ -47,7 +49,8 @@ def normalize_momentum_dtype(value: Any) -> Optional[torch.dtype]:
         value = value.lower()
     if value not in _MOMENTUM_DTYPES:
         raise ValueError(
-            f"momentum_dtype must be None (the parameter's dtype), torch.float32 or torch.bfloat16, got {value!r}"
+            "momentum_dtype must be None (the parameter's dtype), torch.float32, torch.bfloat16 or torch.int8 "
+            f"(8-bit momentum), got {value!r}"
         )
     return _MOMENTUM_DTYPES[value]
 
@@ -99,6 +102,19 @@ def _check_nonneg(name: str, value: Any, where: str) -> None:
 # (README "torch.optim flags"): maximize and capturable are honoured; fused=True demands a
 # fused backend; foreach and differentiable have no meaning here beyond their defaults.
 TORCH_FLAG_DEFAULTS = dict(maximize=False, foreach=None, capturable=False, differentiable=False, fused=None)
+
+# The keyword options every sign optimizer takes, with their defaults: the one place they are
+# declared (each constructor names its algorithm's hyperparameters and passes **options here).
+# They become group options, as in torch.optim, checked by _check_options.
+COMMON_OPTIONS: Dict[str, Any] = dict(
+    max_grad_norm=None,        # clipping inside the step (optim/_clip.py)
+    backend="auto",
+    momentum_dtype=None,       # None (the param's), float32, bfloat16, int8 (8-bit momentum)
+    error_correction=False,    # the correction byte of 16-bit params
+    stochastic_rounding=False,
+    seed=0,
+    **TORCH_FLAG_DEFAULTS,
+)
 
 
 def _check_flags(group: Dict[str, Any], where: str) -> None:
@@ -169,11 +185,18 @@ class SignOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     # "Lion", "Tiger" or "Simba": whose checkpoints load as this optimizer's own (_checkpoint.py).
     _family: str = ""
+    # The backends whose kernels implement 8-bit momentum and the correction byte for this
+    # optimizer's op; backend="auto" takes the reference elsewhere (and says so in the log).
+    _compressed_backends: frozenset = frozenset({"reference"})
 
-    def __init__(self, params, defaults: Dict[str, Any]):
-        for name, value in TORCH_FLAG_DEFAULTS.items():
-            defaults.setdefault(name, value)
-        defaults.setdefault("max_grad_norm", None)
+    def __init__(self, params, hparams: Dict[str, Any], options: Optional[Dict[str, Any]] = None):
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(COMMON_OPTIONS))
+        if unknown:  # Python's own wording for a misspelt keyword
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {unknown[0]!r}")
+        defaults = dict(hparams)
+        for name, value in COMMON_OPTIONS.items():
+            defaults[name] = options.get(name, value)
         # torch.optim validates hyperparameters before it looks at params (torch's error order).
         defaults.update(self._check_options(defaults, f"{type(self).__name__}"))
         self._reset_caches()
@@ -197,6 +220,15 @@ class SignOptimizer(Optimizer):
             raise ValueError(f"{where}: {exc}") from None
         _check_flags(group, where)
         _clip.check_max_grad_norm(group.get("max_grad_norm"), where)
+        ec = group.get("error_correction", False)
+        if not isinstance(ec, bool):
+            raise ValueError(f"{where}: error_correction must be a bool, got {ec!r}")
+        if ec and group["stochastic_rounding"]:
+            raise ValueError(
+                f"{where}: error_correction=True and stochastic_rounding=True are exclusive: both are ways to keep "
+                "the bits a 16-bit weight drops (the correction byte keeps them exactly, stochastic rounding on "
+                "average); choose one"
+            )
         return {"momentum_dtype": momentum_dtype}
 
     def _check_group(self, group: Dict[str, Any], group_index: int, params: bool = True) -> Dict[str, Any]:
@@ -209,6 +241,9 @@ class SignOptimizer(Optimizer):
         for i, p in enumerate(group["params"]):
             if not p.is_floating_point():
                 raise ValueError(f"{where}: param {i} has dtype {p.dtype}; parameters must be floating point")
+            if probe["momentum_dtype"] == torch.int8 and p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"{where}: param {i} is {p.dtype}: int8 momentum is for float32, bfloat16 and float16 "
+                                 "params")
             if group["backend"] != "auto" or group["fused"]:
                 # An explicit backend (or fused=True) that cannot take these tensors fails now, not at step().
                 try:
@@ -223,6 +258,17 @@ class SignOptimizer(Optimizer):
 
     def _resolve_backend(self, group, device, param_dtype, grad_dtype, state_dtype):
         backend = _backends.choose(group["backend"], device, param_dtype, grad_dtype, state_dtype)
+        compressed = state_dtype == torch.int8 or (group.get("error_correction")
+                                                   and param_dtype in (torch.bfloat16, torch.float16))
+        if compressed and backend.name not in self._compressed_backends:
+            what = "int8 momentum" if state_dtype == torch.int8 else "the correction byte"
+            if group["backend"] != "auto":
+                raise _backends.BackendUnavailableError(
+                    f'backend="{backend.name}" does not implement {what} for {type(self).__name__} yet '
+                    f"(backends that do: {sorted(self._compressed_backends)})"
+                )
+            backend = _backends.get("reference")
+            _backends.log_fallback(backend.name, f"{type(self).__name__} with {what} on {device.type}")
         if group["fused"] and backend.name == "reference":
             raise _backends.BackendUnavailableError(
                 f"fused=True, but no fused backend takes {param_dtype} parameters with {grad_dtype} grads and "
@@ -250,13 +296,29 @@ class SignOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ state
     def _state_dtype(self, group: Dict[str, Any], p: torch.Tensor) -> torch.dtype:
-        return group["momentum_dtype"] or p.dtype
+        dtype = group["momentum_dtype"] or p.dtype
+        if dtype == torch.int8 and p.dim() < 2:
+            # NOTE: [int8 momentum]: blocks are rows of the last dim; a 0/1-d tensor (a bias, a
+            # norm gain: ~0.1 % of a transformer's params) keeps an fp32 momentum, since FSDP2
+            # cuts 1-d tensors anywhere, across blocks.
+            return torch.float32
+        return dtype
+
+    @staticmethod
+    def _corrected(group: Dict[str, Any], p: torch.Tensor) -> bool:
+        """Whether ``p`` carries a correction byte (error_correction on a bf16/fp16 param)."""
+        return bool(group.get("error_correction")) and p.dtype in (torch.bfloat16, torch.float16)
 
     def _init_state(self, group: Dict[str, Any], p: torch.Tensor, state: Dict[str, Any]) -> None:
         # zeros_like: a DTensor param gets a DTensor state with its placements (1/N per rank).
+        dtype = self._state_dtype(group, p)
         state[self._state_key] = torch.zeros_like(
-            p, dtype=self._state_dtype(group, p), memory_format=torch.contiguous_format, requires_grad=False
+            p, dtype=dtype, memory_format=torch.contiguous_format, requires_grad=False
         )
+        if dtype == torch.int8:
+            state["exp_avg_scale"] = _dtensor.zeros_scales(p, _quant.scale_shape)
+        if self._corrected(group, p):
+            state["residual"] = torch.zeros_like(p, dtype=torch.int8, memory_format=torch.contiguous_format)
         state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
 
     def _group_seeds(self, group: Dict[str, Any], offset: int) -> List[int]:
@@ -322,6 +384,8 @@ class SignOptimizer(Optimizer):
                     bucket = buckets[key] = _Bucket(backend)
                 bucket.keys.append(p)
                 if dtensor is not None and isinstance(p, dtensor):
+                    if sdt == torch.int8:
+                        _dtensor.check_int8_sharding(p, where, j, _quant.scale_shape)
                     p, g = _dtensor.local_pair(p, g, dtensor, where, j)
                     bucket.sharded = True
                 bucket.params.append(p)
@@ -404,8 +468,14 @@ class SignOptimizer(Optimizer):
             states.append(state)
         device = bucket.params[0].device
         bufs = [s[self._state_key] for s in states]
+        compressed = {}
+        if bufs[0].dtype == torch.int8:  # 8-bit momentum: its block scales
+            compressed["exp_avg_scales"] = [s["exp_avg_scale"] for s in states]
+        if "residual" in states[0]:  # the correction byte (the group's option, a 16-bit bucket)
+            compressed["residuals"] = [s["residual"] for s in states]
         if bucket.sharded:
             bufs = _dtensor.local_states(bufs)
+            compressed = {k: _dtensor.local_states(v) for k, v in compressed.items()}
         steps = [s["step"] for s in states]
         gs = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
         clip = getattr(self, "_clip_step", None)
@@ -448,7 +518,7 @@ class SignOptimizer(Optimizer):
             lr_f, lr_t = float(lr), None
         fn = bucket.backend.fn(self._op_name)
         fn(params, grads, bufs, steps, *self._op_args(group, bucket, lr_f, lr_t), gs, fi, seeds,
-           bool(group["stochastic_rounding"]), *self._op_extra(group, bucket, fi), **clip_kw)
+           bool(group["stochastic_rounding"]), *self._op_extra(group, bucket, fi), **clip_kw, **compressed)
         if staged is not None:
             for i, p in staged:
                 p.copy_(params[i])
@@ -478,8 +548,9 @@ class SignOptimizer(Optimizer):
 
     def _check_state_tensor(self, buf: torch.Tensor, what: str) -> None:
         """Refuse a saved state tensor this optimizer cannot use (called before anything changes)."""
-        if not buf.is_floating_point():
-            raise ValueError(f"{what}: {self._state_key!r} must be a floating-point tensor, got {buf.dtype}")
+        if not buf.is_floating_point() and buf.dtype != torch.int8:
+            raise ValueError(f"{what}: {self._state_key!r} must be a floating-point (or int8: 8-bit momentum) tensor, "
+                             f"got {buf.dtype}")
 
     def _restore_state_tensor(self, p: torch.Tensor, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A loaded state tensor as this optimizer keeps it: on the param's device, in ``dtype``."""
@@ -487,6 +558,11 @@ class SignOptimizer(Optimizer):
         if dtensor is not None and (isinstance(p, dtensor) or isinstance(buf, dtensor)):
             return _dtensor.restore_state(p, buf, dtype, dtensor)  # with the param's placements
         return buf.detach().to(device=p.device, dtype=dtype, copy=True).contiguous()
+
+    def _restore_like(self, like: torch.Tensor, buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A loaded state tensor in the layout of ``like`` (a fresh state tensor: plain, or a DTensor
+        with its shape and placements), e.g. int8 momentum's block scales."""
+        return self._restore_state_tensor(like, buf, dtype)
 
     def state_dict(self) -> Dict[str, Any]:
         """torch's state dict, with ``momentum_dtype`` saved by name ("bfloat16", not torch.bfloat16).
@@ -499,6 +575,10 @@ class SignOptimizer(Optimizer):
         for g in sd["param_groups"]:  # packed copies: the live groups keep their torch.dtype
             if isinstance(g.get("momentum_dtype"), torch.dtype):
                 g["momentum_dtype"] = str(g["momentum_dtype"]).replace("torch.", "")
+            if g.get("momentum_dtype") == "int8":
+                # NOTE: [int8 momentum]: the codes mean something only in their layout; a
+                # checkpoint says which, and another layout is refused on load.
+                g["momentum_layout"] = _quant.LAYOUT
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:

@@ -26,6 +26,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .. import _quant
+from ..distributed import _dtensor
+
 # Group and state keys that identify other optimizers' checkpoints (for the error message).
 _ADAM_KEYS = {"eps", "amsgrad"}
 _ADAM_STATE = {"exp_avg_sq", "max_exp_avg_sq"}
@@ -39,6 +42,8 @@ FAMILY_KEYS = {
     "Simba": {"window_size", "threshold"},
 }
 FAMILY_STATE = {"Lion": "exp_avg", "Tiger": "exp_avg", "Simba": "sign_counts"}
+# 8-bit momentum's block scales and the correction byte (Lion, Tiger).
+COMPRESSED_STATE = {"exp_avg_scale", "residual"}
 
 
 def _identify(group_keys: set, state_keys: set) -> str:
@@ -69,7 +74,7 @@ def foreign_reason(opt, saved_groups: List[dict], saved_state: Mapping) -> Optio
             others |= keys - FAMILY_KEYS[family]
     if group_keys & others:
         evidence.append(f"its param groups have {sorted(group_keys & others)}")
-    unknown_state = state_keys - {FAMILY_STATE[family], "step"}
+    unknown_state = state_keys - {FAMILY_STATE[family], "step"} - (COMPRESSED_STATE if family != "Simba" else set())
     if unknown_state:
         evidence.append(f"its state has {sorted(unknown_state)}")
     for gi, g in enumerate(saved_groups):
@@ -147,7 +152,14 @@ def build_loaded(opt, state_dict: Any) -> Tuple[Dict[torch.Tensor, dict], List[d
     new_groups = []
     id_map: Dict[Any, Tuple[torch.Tensor, int, int]] = {}
     for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
-        ng = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
+        layout = saved.get("momentum_layout")
+        if layout is not None and layout != _quant.LAYOUT:
+            raise ValueError(
+                f"{where}: param group {gi}: the checkpoint's int8 momentum has layout {layout!r}, this version of "
+                f"sign_kernels reads {_quant.LAYOUT!r}; convert it with the version that wrote it "
+                "(sign_kernels.convert_momentum(optimizer, torch.float32), then save) and load that. Nothing was loaded"
+            )
+        ng = copy.deepcopy({k: v for k, v in saved.items() if k not in ("params", "momentum_layout")})
         ng["params"] = group["params"]
         if "param_names" in group and "param_names" not in ng:
             ng["param_names"] = group["param_names"]
@@ -173,7 +185,31 @@ def build_loaded(opt, state_dict: Any) -> Tuple[Dict[torch.Tensor, dict], List[d
         if tuple(buf.shape) != tuple(p.shape):
             raise ValueError(f"{what}: {opt._state_key!r} has shape {tuple(buf.shape)}, the parameter {tuple(p.shape)}")
         opt._check_state_tensor(buf, what)
-        state = {opt._state_key: opt._restore_state_tensor(p, buf, opt._state_dtype(new_groups[gi], p))}
+        group = new_groups[gi]
+        dtype = opt._state_dtype(group, p)
+        if (buf.dtype == torch.int8) != (dtype == torch.int8):
+            raise ValueError(
+                f"{what}: {opt._state_key!r} is {buf.dtype} but the param group's momentum_dtype gives {dtype}; "
+                "a checkpoint keeps its momentum format (convert explicitly with sign_kernels.convert_momentum)"
+            )
+        state = {opt._state_key: opt._restore_state_tensor(p, buf, dtype)}
+        if dtype == torch.int8:
+            if saved_groups[gi].get("momentum_layout") != _quant.LAYOUT:
+                raise ValueError(f"{what}: int8 momentum without its layout in the checkpoint's param group "
+                                 "('momentum_layout'): not a checkpoint of 8-bit momentum this version can read")
+            sc = entry.get("exp_avg_scale")
+            want = _quant.scale_shape(p.shape)
+            if not isinstance(sc, torch.Tensor) or tuple(sc.shape) != want or not sc.is_floating_point():
+                raise ValueError(f"{what}: int8 momentum needs 'exp_avg_scale', a float tensor of shape {want}, got "
+                                 f"{type(sc).__name__ if not isinstance(sc, torch.Tensor) else (sc.dtype, tuple(sc.shape))}")
+            state["exp_avg_scale"] = opt._restore_like(_dtensor.zeros_scales(p, _quant.scale_shape), sc, torch.bfloat16)
+        if opt._corrected(group, p):
+            r = entry.get("residual")
+            if r is None:  # saved without the correction byte: the 16-bit weight is the whole weight
+                r = torch.zeros(p.shape, dtype=torch.int8)
+            if not isinstance(r, torch.Tensor) or tuple(r.shape) != tuple(p.shape) or r.is_floating_point():
+                raise ValueError(f"{what}: 'residual' must be an int8 tensor of the param's shape {tuple(p.shape)}")
+            state["residual"] = opt._restore_state_tensor(p, r, torch.int8)
         state["step"] = _step_tensor(entry.get("step"), p.device, what)
         new_state[p] = state
     return new_state, new_groups

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -29,23 +29,24 @@ class Lion(SignOptimizer):
         lr: learning rate :math:`\eta` (float or 0-dim tensor).
         betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
-        max_grad_norm: clip the gradients' total norm (over every group) to this, inside the
-            step: one fused norm pass, the coefficient ``min(1, max_grad_norm / (norm + 1e-6))``
-            applied in registers by the update, ``p.grad`` left as it was; the norm of the last
-            step is ``opt.grad_norm``. None (default): no clipping. docs/rules.md, "Clipping".
-        backend: "auto", "reference", "cpu", "cuda" or "triton".
-        momentum_dtype: dtype of ``exp_avg``: None (the param's), torch.float32 or torch.bfloat16.
-        stochastic_rounding: round bf16 writes (params and bf16 momentum) stochastically, with the
-            random bits a function of (seed, step, element index) on every backend.
-        seed: seed of the stochastic rounding.
-        maximize: maximise the objective (steps on -g; the state tracks -g, as in torch.optim).
-        foreach, capturable, differentiable, fused: torch.optim's flags; see the README's
-            "torch.optim flags" for what each does here.
+        **options: the keyword options every sign optimizer takes (one definition:
+            ``sign_kernels.optim.COMMON_OPTIONS``; README, "Common keyword options"):
+            ``max_grad_norm`` (clip the gradients' total norm, over every group, inside the step:
+            one fused norm pass, the coefficient ``min(1, max_grad_norm / (norm + 1e-6))``
+            applied in registers, ``p.grad`` left as it was, the norm in ``opt.grad_norm``),
+            ``backend`` ("auto", "reference", "cpu", "cuda", "triton"), ``momentum_dtype``
+            (None: the param's; torch.float32, torch.bfloat16, or torch.int8: 8-bit momentum,
+            docs/rules.md), ``error_correction`` (bf16/fp16 params keep a correction byte:
+            fp32-master quality at 1 byte per param), ``stochastic_rounding`` (bf16 writes
+            rounded stochastically with bits of (seed, step, index) on every backend), ``seed``,
+            and torch.optim's ``maximize``, ``foreach``, ``capturable``, ``differentiable``,
+            ``fused`` (README, "torch.optim flags").
     """
 
     _op_name = "lion_"
     _state_key = "exp_avg"
     _family = "Lion"
+    _compressed_backends = frozenset({"reference", "cpu"})
 
     def __init__(
         self,
@@ -53,34 +54,9 @@ class Lion(SignOptimizer):
         lr: float = 1e-4,
         betas: Tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
-        *,
-        max_grad_norm: Optional[float] = None,
-        backend: str = "auto",
-        momentum_dtype: Optional[torch.dtype] = None,
-        stochastic_rounding: bool = False,
-        seed: int = 0,
-        maximize: bool = False,
-        foreach: Optional[bool] = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: Optional[bool] = None,
+        **options,
     ):
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm,
-            backend=backend,
-            momentum_dtype=momentum_dtype,
-            stochastic_rounding=stochastic_rounding,
-            seed=seed,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay), options)
 
     def _validate_hparams(self, group, where: str) -> None:
         _check_lr(group["lr"], where)

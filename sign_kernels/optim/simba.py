@@ -34,9 +34,9 @@ class Simba(SignOptimizer):
         window_size: :math:`W`, the counter bound, in [1, 32767].
         threshold: fraction of the window a counter must exceed to drive the update, in [0, 1].
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
-        momentum_dtype: accepted for a uniform signature; must be None (the state is int16 counters).
-        max_grad_norm, backend, stochastic_rounding, seed, maximize, foreach, capturable,
-            differentiable, fused: as in :class:`Lion`.
+        **options: as :class:`Lion`'s; ``momentum_dtype`` must be None and ``error_correction``
+            False (the state is int16 counters, and a sign update of 16-bit weights has no
+            master copy to replace).
     """
 
     _op_name = "simba_"
@@ -50,35 +50,10 @@ class Simba(SignOptimizer):
         window_size: int = 128,
         threshold: float = 0.1,
         weight_decay: float = 0.0,
-        *,
-        max_grad_norm: Optional[float] = None,
-        backend: str = "auto",
-        momentum_dtype: Optional[torch.dtype] = None,
-        stochastic_rounding: bool = False,
-        seed: int = 0,
-        maximize: bool = False,
-        foreach: Optional[bool] = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: Optional[bool] = None,
+        **options,
     ):
-        defaults = dict(
-            lr=lr,
-            window_size=window_size,
-            threshold=threshold,
-            weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm,
-            backend=backend,
-            momentum_dtype=momentum_dtype,
-            stochastic_rounding=stochastic_rounding,
-            seed=seed,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, window_size=window_size, threshold=threshold, weight_decay=weight_decay),
+                         options)
 
     def _validate_hparams(self, group, where: str) -> None:
         _check_lr(group["lr"], where)

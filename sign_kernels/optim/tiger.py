@@ -183,8 +183,8 @@ class Tiger(SignOptimizer):
         weight_decay: :math:`\lambda \ge 0` (matrices and embeddings only).
         grad_accum_steps: :math:`k \ge 1` micro-batches per parameter update.
         shrink_ratio: :math:`s \in (0, 1]` of the NaN guard.
-        max_grad_norm, backend, momentum_dtype, stochastic_rounding, seed, maximize, foreach, capturable,
-            differentiable, fused: as in :class:`Lion`.
+        **options: as :class:`Lion`'s (``max_grad_norm``, ``backend``, ``momentum_dtype`` including
+            torch.int8, ``error_correction``, ``stochastic_rounding``, ``seed``, torch.optim's flags).
     """
 
     _op_name = "tiger_"
@@ -198,38 +198,13 @@ class Tiger(SignOptimizer):
         beta: float = 0.965,
         weight_decay: float = 0.01,
         *,
-        max_grad_norm: Optional[float] = None,
         grad_accum_steps: int = 1,
         shrink_ratio: float = 0.99,
-        backend: str = "auto",
-        momentum_dtype: Optional[torch.dtype] = None,
-        stochastic_rounding: bool = False,
-        seed: int = 0,
-        maximize: bool = False,
-        foreach: Optional[bool] = None,
-        capturable: bool = False,
-        differentiable: bool = False,
-        fused: Optional[bool] = None,
+        **options,
     ):
-        defaults = dict(
-            lr=lr,
-            beta=beta,
-            weight_decay=weight_decay,
-            grad_accum_steps=grad_accum_steps,
-            shrink_ratio=shrink_ratio,
-            role=None,
-            max_grad_norm=max_grad_norm,
-            backend=backend,
-            momentum_dtype=momentum_dtype,
-            stochastic_rounding=stochastic_rounding,
-            seed=seed,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-        )
-        super().__init__(params, defaults)
+        hparams = dict(lr=lr, beta=beta, weight_decay=weight_decay, grad_accum_steps=grad_accum_steps,
+                       shrink_ratio=shrink_ratio, role=None)
+        super().__init__(params, hparams, options)
 
     def _reset_caches(self) -> None:
         super()._reset_caches()
