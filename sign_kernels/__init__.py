@@ -8,6 +8,7 @@ from . import _ops  # declares torch.ops.sign_kernels.* before any kernel regist
 from .backends import BackendUnavailableError, available_backends
 from .optim import Lion, Simba, Tiger, role_of, tiger_param_groups
 from .optim._checkpoint import load_momentum
+from .optim._convert import convert_momentum
 from ._backward import step_in_backward
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "tiger_param_groups",
     "role_of",
     "load_momentum",
+    "convert_momentum",
     "step_in_backward",
     "available_backends",
     "BackendUnavailableError",

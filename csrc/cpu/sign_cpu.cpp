@@ -124,6 +124,9 @@ const char* tiger_step(const TensorList& t, const TigerArgs& a) {
     tw.numels = t.numels + begin;
     tw.steps = t.steps + begin;
     tw.seeds = t.seeds + begin;
+    if (t.scales != nullptr) tw.scales = t.scales + begin;
+    if (t.row_sizes != nullptr) tw.row_sizes = t.row_sizes + begin;
+    if (t.residuals != nullptr) tw.residuals = t.residuals + begin;
     TigerArgs aw = a;
     aw.roles = a.roles + begin;
     aw.row_sizes = a.row_sizes + begin;

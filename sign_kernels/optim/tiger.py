@@ -190,6 +190,7 @@ class Tiger(SignOptimizer):
     _op_name = "tiger_"
     _state_key = "exp_avg"
     _family = "Tiger"
+    _compressed_backends = frozenset({"reference", "cpu"})
 
     def __init__(
         self,
@@ -297,10 +298,25 @@ class Tiger(SignOptimizer):
         step = self._device_scalar(device, torch.int64, 0)
         skip = self._device_scalar(device, torch.float32, 1.0)
         roles, lr, lr_t, beta, wd, k, shrink = self._op_args(group, bucket, 0.0, None)
-        # params stand in for the grads and the momentum: nothing is read of them but θ, and
-        # nothing is written (found_inf set), whatever the step counts say.
-        bucket.backend.fn(self._op_name)(params, params, params, [step] * n, roles, 0.0, None, beta, wd, k, shrink,
-                                         None, skip, [0] * n, False, sumsq_out=entry.buf, sumsq_out_at=stale)
+        # The bucket's own state format selects the op's path, whose order the sums follow
+        # (8-bit momentum and the correction byte have theirs): the real state goes in.
+        # params stand in for the grads: nothing is read of them but θ, and nothing is
+        # written (found_inf set), whatever the step counts say.
+        states = []
+        for p in bucket.keys:
+            state = self.state[p]
+            if not state:
+                self._init_state(group, p, state)
+            states.append(state)
+        bufs = [s_[self._state_key] for s_ in states]
+        kw = {}
+        if bufs[0].dtype == torch.int8:
+            kw["exp_avg_scales"] = _dtensor.local_states([s_["exp_avg_scale"] for s_ in states])
+        if "residual" in states[0]:
+            kw["residuals"] = _dtensor.local_states([s_["residual"] for s_ in states])
+        bucket.backend.fn(self._op_name)(params, params, _dtensor.local_states(bufs), [step] * n, roles, 0.0, None, beta,
+                                         wd, k, shrink, None, skip, [0] * n, False, sumsq_out=entry.buf,
+                                         sumsq_out_at=stale, **kw)
         seen = list(entry.seen)
         for i, (e, p) in enumerate(zip(stale, bucket.params)):
             if e >= 0:

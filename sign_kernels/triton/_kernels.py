@@ -52,7 +52,7 @@ F_GIVEN_SUMSQ = tl.constexpr(11)  # Tiger: index of the given sum(s) of squares,
 F_GIVEN_N = tl.constexpr(12)     # Tiger: n of the RMS of the given sums
 F_OUT_AT = tl.constexpr(13)      # Tiger: index of the sums out in `sumsq_out`, or -1 (none wanted)
 F_OUT_KEPT = tl.constexpr(14)    # Tiger: 1 where the wanted sums are the given ones, in place
-F_BLK0 = tl.constexpr(15)        # Tiger: index of the tensor's first update block (blocks table)
+F_BLK0 = tl.constexpr(15)        # index of the tensor's first block in the blocks table (aligned ones first)
 NFIELDS = tl.constexpr(16)
 
 # NOTE: [stochastic rounding bits] salts 0x9E3779B9 * (stream + 1), wrapped to uint32.
@@ -246,19 +246,16 @@ def _tree_sum(x, LOG2: tl.constexpr):
 
 @triton.jit
 def _block_task(tensors, blocks, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """(bi, tensor index, the block's first element, the tensor's table row) of this program's
-    block. bi is the block's index in the tensors' block numbering (the tensor's first block
-    F_BLK0, plus start / BLOCK), not the program id: the launcher splits the blocks between an
-    aligned and an unaligned launch (NOTE: [per-tensor alignment] in ``_launch``), and the
-    block partials (NOTE: [Triton sums of squares]) are indexed by bi."""
+    """(pid, tensor index, the block's first element, the tensor's table row) of this program's
+    block. The launcher's ``blocks`` (and the block partials ``blk``, NOTE: [Triton sums of
+    squares]) start at the launch's first block (NOTE: [per-tensor alignment] in ``_launch``),
+    so pid indexes both."""
     pid = tl.program_id(0).to(tl.int64)
     ti = tl.load(blocks + 2 * pid)
     start = tl.load(blocks + 2 * pid + 1)
     if ALIGNED:
         start = tl.multiple_of(start, BLOCK)
-    row = tensors + ti * NFIELDS
-    bi = tl.load(row + F_BLK0) + start // BLOCK
-    return bi, ti, start, row
+    return pid, ti, start, tensors + ti * NFIELDS
 
 
 @triton.jit
@@ -490,22 +487,23 @@ def sign_step_kernel(
 @triton.jit
 def _rows_chunk(g_ptr, offs, mask, scale_ptr, clip_ptr, acc_nan, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
                 HAS_CLIP: tl.constexpr):
-    # One [ROWS, COLS] chunk: whether each row of the gradient used (g / grad_scale * clip)
-    # holds a NaN. NOTE: [NaN flags] flags (0 / 1) combined by max, never counts added: a
-    # count of 2**31 NaNs or more would wrap in int32 and read as none.
+    # One [ROWS, COLS] chunk: per row, a value that is non-zero iff the gradient used
+    # (g / grad_scale * clip) has a NaN there. NOTE: [NaN flags] the chunk's NaN count (at most
+    # COLS) is combined with the row's by max, never added: a sum of 2**31 NaNs or more would
+    # wrap in int32 and read as none.
     g = _grad_used(_ld(g_ptr, offs, mask, G_DT), scale_ptr, clip_ptr, HAS_SCALE, HAS_CLIP)
-    return tl.maximum(acc_nan, tl.max((g != g).to(tl.int32), axis=1))
+    return tl.maximum(acc_nan, tl.sum((g != g).to(tl.int32), axis=1))
 
 
 @triton.jit
 def tiger_rows_kernel(
     tensors, tasks,                        # tasks: [n_tasks, 2] (tensor, first row)
-    scale_ptr, clip_ptr, row_nan,          # row_nan: per stats row, int32 1 if the gradient used has a NaN
+    scale_ptr, clip_ptr, row_nan,          # row_nan: per stats row, int32, non-zero iff the gradient used has a NaN
     G_DT: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, HAS_CLIP: tl.constexpr = False,
 ):
     """Pass 1a: per stats row, whether the gradient used (g / grad_scale * clip) holds a NaN
-    (NOTE: [NaN flags]; any order gives the same result). The sums of squares of θ are pass 1b,
+    (non-zero iff so, NOTE: [NaN flags]; any order gives the same result). The sums of squares of θ are pass 1b,
     ``tiger_sumsq_kernel``."""
     pid = tl.program_id(0).to(tl.int64)
     ti = tl.load(tasks + 2 * pid)
@@ -553,7 +551,7 @@ def tiger_rows_kernel(
                 for c1 in range(0, n_r, COLS):
                     s_nan = _rows_chunk(g_b + first + c1, lane[None, :], (lane < (n_r - c1))[None, :],
                                         scale_ptr, clip_ptr, s_nan, G_DT, HAS_SCALE, HAS_CLIP)
-                acc_nan = tl.where(rows == r, tl.maximum(acc_nan, tl.max(s_nan, axis=0)), acc_nan)
+                acc_nan = tl.where(rows == r, tl.maximum(acc_nan, tl.max(s_nan, axis=0)), acc_nan)  # NOTE: [NaN flags]
         out = row0 + rows.to(tl.int64)
         tl.store(row_nan + slot + out, acc_nan, mask=out < nrows)
 
@@ -685,9 +683,9 @@ def tiger_sumsq_out_kernel(
 # pairwise tree ``_tree_sum`` (zeros past the end: adding 0 is exact) into part[bi]; then
 # ``sumsq_total_kernel`` (one program per tensor) adds the tensor's block partials in
 # ``_matrix_total``'s order (pairwise trees over runs of FINISH_BLOCK partials, added in order). BLOCK
-# and FINISH_BLOCK are the launcher's constants, never chosen per call, and the block index bi
-# comes from the tensor's own numbering (F_BLK0), so neither the other tensors of the call nor
-# the split between aligned and unaligned launches changes a bit. NaN propagates through the
+# and FINISH_BLOCK are the launcher's constants, never chosen per call, and where a partial is
+# stored (F_BLK0) does not change the order it is added in, so neither the other tensors of the
+# call nor the split between aligned and unaligned launches changes a bit. NaN propagates through the
 # adds; +inf + finite = +inf (squares are never negative, so no inf - inf); an empty tensor
 # has no block and gets 0.
 @triton.jit
@@ -696,7 +694,7 @@ def sumsq_blocks_kernel(
     DT: tl.constexpr, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr,
 ):
-    bi, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)
+    bi, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)  # part starts at the launch's first block
     rem = tl.load(row + F_NUMEL) - start
     x_ptr = _typed_ptr(tl.load(row + F_PARAM), DT, ALIGNED) + start
     offs = tl.arange(0, BLOCK)

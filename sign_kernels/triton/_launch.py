@@ -62,8 +62,12 @@ class Plan:
     n_tasks: int
     # NOTE: [per-tensor alignment] the blocks (and tasks) of the tensors whose θ, g and state
     # are all 16-byte aligned come first, n_blocks_al (n_tasks_al) of them: they run in one
-    # launch with the aligned-address hints, the others in a second launch without. The
-    # (sub-table, programs, aligned) of each non-empty launch:
+    # launch with the aligned-address hints, the others in a second launch without. A tensor's
+    # blocks stay together (its first one at F_BLK0 of the table), and a kernel's program id is
+    # its block's index in its launch's sub-table: the block partials of Tiger's sums and of
+    # sumsq_ are passed from the launch's first block on, so the id indexes them too (no
+    # register spent on a global index). The (sub-table, programs, aligned, first block) of
+    # each non-empty launch:
     n_blocks_al: int = 0
     n_tasks_al: int = 0
     block_parts: tuple = ()
@@ -87,8 +91,8 @@ class Plan:
 
 
 def _parts(table: torch.Tensor, n_al: int, total: int) -> tuple:
-    return tuple((t, c, al) for t, c, al in ((table[:n_al], n_al, True), (table[n_al:], total - n_al, False))
-                 if c > 0)
+    return tuple(part for part in ((table[:n_al], n_al, True, 0), (table[n_al:], total - n_al, False, n_al))
+                 if part[1] > 0)
 
 
 _plans: "collections.OrderedDict[tuple, Plan]" = collections.OrderedDict()
@@ -213,10 +217,13 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
     table[:, :4] = addr.T
     table[:, K.F_NUMEL.value] = numel
     table[:, K.F_SEED.value] = torch.tensor([int(x) & 0xFFFFFFFF for x in seeds], dtype=torch.int64)
-    # Every block's index bi = F_BLK0 + start / BLOCK (NOTE: [per-tensor alignment]).
-    per = (numel + (BLOCK - 1)) // BLOCK
-    table[:, K.F_BLK0.value] = torch.cumsum(per, 0) - per
     aligned = (addr[:3] % 16 == 0).all(dim=0)  # per tensor: θ, g and state
+    # The first block of each tensor in the blocks table, aligned tensors' blocks first
+    # (NOTE: [per-tensor alignment]).
+    per = (numel + (BLOCK - 1)) // BLOCK
+    per_al, per_un = torch.where(aligned, per, 0), torch.where(aligned, 0, per)
+    table[:, K.F_BLK0.value] = torch.where(aligned, torch.cumsum(per_al, 0) - per_al,
+                                           per_al.sum() + torch.cumsum(per_un, 0) - per_un)
     if algo == ALGO_TIGER:
         # Built once per parameter set (NOTE: [plan key]); per-tensor Python is fine here.
         layout = torch.tensor([_stats_rows(p, int(r)) for p, r in zip(params, roles)],
@@ -570,13 +577,13 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
         if algo == ALGO_TIGER:
             row_sumsq, row_nan, t_nan, t_rms, row_rms, blk, t_sumsq = plan.stats
             # NOTE: [per-tensor alignment]: one launch per non-empty part.
-            for tasks, count, aligned in plan.task_parts:
+            for tasks, count, aligned, _ in plan.task_parts:
                 K.tiger_rows_kernel[(count,)](
                     plan.tensors, tasks, scale_ptr, clip_ptr, row_nan,
                     **rows_config(gdt, has_scale=has_scale, aligned=aligned, has_clip=has_clip))
-            for blocks, count, aligned in plan.block_parts:
+            for blocks, count, aligned, first in plan.block_parts:
                 K.tiger_sumsq_kernel[(count,)](
-                    plan.tensors, blocks, int(k), row_sumsq, blk,
+                    plan.tensors, blocks, int(k), row_sumsq, blk[2 * first:] if first else blk,
                     **sumsq_config(pdt, aligned=aligned))
             stats_ptr = stats if given is not None and stats.numel() > 0 else row_sumsq  # unread when unused
             K.tiger_finish_kernel[(plan.n,)](
@@ -585,13 +592,13 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
         else:
             t_nan = t_rms = row_rms = blk = dummy
         out_ptr = sumsq_out if sumsq and sumsq_out.numel() > 0 else dummy  # unread when unused
-        for blocks, count, aligned in plan.block_parts:
+        for blocks, count, aligned, first in plan.block_parts:
             K.sign_step_kernel[(count,)](
                 plan.tensors, blocks,
                 float(lr), lr_t if lr_t is not None else dummy, scale_ptr, found_ptr, clip_ptr,
                 float(weight_decay), float(beta1), float(beta2), float(shrink),
                 int(k), int(window), int(threshold),
-                t_nan, t_rms, row_rms, blk, out_ptr,
+                t_nan, t_rms, row_rms, blk[2 * first:] if first and sumsq else blk, out_ptr,
                 **step_config(algo, pdt, gdt, sdt, has_lr_t=lr_t is not None, has_scale=has_scale,
                               has_found=found_inf is not None, sr=stochastic_rounding,
                               aligned=aligned, sumsq=sumsq, has_clip=has_clip))
@@ -643,9 +650,9 @@ def sumsq_(tensors, scale, out) -> None:
         ident=ident))
     (part,) = plan.stats
     with _device_guard(device):
-        for blocks, count, aligned in plan.block_parts:
+        for blocks, count, aligned, first in plan.block_parts:
             K.sumsq_blocks_kernel[(count,)](
-                plan.tensors, blocks, scale if scale is not None else plan.meta, part,
+                plan.tensors, blocks, scale if scale is not None else plan.meta, part[first:] if first else part,
                 **norm_config(dt, has_scale=scale is not None, aligned=aligned))
         K.sumsq_total_kernel[(n,)](plan.tensors, part, out, **norm_total_config())
 
