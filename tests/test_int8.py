@@ -189,9 +189,10 @@ def _rtn(m):
     a = torch.nn.functional.pad(rows.abs(), (0, nb * 64 - cols)).reshape(n, nb, 64).amax(-1)
     scale = _quant.bf16_up(a)
     s = _quant._expand(scale.float(), cols)
-    lv = torch.arange(128, dtype=torch.float32)
-    levels = s.unsqueeze(-1) * (lv * lv / 16129.0)
-    c = (rows.abs().unsqueeze(-1) - levels).abs().argmin(-1).float()
+    a_ = rows.abs()
+    lo = torch.floor(127 * torch.sqrt(torch.where(s > 0, a_ / s, torch.zeros(())))).clamp(max=126)
+    up = (_quant.level(s, lo + 1) - a_) < (a_ - _quant.level(s, lo))  # the nearer of the two levels
+    c = lo + up.float()
     c = torch.where(rows < 0, -c, c)
     return c.to(torch.int8).reshape(m.shape), scale.reshape(_quant.scale_shape(m.shape))
 
