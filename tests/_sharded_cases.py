@@ -299,6 +299,67 @@ def case_fsdp_tp_clip(backend: str, kinds: str = KINDS):
     _sharded_vs_single(shard, "fsdp+tp clip", backend, kinds, max_grad_norm=1.0)
 
 
+def case_fsdp_int8(backend: str, kinds: str = "lion,tiger"):
+    """8-bit momentum on FSDP2 shards (rows whole on every rank: the blocks never cross ranks,
+    and the rounding's random bits are a function of the value): bit for bit the single run."""
+    from torch.distributed.fsdp import fully_shard
+
+    _sharded_vs_single(lambda net: fully_shard(net), "fsdp int8", backend, kinds, momentum_dtype=torch.int8)
+
+
+class NetQ(nn.Module):
+    """Last dims split at multiples of 64 by TP (on 2 and 4 ranks): int8 blocks stay whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 128)   # ColwiseParallel: Shard(1), 64 columns per rank on 2 ranks
+        self.lin1 = nn.Linear(128, 256)    # ColwiseParallel: Shard(0), rows whole
+        self.lin2 = nn.Linear(256, 4)      # RowwiseParallel: Shard(1) at 128 (2 ranks) or 64 (4 ranks)
+
+    def forward(self, idx):
+        return self.lin2(torch.relu(self.lin1(self.emb(idx)))).sum(-1)
+
+
+def case_tp_int8(backend: str, kinds: str = "lion,tiger"):
+    """8-bit momentum under TP: a last dim split at a multiple of 64 is bitwise the single run;
+    one split inside a block (the embedding's 128 columns over 4 ranks: 32 each) is refused by
+    name before anything changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    import sign_kernels as sk
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    plan = {"lin1": ColwiseParallel(), "lin2": RowwiseParallel()}
+    if world == 2:
+        plan["emb"] = ColwiseParallel()  # 128 columns: 64 per rank
+    for kind in kinds.split(","):
+        def make(net):
+            if kind == "lion":
+                return sk.Lion(net.parameters(), lr=1e-2, weight_decay=0.1, backend=backend, momentum_dtype=torch.int8)
+            return sk.Tiger(sk.tiger_param_groups(net), lr=1e-2, backend=backend, momentum_dtype=torch.int8)
+        torch.manual_seed(0)
+        ref = NetQ()
+        net = copy.deepcopy(ref)
+        parallelize_module(net, mesh, plan)
+        ro, so = make(ref), make(net)
+        for t in range(STEPS):
+            grads = full_grads(ref, t, False)
+            _set_grads(ref, grads)
+            _set_grads(net, grads)
+            ro.step()
+            so.step()
+        compare(kind, ref, ro, net, so, f"tp int8 {kind} {backend}")
+    if world == 4:
+        torch.manual_seed(0)
+        net = NetQ()
+        parallelize_module(net, mesh, {"emb": ColwiseParallel()})
+        opt = sk.Lion(net.parameters(), lr=1e-2, backend=backend, momentum_dtype=torch.int8)
+        _set_grads(net, full_grads(net, 0, False))
+        _expect_refusal(opt, ["param 0", "multiple of 64"], "tp int8 split inside a block")
+
+
 def run_cases(rank: int, world: int, init_file: str, cases: List[str], result_dir: str):
     # A rank that dies of a signal (a rare SIGABRT seen about once in 80 runs, cause unknown)
     # leaves no Python traceback: faulthandler writes every thread's stack to rank<r>.fault,
@@ -363,8 +424,10 @@ def _fsdp_pair(kind, backend):
     return net, make_opt(kind, net, backend, **_CKPT_KW.get(kind, {}))
 
 
-# bf16 momentum for Lion: a dtype that differs from the param's must survive every path.
-_CKPT_KW = {"lion": {"momentum_dtype": torch.bfloat16}}
+# bf16 momentum for Lion: a dtype that differs from the param's must survive every path; int8
+# momentum for Tiger: codes and block scales (DTensors of their own shape) through every path,
+# DCP's 2 -> 4 rank resharding included.
+_CKPT_KW = {"lion": {"momentum_dtype": torch.bfloat16}, "tiger": {"momentum_dtype": torch.int8}}
 
 
 def _train(net, opt, t0, t1, nan):
@@ -374,10 +437,13 @@ def _train(net, opt, t0, t1, nan):
 
 
 def _check_dtypes(opt, what):
+    group_of = {p: g for g in opt.param_groups for p in g["params"]}
     for p, st in opt.state.items():
         key = opt._state_key
-        want = torch.int16 if key == "sign_counts" else (opt.param_groups[0]["momentum_dtype"] or p.dtype)
+        want = opt._state_dtype(group_of[p], p)  # int16 counters; the momentum_dtype (int8: fp32 for 0/1-d)
         assert st[key].dtype == want, f"{what}: {key} came back as {st[key].dtype}, not {want}"
+        if want == torch.int8:
+            assert st["exp_avg_scale"].dtype == torch.bfloat16, f"{what}: exp_avg_scale is {st['exp_avg_scale'].dtype}"
         assert st["step"].dtype == torch.int64, f"{what}: step came back as {st['step'].dtype}"
 
 

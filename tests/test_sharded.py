@@ -64,6 +64,7 @@ def checkpoint_of_two_ranks():
             f"fsdp:{COMPILED}", "fsdp:reference", f"fsdp_bf16_momentum:{COMPILED}", f"fsdp_accum:{COMPILED}",
             f"fsdp_scaler:{COMPILED}",
             f"tp:{COMPILED}", f"fsdp_clip:{COMPILED}", f"tp_clip:{COMPILED}", "fsdp_clip:reference",
+            f"fsdp_int8:{COMPILED}", f"tp_int8:{COMPILED}",
             f"ddp:{COMPILED}", f"bad_input:{COMPILED}", f"checkpoints:{COMPILED}:{ckpt}", f"fsdp_backward:{COMPILED}",
             f"dcp_save:{COMPILED}:{ckpt}",
         ]
@@ -88,7 +89,8 @@ def test_four_ranks(checkpoint_of_two_ranks):
     """FSDP2 (an empty shard), HSDP and FSDP2+TP on 2x2 meshes, TP, and the 2-rank checkpoint resumed on 4."""
     ckpt, error = checkpoint_of_two_ranks
     specs = [f"fsdp:{COMPILED}", f"hsdp:{COMPILED}", f"tp:{COMPILED}", f"fsdp_tp:{COMPILED}",
-             f"fsdp_clip:{COMPILED}", f"tp_clip:{COMPILED}", f"fsdp_tp_clip:{COMPILED}"]
+             f"fsdp_clip:{COMPILED}", f"tp_clip:{COMPILED}", f"fsdp_tp_clip:{COMPILED}",
+             f"fsdp_int8:{COMPILED}", f"tp_int8:{COMPILED}"]
     if error is None:
         specs.append(f"dcp_load:{COMPILED}:{ckpt}")
     with tempfile.TemporaryDirectory() as tmp:

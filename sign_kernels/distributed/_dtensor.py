@@ -27,6 +27,7 @@ step: see bench/NOTES.md ("sharded step").
 
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -119,16 +120,32 @@ def _scale_layout(p, scale_shape_fn):
     from .._quant import QBLOCK
 
     gshape = tuple(scale_shape_fn(p.shape))
-    lshape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    slocal, soffset = compute_local_shape_and_global_offset(torch.Size(gshape), p.device_mesh, p.placements)
-    want = tuple(scale_shape_fn(torch.Size(lshape))) if len(lshape) else ()
-    if offset[-1] % QBLOCK or tuple(slocal) != want or soffset[-1] * QBLOCK != offset[-1]:
-        raise ValueError(
-            f"{_describe(p)}: this rank holds columns [{offset[-1]}, {offset[-1] + lshape[-1]}) of the last dim "
-            f"(size {p.shape[-1]}); int8 momentum keeps one scale per {QBLOCK} consecutive elements of a row, "
-            f"so a split of the last dim must fall on a multiple of {QBLOCK} on every rank. Use another "
-            "momentum_dtype for this parameter (a param group of its own), or shard another dim"
+    mesh_shape = tuple(p.device_mesh.mesh.shape)
+
+    def bad(offset, size):
+        return ValueError(
+            f"{_describe(p)}: a rank holds columns [{offset}, {offset + size}) of the last dim (size "
+            f"{p.shape[-1]}); int8 momentum keeps one scale per {QBLOCK} consecutive elements of a row, so a split "
+            f"of the last dim must fall on a multiple of {QBLOCK} on every rank. Use another momentum_dtype for "
+            "this parameter (a param group of its own), or shard another dim"
         )
+
+    # Every rank must agree (a refusal on some ranks only would leave the others in a
+    # collective): check every coordinate of the mesh, not only this rank's.
+    try:
+        from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset as at_coordinate
+
+        coords = itertools.product(*(range(n) for n in mesh_shape))
+        for coord in coords:
+            lshape, offset = at_coordinate(p.shape, mesh_shape, list(coord), p.placements)
+            slocal, soffset = at_coordinate(torch.Size(gshape), mesh_shape, list(coord), p.placements)
+            want = tuple(scale_shape_fn(torch.Size(lshape)))
+            if lshape[-1] and (offset[-1] % QBLOCK or tuple(slocal) != want or soffset[-1] * QBLOCK != offset[-1]):
+                raise bad(offset[-1], lshape[-1])
+    except (ImportError, TypeError):  # a torch without that helper: refuse any split of the last dim
+        if any(_shard_dim(pl) in (p.ndim - 1, -1) for pl in p.placements):
+            raise bad(0, 0) from None
+    slocal, _ = compute_local_shape_and_global_offset(torch.Size(gshape), p.device_mesh, p.placements)
     return gshape, tuple(slocal)
 
 
