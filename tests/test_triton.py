@@ -114,15 +114,16 @@ def clone(ts):
 # ---------------------------------------------------------------- the three ops, both backends
 def call(backend, algo, ps, gs, ms, steps, *, lr=1e-2, lr_t=None, wd=0.1, betas=(0.9, 0.99),
          beta=0.965, k=2, shrink=0.99, window=16, thr=3, roles=None, scale=None, found=None,
-         sr=False):
+         sr=False, clip=None):
     seeds = [_rng.tensor_seed(1234, i) for i in range(len(ps))]
+    extra = {} if clip is None else dict(clip=clip)  # omitted: the call of before `clip` existed
     if algo == "lion":
-        backend.lion_(ps, gs, ms, steps, lr, lr_t, betas[0], betas[1], wd, scale, found, seeds, sr)
+        backend.lion_(ps, gs, ms, steps, lr, lr_t, betas[0], betas[1], wd, scale, found, seeds, sr, **extra)
     elif algo == "tiger":
         roles = roles if roles is not None else TIGER_ROLES[: len(ps)]
-        backend.tiger_(ps, gs, ms, steps, roles, lr, lr_t, beta, wd, k, shrink, scale, found, seeds, sr)
+        backend.tiger_(ps, gs, ms, steps, roles, lr, lr_t, beta, wd, k, shrink, scale, found, seeds, sr, **extra)
     else:
-        backend.simba_(ps, gs, ms, steps, lr, lr_t, window, thr, wd, scale, found, seeds, sr)
+        backend.simba_(ps, gs, ms, steps, lr, lr_t, window, thr, wd, scale, found, seeds, sr, **extra)
 
 
 def run_both(algo, ps, gs, ms, n_steps=2, t0=0, **kw):
@@ -343,10 +344,13 @@ def test_plan_built_while_capturing_is_kept_and_reused(monkeypatch, no_captured_
     shapes = [(5,), (4097,), (3, 7)]
     ps, gs, ms = make_case(shapes, F32, F32, F32, seed=3, hard=False)
     steps = steps_of(ps, 0)
-    capturing = [True]
+    capturing = [False]
     monkeypatch.setattr(L, "_capturing", lambda device: capturing[0])
-    call(skt, "lion", ps, gs, ms, steps)
-    assert len(L._captured_plans) == 1 and not L._plans
+    call(skt, "lion", ps, clone(gs), ms, steps)  # the eager warm-up (NOTE: [pinned staging])
+    warm = set(L._plans)
+    capturing[0] = True
+    call(skt, "lion", ps, gs, ms, steps)  # new grads: a new plan, built "in the capture"
+    assert len(L._captured_plans) == 1 and set(L._plans) == warm
     (plan,) = L._captured_plans.values()
     assert plan.host is not None and torch.equal(plan.host.cpu(), plan.meta.cpu())
     capturing[0] = False
@@ -374,6 +378,69 @@ def test_plan_built_while_capturing_is_kept_and_reused(monkeypatch, no_captured_
     call(skt, "simba", ps, gs, counts, steps)
     assert L._captured_plans[key] is eager and key not in L._plans
     assert len(built) == 1 and eager.host is None
+
+
+def test_capture_stages_its_table_in_memory_made_before_it(monkeypatch, no_captured_plans):
+    """NOTE: [pinned staging]: a plan built while capturing copies its table from a region of the
+    staging buffer (pinned on CUDA: torch refuses CPU->CUDA copies from unpinned memory during
+    capture, and pinned memory cannot be allocated there), made by an eager call before; a
+    parameter set never run eagerly is refused with a message asking for that eager step."""
+    L.clear_cache()
+    L._staging.clear()
+    ps, gs, ms = make_case([(5,), (4097,)], F32, F32, F32, seed=4, hard=False)
+    steps = steps_of(ps, 0)
+    capturing = [True]
+    monkeypatch.setattr(L, "_capturing", lambda device: capturing[0])
+    with pytest.raises(RuntimeError, match="eager step with the same parameters"):
+        call(skt, "lion", ps, gs, ms, steps)
+    assert not L._captured_plans
+    allocs = []
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocs.append(k.get("pin_memory")) or empty(*a, **k))
+    capturing[0] = False
+    call(skt, "lion", ps, clone(gs), ms, steps)  # eager: makes room (pinned on CUDA)
+    assert allocs[-1] == (DEVICE == "cuda")
+    (buf, used), = L._staging.values()
+    assert used == 0
+    allocs.clear()
+    capturing[0] = True
+    a_p, a_m = clone(ps), clone(ms)
+    call(skt, "lion", ps, gs, ms, steps)
+    assert not allocs  # no memory made for the table during capture
+    (plan,) = L._captured_plans.values()
+    region = plan.host
+    assert buf.data_ptr() <= region.data_ptr() < buf.data_ptr() + 8 * buf.numel()
+    assert L._staging[str(ps[0].device)][1] == region.numel() == plan.meta.numel()
+    call(ref, "lion", a_p, gs, a_m, steps)
+    assert_bitwise(ps, a_p, "params")
+    # the next eager call grows the room again; the region taken stays as it is
+    capturing[0] = False
+    saved = region.clone()
+    call(skt, "lion", ps, clone(gs), ms, steps)
+    st = L._staging[str(ps[0].device)]
+    assert st[0].numel() - st[1] >= plan.meta.numel()
+    assert torch.equal(region, saved) and torch.equal(plan.host.cpu(), plan.meta.cpu())
+
+
+def test_plans_are_per_stream(monkeypatch):
+    """NOTE: [plans per stream]: the same tensors on another stream get their own plan (tables
+    and scratch), so two streams never share Tiger's statistics buffers, and freeing a plan is
+    ordered after its last use by its own stream."""
+    L.clear_cache()
+    ps, gs, ms = make_case([(4, 6), (7,)], F32, F32, F32, seed=5, hard=False)
+    stream = [1]
+    monkeypatch.setattr(L, "_stream_key", lambda device: stream[0])
+    steps = steps_of(ps, 0)
+    a_p, a_m = clone(ps), clone(ms)
+    call(skt, "tiger", ps, gs, ms, steps, k=1, roles=[3, 0])
+    stream[0] = 2
+    call(skt, "tiger", ps, gs, ms, steps, k=1, roles=[3, 0])
+    for _ in range(2):
+        call(ref, "tiger", a_p, gs, a_m, steps, k=1, roles=[3, 0])
+    assert_bitwise(ps, a_p, "params")
+    a, b = L._plans.values()
+    assert a.ident == b.ident and a.meta.data_ptr() != b.meta.data_ptr()
+    assert not {t.data_ptr() for t in a.stats} & {t.data_ptr() for t in b.stats}
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graph capture needs a GPU")
@@ -499,12 +566,285 @@ def test_full_block_row_and_alignment_paths():
         ps, gs, ms = make_case(shapes, pdt, pdt, sdt, seed=21, hard=False)
         run_both("tiger", ps, gs, ms, n_steps=2, k=1, roles=roles, sr=sr)
         run_both("lion", ps, gs, ms, n_steps=1, sr=sr)
-    # one misaligned grad (a view one element in; run_both copies params and states, not
-    # grads) takes every tensor off the aligned path
-    ps, gs, ms = make_case([(blk + 3,), (blk,)], F32, F32, F32, seed=22, hard=False)
+
+
+
+def test_one_misaligned_tensor_keeps_the_others_aligned(monkeypatch):
+    """NOTE: [per-tensor alignment]: a misaligned grad (a view one element in; run_both copies
+    params and states, not grads) takes only its own tensor off the aligned path: the others'
+    blocks run in an aligned launch, its blocks in an unaligned one, with the same results."""
+    blk = L.BLOCK
+    ps, gs, ms = make_case([(blk + 3,), (blk,), (2, 300)], F32, F32, F32, seed=22, hard=False)
     buf = torch.zeros(blk + 1, device=DEVICE)
     gs[1] = buf[1:].copy_(gs[1])
+    launches = []
+    for name in ("sign_step_kernel", "tiger_rows_kernel", "tiger_sumsq_kernel"):
+        kern = getattr(K, name)
+        orig = kern.run
+
+        def recording(*a, _orig=orig, _name=name, **kw):
+            launches.append((_name, kw["grid"][0], kw["ALIGNED"]))
+            return _orig(*a, **kw)
+
+        monkeypatch.setattr(kern, "run", recording)
     L.clear_cache()
     run_both("simba", ps, gs, [torch.zeros_like(p, dtype=torch.int16) for p in ps], n_steps=1)
-    run_both("tiger", ps, gs, ms, n_steps=1, k=1, roles=[3, 2])
-    assert not next(reversed(L._plans.values())).aligned
+    assert launches == [("sign_step_kernel", 3, True), ("sign_step_kernel", 1, False)]
+    launches.clear()
+    run_both("tiger", ps, gs, ms, n_steps=1, k=1, roles=[3, 3, 2])  # the misaligned one a matrix
+    plan = next(reversed(L._plans.values()))
+    assert (plan.n_blocks_al, plan.n_blocks) == (3, 4) and not plan.aligned
+    assert launches == [("tiger_rows_kernel", 2, True), ("tiger_rows_kernel", 1, False),
+                        ("tiger_sumsq_kernel", 3, True), ("tiger_sumsq_kernel", 1, False),
+                        ("sign_step_kernel", 3, True), ("sign_step_kernel", 1, False)]
+    # the sums out of the split launches (NOTE: [Tiger sums of squares out]) are the next
+    # call's own pre-pass sums, bit for bit
+    p2, m2, steps = clone(ps), clone(ms), steps_of(ps, 0)
+    seeds = [_rng.tensor_seed(1234, i) for i in range(3)]
+    out = torch.zeros(4, dtype=torch.float64, device=DEVICE)
+    skt.tiger_(p2, gs, m2, steps, [3, 3, 2], 1e-2, None, 0.965, 0.1, 1, 0.99, None, None, seeds, False,
+               sumsq_out=out, sumsq_out_at=[0, 1, 2])
+    skt.tiger_(p2, gs, m2, steps, [3, 3, 2], 1e-2, None, 0.965, 0.1, 1, 0.99, None, None, seeds, False)
+    plan = next(reversed(L._plans.values()))
+    row_sumsq, t_sumsq = plan.stats[0], plan.stats[6]
+    assert bits(out[:2].cpu()).tolist() == bits(t_sumsq[:2].cpu()).tolist()
+    slot = int(plan.tensors.reshape(3, -1)[2, K.F_SLOT.value])
+    assert bits(out[2:].cpu()).tolist() == bits(row_sumsq[slot:slot + 2].cpu()).tolist()
+
+
+# ---------------------------------------------------------------- clipping inside the step
+def _clipped(gs, scale, clip):
+    """The gradient the ops use with ``clip`` (NOTE: [clipping inside the step]), as torch's
+    fp32 ops give it: clip_grad_norm_'s g.mul_(clip) on fp32 gradients (divided by the scale
+    first when one is given)."""
+    out = []
+    for g in gs:
+        g = g.float().clone()
+        if scale is not None:
+            g.div_(scale)
+        out.append(g.mul_(clip))
+    return out
+
+
+CLIP_CASES = [pytest.param(F32, F32, F32, False, id="fp32"),
+              pytest.param(BF16, BF16, BF16, True, id="bf16-sr"),
+              pytest.param(BF16, F32, BF16, False, id="bf16-fp32grads")]
+
+
+@pytest.mark.parametrize("algo", ["lion", "tiger", "simba"])
+@pytest.mark.parametrize("pdt,gdt,sdt,sr", CLIP_CASES)
+@pytest.mark.parametrize("scaled", [False, True], ids=["noscale", "scale"])
+def test_clip_is_the_step_on_clipped_grads(algo, pdt, gdt, sdt, sr, scaled):
+    """With ``clip`` the step equals the step without it on g / scale * clip (fp32 grads, so
+    nothing is rounded twice), bit for bit, and the reference's step with the same ``clip``.
+    clip = 0 turns the Inf grads into NaN (0 * Inf): Tiger's guard must see those NaNs."""
+    sdt = torch.int16 if algo == "simba" else sdt
+    ps, gs, ms = make_case(SHAPES, pdt, gdt, sdt, seed=31, nonfinite=True)
+    for i in (3, 4):  # ±Inf and no NaN: Tiger updates them, unless the clip makes a NaN
+        gs[i].view(-1)[1] = 0.5
+    # a scale that is not a power of two: the division rounds, so its order against the clip shows
+    scale = torch.tensor(1000.0, device=DEVICE) if scaled else None
+    if scaled:
+        gs = [(g.float() * 1000).to(gdt) for g in gs]
+    kw = dict(k=1) if algo == "tiger" else {}
+    for c in (0.37, 0.0):
+        clip = torch.tensor(c, device=DEVICE)
+        steps = steps_of(ps, 3)
+        a_p, a_m, b_p, b_m = clone(ps), clone(ms), clone(ps), clone(ms)
+        call(skt, algo, a_p, gs, a_m, steps, scale=scale, clip=clip, sr=sr, **kw)
+        call(skt, algo, b_p, _clipped(gs, scale, clip), b_m, steps, sr=sr, **kw)
+        assert_bitwise(a_p, b_p, f"{algo} clip={c} params")
+        assert_bitwise(a_m, b_m, f"{algo} clip={c} state")
+        if algo == "tiger":
+            # tensors 2 and 5 hold a NaN (guarded), 3 and 4 an Inf: NaN once multiplied by 0
+            assert [torch.equal(a_m[i], ms[i]) for i in range(2, 6)] == [True, c == 0.0, c == 0.0, True], c
+        run_both(algo, ps, gs, ms, n_steps=2, t0=3, scale=scale, clip=clip, sr=sr, **kw)
+
+
+def test_clip_reads_the_device_value_each_call():
+    """``clip`` is read on the device at every call (no host copy: CUDA graphs replay it), and
+    clip = 1 is the step without it."""
+    ps, gs, ms = make_case(SHAPES, F32, F32, F32, seed=32, hard=False)
+    clip = torch.tensor(1.0, device=DEVICE)
+    a_p, a_m, b_p, b_m = clone(ps), clone(ms), clone(ps), clone(ms)
+    call(skt, "lion", a_p, gs, a_m, steps_of(ps, 0), clip=clip)
+    call(skt, "lion", b_p, gs, b_m, steps_of(ps, 0))
+    assert_bitwise(a_p, b_p, "clip=1 params")
+    assert_bitwise(a_m, b_m, "clip=1 state")
+    clip.fill_(0.25)  # same tensor, same plan, new value
+    call(skt, "lion", a_p, gs, a_m, steps_of(ps, 1), clip=clip)
+    call(skt, "lion", b_p, _clipped(gs, None, clip), b_m, steps_of(ps, 1))
+    assert_bitwise(a_m, b_m, "clip=0.25 state")
+
+
+@pytest.mark.parametrize("gdt,mdt", [(F32, F32), (BF16, BF16), (BF16, F32)])
+def test_dist_lion_pack_clip(gdt, mdt):
+    """Distributed Lion's pack pass: ``clip`` is the pass on g / scale * clip."""
+    from sign_kernels.triton import _dist_lion as tri
+
+    _, gs, ms = make_case([(4097,), (5,), (3, 7)], F32, gdt, mdt, seed=33, nonfinite=True)
+    gs = [(g.float() * 64).to(gdt) for g in gs]
+    scale, clip = torch.tensor(64.0, device=DEVICE), torch.tensor(0.3, device=DEVICE)
+    a_m, b_m = clone(ms), clone(ms)
+    a_o = [torch.zeros((g.numel() + 3) // 4, dtype=torch.uint8, device=DEVICE) for g in gs]
+    b_o = clone(a_o)
+    tri.dist_lion_pack_(gs, a_m, a_o, 0.9, 0.99, scale, None, clip)
+    tri.dist_lion_pack_(_clipped(gs, scale, clip), b_m, b_o, 0.9, 0.99, None, None)
+    assert_bitwise(a_m, b_m, "pack exp_avgs")
+    assert_bitwise(a_o, b_o, "packed")
+    assert any(not torch.equal(x, y) for x, y in zip(a_m, ms))
+
+
+# ---------------------------------------------------------------- the norm pass (sumsq_)
+def _sumsq(tensors, scale=None):
+    out = torch.full((len(tensors),), -1.0, dtype=torch.float64, device=DEVICE)
+    skt.sumsq_(tensors, scale, out)
+    return out.cpu()
+
+
+def _sumsq_order(x, scale=None):
+    """NOTE: [Triton norm sums] in numpy: blocks of BLOCK from element 0, each a pairwise tree
+    (adjacent pairs, level by level; zeros past the end), then runs of FINISH_BLOCK partials,
+    each a pairwise tree, added left to right."""
+    import numpy as np
+
+    q = x.detach().cpu().float().reshape(-1)
+    if scale is not None:
+        q = q / scale.cpu()
+    sq = q.double().square().numpy()
+
+    def tree(v, width):
+        v = np.concatenate([v, np.zeros(width - v.size)])
+        while v.size > 1:
+            v = v[0::2] + v[1::2]
+        return v[0]
+
+    parts = np.array([tree(sq[i:i + L.BLOCK], L.BLOCK) for i in range(0, sq.size, L.BLOCK)])
+    total = np.float64(0.0)
+    for c in range(0, parts.size, L.FINISH_BLOCK):
+        total = total + tree(parts[c:c + L.FINISH_BLOCK], L.FINISH_BLOCK)
+    return float(total)
+
+
+NORM_SHAPES = [(0,), (1,), (5,), (3, 7), (4097,), (2, 3, 5), (3 * 2048 + 5,), (37 * 2048 + 11,)]
+
+
+@pytest.mark.parametrize("dt", [F32, BF16, F16])
+@pytest.mark.parametrize("scaled", [False, True], ids=["noscale", "scale"])
+def test_sumsq_matches_fp64_and_its_order(dt, scaled):
+    """sumsq_ = sum of (fp32(x) / scale)**2 in fp64: within 1e-12 of torch's fp64 sum (and of the
+    reference backend's), and bit for bit the documented order."""
+    gen = torch.Generator().manual_seed(41)
+    xs = [(torch.randn(s, generator=gen) * 3).to(dt).to(DEVICE) for s in NORM_SHAPES]
+    scale = torch.tensor(3.0, device=DEVICE) if scaled else None
+    got = _sumsq(xs, scale)
+    want = torch.empty(len(xs), dtype=torch.float64, device=DEVICE)
+    ref.sumsq_(xs, scale, want)
+    for i, x in enumerate(xs):
+        q = x.float() / scale if scaled else x.float()
+        exact = float(q.double().square().sum())
+        assert abs(float(got[i]) - exact) <= 1e-12 * exact, (i, float(got[i]), exact)
+        assert abs(float(got[i]) - float(want[i])) <= 1e-12 * exact, (i, float(got[i]), float(want[i]))
+        assert float(got[i]) == _sumsq_order(x, scale), i
+    assert float(got[0]) == 0.0  # the empty tensor
+
+
+def test_sumsq_bits_depend_on_the_tensor_alone():
+    """The same tensor gives the same bits whatever its companions in the call (their sizes, its
+    position, their alignment) and whether it takes the aligned launch or not."""
+    gen = torch.Generator().manual_seed(42)
+    x = torch.randn(5 * 2048 + 77, generator=gen).to(DEVICE) * 1e3
+    others = [torch.randn(n, generator=gen).to(DEVICE) for n in (3, 4097, 1000)]
+    alone = _sumsq([x])[0]
+    mixed = _sumsq([others[0], x, others[1], others[2]])[1]
+    buf = torch.empty(x.numel() + 1, device=DEVICE)
+    shifted = buf[1:].copy_(x)  # the same values, 4 bytes off 16-byte alignment
+    odd = _sumsq([others[2], shifted])[1]
+    first = _sumsq([shifted, others[2]])  # its blocks after those of the aligned tensor
+    assert bits(alone) == bits(mixed) == bits(odd) == bits(first[0])
+    assert float(first[1]) == _sumsq_order(others[2])
+    assert float(alone) == _sumsq_order(x)
+    # more block partials than one run of FINISH_BLOCK, of mixed magnitudes: the order of the
+    # second pass shows in the bits
+    n = (L.FINISH_BLOCK + 40) * L.BLOCK + 3
+    y = (torch.randn(n, generator=gen) * torch.exp2(torch.randint(-30, 30, (n,), generator=gen).float())).to(DEVICE)
+    got = _sumsq([x, y, others[0]])
+    assert float(got[1]) == _sumsq_order(y) and bits(got[0]) == bits(alone)
+
+
+def test_sumsq_nan_inf_empty():
+    nan, inf = float("nan"), float("inf")
+    a = torch.tensor([1.0, nan, 2.0], device=DEVICE)
+    b = torch.tensor([1.0, -inf, 2.0], device=DEVICE)
+    c = torch.tensor([inf, nan], device=DEVICE)
+    big = torch.full((10,), 3e38, device=DEVICE)  # squares beyond fp32, fine in fp64
+    e = torch.empty(0, device=DEVICE)
+    got = _sumsq([a, b, c, big, e, torch.zeros(3, 4, device=DEVICE)])
+    assert torch.isnan(got[0]) and torch.isnan(got[2])
+    assert got[1] == inf and got[4] == 0.0 and got[5] == 0.0
+    assert float(got[3]) == pytest.approx(10 * 9e76, rel=1e-6)
+    # a quotient that overflows fp32 is +inf; a NaN in a later block still wins
+    long = torch.ones(3 * L.BLOCK, device=DEVICE)
+    long[5] = inf
+    long[-1] = nan
+    got = _sumsq([big, long], torch.tensor(1e-3, device=DEVICE))
+    assert got[0] == inf and torch.isnan(got[1])
+    got = _sumsq([e, e])
+    assert got.tolist() == [0.0, 0.0]
+    skt.sumsq_([], None, torch.empty(0, dtype=torch.float64, device=DEVICE))
+
+
+def test_sumsq_bf16_and_plan_reuse(monkeypatch):
+    """One cached table per tensor list: two launches a call, no new table while the tensors
+    stay; out is written on the device (a CUDA graph replays it)."""
+    gen = torch.Generator().manual_seed(43)
+    xs = [torch.randn(n, generator=gen).to(BF16).to(DEVICE) for n in (7, 2 * 2048 + 1, 0)]
+    L.clear_cache()
+    launches = []
+    for name in ("sumsq_blocks_kernel", "sumsq_total_kernel"):
+        kern = getattr(K, name)
+        orig = kern.run
+
+        def counting(*a, _orig=orig, _name=name, **kw):
+            launches.append(_name)
+            return _orig(*a, **kw)
+
+        monkeypatch.setattr(kern, "run", counting)
+    first = _sumsq(xs)
+    xs[0].mul_(2)
+    second = _sumsq(xs)
+    assert len(L._plans) == 1
+    assert launches == ["sumsq_blocks_kernel", "sumsq_total_kernel"] * 2
+    assert float(second[0]) == _sumsq_order(xs[0]) == 4 * float(first[0])
+    assert float(second[1]) == float(first[1]) == _sumsq_order(xs[1])
+
+
+def test_sumsq_rejects():
+    x = torch.ones(4, device=DEVICE)
+    out = torch.zeros(2, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="out must be"):
+        skt.sumsq_([x], None, out)
+    with pytest.raises(ValueError, match="out must be"):
+        skt.sumsq_([x, x], None, out.float())
+    with pytest.raises(TypeError, match="tensors\\[1\\]"):
+        skt.sumsq_([x, x.to(BF16)], None, out)
+    with pytest.raises(ValueError, match="not contiguous"):
+        skt.sumsq_([x, torch.ones(8, device=DEVICE)[::2]], None, out)
+    with pytest.raises(TypeError, match="fp32, bf16, fp16"):
+        skt.sumsq_([x.double(), x.double()], None, out)
+
+
+# ---------------------------------------------------------------- Tiger's NaN flags
+def test_tiger_nan_flags_are_ored_not_summed():
+    """NOTE: [NaN flags]: the per-row NaN results are combined by OR. Summed in int32, counts of
+    2**31 - 1 and 1 NaNs (a tensor with 2**31 NaNs) wrap to -2**31 and read as no NaN."""
+    p = torch.zeros(4 * L.STAT_COLS, device=DEVICE)  # a matrix: 4 virtual stats rows
+    steps = steps_of([p], 0)
+    plan = L._build_plan(L.ALGO_TIGER, [p], [p], [p], steps, [3], [0], p.device)
+    row_sumsq, row_nan, t_nan, t_rms, row_rms, blk, t_sumsq = plan.stats
+    for counts, want in (([0, 0, 0, 0], 0), ([2**31 - 1, 1, 0, 0], 1), ([0, 0, 0, 1], 1),
+                         ([2**30] * 4, 1)):
+        row_nan.copy_(torch.tensor(counts, dtype=torch.int32))
+        K.tiger_finish_kernel[(1,)](plan.tensors, row_nan, row_sumsq, blk, 1, t_nan, t_rms, row_rms,
+                                    t_sumsq, row_sumsq, **L.finish_config())
+        assert int(t_nan[0]) == want, counts

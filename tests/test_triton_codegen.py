@@ -15,7 +15,7 @@ sign_kernels/triton/_launch.py has the sweep): Lion and Simba's update 38-64 reg
 params with stochastic rounding up to 80: the extra layout conversion and the rounding hash);
 Tiger's update is bounded at 80 (12.8 needs 78-93 unbounded, 13.4 62-85), with its sums out
 (``sumsq=1``: the fp64 squares and their pairwise tree) at 112 (12.8 spills at 80 and 96);
-without the alignment hints (a misaligned tensor in the list) the loads are scalar and take
+without the alignment hints (the blocks of a misaligned tensor) the loads are scalar and take
 up to 112.
 """
 
@@ -90,7 +90,7 @@ def _budget(k):
 def test_every_specialisation_compiled(kernels):
     names = {k["kernel"] for k in kernels}
     assert names == {"sign_step_kernel", "tiger_rows_kernel", "tiger_sumsq_kernel", "tiger_finish_kernel",
-                     "tiger_sumsq_out_kernel"}
+                     "tiger_sumsq_out_kernel", "sumsq_blocks_kernel", "sumsq_total_kernel"}
     # 3 algorithms x their dtype combinations x SR x alignment x optional inputs (x Tiger's sums out)
     assert sum(k["kernel"] == "sign_step_kernel" for k in kernels) >= 135
     assert any("sumsq=1" in k["name"] for k in kernels)
@@ -115,3 +115,4 @@ def test_aligned_path_uses_16_byte_accesses(kernels):
     assert not bad, "\n".join([_ptxas()] + bad)
     assert any(k["aligned"] and k["kernel"] == "tiger_rows_kernel" for k in kernels)
     assert any(k["aligned"] and k["kernel"] == "tiger_sumsq_kernel" for k in kernels)
+    assert any(k["aligned"] and k["kernel"] == "sumsq_blocks_kernel" for k in kernels)

@@ -8,8 +8,8 @@ ptxas; the cubin's resource usage comes from the bundled ``cuobjdump``. The spec
 are the launcher's own: ``_launch.dtype_error`` says which dtype combinations run and
 ``_launch.step_config`` / ``rows_config`` / ``finish_config`` give the constexprs and options
 ``_launch.run`` passes. By default the update kernel is compiled with its optional scalar
-inputs (lr_t, grad_scale, found_inf) all absent and all present (they only add scalar code;
-grad_scale adds a division per element, so "all present" is the widest); ``--all`` compiles
+inputs (lr_t, grad_scale, found_inf, clip) all absent and all present (they only add scalar code;
+grad_scale adds a division and clip a product per element, so "all present" is the widest); ``--all`` compiles
 every combination of them (about 5x as many kernels). Used by tests/test_triton_codegen.py,
 which runs it in a subprocess because triton picks interpreter or compiler once per process.
 """
@@ -46,8 +46,8 @@ def _dt(code_or_dtype) -> str:
 def step_specs(all_flags: bool):
     from sign_kernels.triton import _launch as L
 
-    flag_sets = list(itertools.product((False, True), repeat=3)) if all_flags else \
-        [(False, False, False), (True, True, True)]
+    flag_sets = list(itertools.product((False, True), repeat=4)) if all_flags else \
+        [(False, False, False, False), (True, True, True, True)]
     for algo in (L.ALGO_LION, L.ALGO_TIGER, L.ALGO_SIMBA):
         for pdt, gdt, sdt in itertools.product(DTYPES, repeat=3):
             if L.dtype_error(algo, pdt, gdt, sdt) is not None:
@@ -55,13 +55,15 @@ def step_specs(all_flags: bool):
             srs = (False, True) if torch.bfloat16 in (pdt, sdt) else (False,)
             sums = (False, True) if algo == L.ALGO_TIGER else (False,)
             for sr, aligned, sumsq in itertools.product(srs, (True, False), sums):
-                for lr_t, scale, found in (flag_sets if aligned else [(True, True, True)]):
+                for lr_t, scale, found, clip in (flag_sets if aligned else [(True, True, True, True)]):
                     cfg = L.step_config(algo, pdt, gdt, sdt, has_lr_t=lr_t, has_scale=scale,
-                                        has_found=found, sr=sr, aligned=aligned, sumsq=sumsq)
+                                        has_found=found, sr=sr, aligned=aligned, sumsq=sumsq,
+                                        has_clip=clip)
                     sig = dict(tensors="*i64", blocks="*i64", lr="fp32",
                                lr_t="*fp32" if lr_t else "*i64",
                                scale_ptr="*fp32" if scale else "*i64",
                                found_ptr="*fp32" if found else "*i64",
+                               clip_ptr="*fp32" if clip else "*i64",
                                weight_decay="fp32", beta1="fp32", beta2="fp32", shrink="fp32",
                                k="i32", window="i32", threshold="i32",
                                t_nan="*i32" if algo == L.ALGO_TIGER else "*i64",
@@ -71,7 +73,7 @@ def step_specs(all_flags: bool):
                                sumsq_out="*fp64" if sumsq else "*i64")
                     name = (f"sign_step_kernel[{L._ALGO_NAME[algo]} p={_dt(pdt)} g={_dt(gdt)} "
                             f"m={_dt(sdt)} sr={int(sr)} aligned={int(aligned)} lr_t={int(lr_t)} "
-                            f"scale={int(scale)} found={int(found)}"
+                            f"scale={int(scale)} found={int(found)} clip={int(clip)}"
                             + (" sumsq=1]" if sumsq else "]"))
                     # 16-byte vectors a thread needs per buffer in the full-block path
                     per_thread = cfg["BLOCK"] // (32 * cfg["num_warps"])
@@ -90,11 +92,13 @@ def stats_specs():
                     if L.dtype_error(L.ALGO_TIGER, p, g, m) is None}, key=str)
     for gdt, scale, aligned in itertools.product(sorted({g for _, g in pairs}, key=str), (False, True),
                                                  (True, False)):
-        cfg = L.rows_config(gdt, has_scale=scale, aligned=aligned)
-        sig = dict(tensors="*i64", tasks="*i64", scale_ptr="*fp32" if scale else "*i64", row_nan="*i32")
+        clip = scale  # grad_scale and clip absent, or both present (the widest)
+        cfg = L.rows_config(gdt, has_scale=scale, aligned=aligned, has_clip=clip)
+        sig = dict(tensors="*i64", tasks="*i64", scale_ptr="*fp32" if scale else "*i64",
+                   clip_ptr="*fp32" if clip else "*i64", row_nan="*i32")
         per_thread = cfg["ROWS"] * cfg["COLS"] // (32 * cfg["num_warps"])
         yield dict(kernel="tiger_rows_kernel", sig=sig, cfg=cfg, aligned=aligned,
-                   name=f"tiger_rows_kernel[g={_dt(gdt)} scale={int(scale)} aligned={int(aligned)}]",
+                   name=f"tiger_rows_kernel[g={_dt(gdt)} scale={int(scale)} clip={int(clip)} aligned={int(aligned)}]",
                    min_v4_loads=per_thread * gdt.itemsize // 16, min_v4_stores=0)
     # NOTE: [Triton sums of squares]: the pre-pass over θ, on the update's blocks.
     for pdt, aligned in itertools.product(sorted({p for p, _ in pairs}, key=str), (True, False)):
@@ -108,6 +112,17 @@ def stats_specs():
                sig=dict(tensors="*i64", row_nan="*i32", row_sumsq="*fp64", blk="*fp64", k="i32",
                         t_nan="*i32", t_rms="*fp32", row_rms="*fp32", t_sumsq="*fp64", stats="*fp64"),
                aligned=False, min_v4_loads=0, min_v4_stores=0)
+    # The norm pass (sumsq_, NOTE: [Triton norm sums]): block partials, then one program per tensor.
+    for dt, scale, aligned in itertools.product((torch.bfloat16, torch.float16, torch.float32), (False, True),
+                                                (True, False)):
+        cfg = L.norm_config(dt, has_scale=scale, aligned=aligned)
+        per_thread = cfg["BLOCK"] // (32 * cfg["num_warps"])
+        yield dict(kernel="sumsq_blocks_kernel", cfg=cfg, aligned=aligned,
+                   sig=dict(tensors="*i64", blocks="*i64", scale_ptr="*fp32" if scale else "*i64", part="*fp64"),
+                   name=f"sumsq_blocks_kernel[x={_dt(dt)} scale={int(scale)} aligned={int(aligned)}]",
+                   min_v4_loads=per_thread * dt.itemsize // 16, min_v4_stores=0)
+    yield dict(kernel="sumsq_total_kernel", name="sumsq_total_kernel", cfg=L.norm_total_config(),
+               sig=dict(tensors="*i64", part="*fp64", out="*fp64"), aligned=False, min_v4_loads=0, min_v4_stores=0)
     for found in (False, True):
         yield dict(kernel="tiger_sumsq_out_kernel", name=f"tiger_sumsq_out_kernel[found={int(found)}]",
                    cfg=L.sumsq_out_config(has_found=found),

@@ -133,7 +133,7 @@ def get(name: str) -> Backend:
         if reason is not None:
             raise BackendUnavailableError(f'backend="triton" is not available: {reason}')
         t = _triton_module()
-        backend = Backend("triton", t.lion_, t.tiger_, t.simba_, getattr(t, "sumsq_", None))
+        backend = Backend("triton", t.lion_, t.tiger_, t.simba_, t.sumsq_)
     else:
         raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
     _BACKENDS[name] = backend

@@ -39,12 +39,16 @@ set, one int64 device tensor holding (a) a row per tensor: addresses of θ, g, s
 numel, SR seed, Tiger role and statistics layout; (b) a row per program: (tensor, first
 element), BLOCK elements each; (c) Tiger's statistics tasks. Kernels cast the addresses with
 ``.to(tl.pointer_type(...))``. The plan is cached (LRU, 32 entries) under a key made of every
-data_ptr, shape, role and seed, so a GPT-2-sized list (148 tensors) costs one launch for Lion
-and Simba and four for Tiger (five with sums out), and no host-to-device copy after the first step as long as the
+data_ptr, shape, role and seed, and the current stream (a plan's tables and scratch serve one
+stream only: NOTE: [plans per stream] in ``_launch``), so a GPT-2-sized list (148 tensors)
+costs one launch for Lion and Simba and four for Tiger (five with sums out; a misaligned
+tensor adds a second launch of its blocks per pass, NOTE: [per-tensor alignment]), and no
+host-to-device copy after the first step as long as the
 caching allocator hands the grads back at the same addresses. Steps, ``lr_t``,
-``grad_scale`` and ``found_inf`` are read on the device: no host synchronisation, CUDA-graph
-friendly: a plan missing when a capture begins is built inside it (NOTE: [plans in CUDA
-graphs] in ``_launch``), and a plan a graph uses is kept for the life of the process. When
+``grad_scale``, ``found_inf`` and ``clip`` are read on the device: no host synchronisation,
+CUDA-graph friendly: a plan missing when a capture begins is built inside it, its table
+copied from pinned memory set aside by an earlier eager call (NOTE: [plans in CUDA graphs],
+NOTE: [pinned staging] in ``_launch``), and a plan a graph uses is kept for the life of the process. When
 ``found_inf`` is non-zero every load and store is masked off: nothing changes.
 
 The interpreter (``TRITON_INTERPRET=1``) runs the *same* kernels on CPU tensors: it executes
@@ -180,7 +184,8 @@ def sumsq_(tensors, scale, out) -> None:
 
 def register_for_cuda_if_missing() -> bool:
     """Register these functions as the CUDA kernels of
-    torch.ops.sign_kernels.{lion_,tiger_,simba_,sumsq_} for every op that has no CUDA kernel yet (the compiled extension registers its own first).
+    torch.ops.sign_kernels.{lion_,tiger_,simba_,sumsq_} for every op that has no CUDA kernel yet
+    (the compiled extension registers its own first).
 
     Returns True if at least one op was registered. Does nothing when triton is missing or no
     CUDA device is present. Triton itself is imported only when an op first runs.

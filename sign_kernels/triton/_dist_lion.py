@@ -5,7 +5,8 @@ fields]): every product and sum a separate fp32 op, launched with ``enable_fp_fu
 divisions by ``tl.math.div_rn``, 16-bit stores through the bit formulas of ``_kernels``. One
 launch per tensor (the passes run once per exchange bucket; a tensor table as in
 ``_launch`` would save launches on models with many small tensors). Each program covers
-BYTES packed bytes (pack: 4 BYTES elements; apply: a [BYTES, fields per byte] tile), each\nelement read and written once.
+BYTES packed bytes (pack: 4 BYTES elements; apply: a [BYTES, fields per byte] tile), each
+element read and written once.
 Runs on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 

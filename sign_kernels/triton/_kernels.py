@@ -123,8 +123,8 @@ def _fp16_bits(x):
 # pointer* of every access is 16-byte aligned and that each thread's run of elements is
 # contiguous: a `tl.multiple_of` on the int64 address before `.to(pointer_type)` is lost in
 # the int->pointer cast. So the kernels cast first, hint the pointer (ALIGNED: the launcher
-# checked every address), advance it by the block start (a multiple of BLOCK, itself hinted)
-# and index it with an int32 `tl.arange`: the per-element offsets are then provably
+# checked the addresses of every tensor of that launch, NOTE: [per-tensor alignment]),
+# advance it by the block start (a multiple of BLOCK, itself hinted) and index it with an int32 `tl.arange`: the per-element offsets are then provably
 # contiguous from an aligned base, and they are 32-bit (an int64 offset per element costs
 # two registers each). Full blocks take an unmasked path (a mask of unknown alignment, from
 # a numel of unknown alignment, would split the vectors).

@@ -137,9 +137,14 @@ def _capturing(device: torch.device) -> bool:
 # tensors would race on it), and freeing it is ordered after its last use by that stream
 # (the caching allocator hands a freed block out again only to the same stream), with no
 # record_stream to call per launch.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds of torch
+
+
 def _stream_key(device: torch.device):
     if device.type != "cuda":
         return None
+    if _raw_stream is not None:  # the cheap query: this runs on every call
+        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
     return torch.cuda.current_stream(device).cuda_stream
 
 
