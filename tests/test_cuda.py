@@ -14,7 +14,12 @@ Skipped without a GPU or without the compiled CUDA op. What is checked:
 * clipping inside the step (NOTE: [clipping inside the step] in sign_kernels/_ops.py): a given
   ``clip`` is bit for bit the step on ``(g / grad_scale) * clip`` rounded to fp32 (what
   ``g.mul_(clip)`` leaves in fp32 grads), Tiger's NaN guard included; ``sumsq_`` within 1e-12 of
-  an fp64 sum, the same bits whatever the companions, NaN/inf/empty, CUDA-graph capture.
+  an fp64 sum, the same bits whatever the companions, NaN/inf/empty, CUDA-graph capture;
+* 8-bit momentum and the correction byte (NOTE: [CUDA row blocks] in csrc/cuda/compressed.cuh): codes,
+  block scales, residuals and θ bit for bit with the reference (Tiger given the reference's sums of
+  squares; with its own, the momentum bit for bit), ragged last blocks, all-zero blocks, outliers,
+  NaN/Inf grads, Tiger's k > 1 and NaN guard, GradScaler's arguments, clip, misaligned views, sums
+  out equal to a sums-only call, graph replay, and the optimizers with backend="cuda".
 """
 
 from __future__ import annotations
@@ -830,3 +835,398 @@ def test_sumsq_close_to_cpu_op():
     op("sumsq_")(xs, torch.tensor(0.75), cpu)
     torch.testing.assert_close(sumsq([x.cuda() for x in xs], torch.tensor(0.75, device="cuda")).cpu(), cpu,
                                rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------ int8 momentum and the correction byte
+# NOTE: [8-bit momentum and the correction byte] in sign_kernels/_ops.py; the kernels: NOTE: [CUDA row
+# blocks] and NOTE: [CUDA compressed Tiger] in csrc/cuda/compressed.cuh. Against the reference on the
+# same device, bit for bit (Tiger with the reference's sums of squares given as statistics, so that
+# both compute the same RMS; with its own sums, the momentum bit for bit and θ within rounding).
+from sign_kernels import _quant  # noqa: E402
+
+QDEV = "cuda"
+I8 = torch.int8
+# ragged last blocks (cols not a multiple of 64), exact blocks, rows of 1, 3-d, many blocks per row,
+# many short rows, rows shorter than a pack
+Q_SHAPES = [(5, 130), (9, 64), (3, 1), (2, 3, 70), (40, 4100), (300, 8), (7, 2, 3)]
+Q_ROLES = [ref.ROLE_MATRIX, ref.ROLE_EMBEDDING, ref.ROLE_ELEMENTWISE, ref.ROLE_MATRIX, ref.ROLE_EMBEDDING,
+           ref.ROLE_EMBEDDING, ref.ROLE_GAIN]
+# the correction byte alone (a float momentum) also takes 0-d and 1-d params
+EC_SHAPES = Q_SHAPES + [(1000,), (70,), ()]
+EC_ROLES = Q_ROLES + [ref.ROLE_MATRIX, ref.ROLE_ELEMENTWISE, ref.ROLE_GAIN]
+# (param, grad, state, correction byte): int8 state is 8-bit momentum; a float state comes with the byte.
+Q_DTYPES = [
+    (F32, F32, I8, False), (BF16, BF16, I8, False), (BF16, F32, I8, False), (F16, F16, I8, False),
+    (BF16, BF16, I8, True), (BF16, F32, I8, True), (F16, F16, I8, True), (F16, F32, I8, True),
+    (BF16, BF16, BF16, True), (BF16, F32, F32, True), (F16, F16, F16, True), (F16, F32, F32, True),
+    (F16, F16, BF16, True),
+]
+
+
+def q_ids(d):
+    return "-".join(str(x).split(".")[1] for x in d[:3]) + ("-ec" if d[3] else "")
+
+
+def q_make(shapes, pdt, sdt, ec, *, seed=0, device=None):
+    """params, momenta (int8 codes or floats), bf16 block scales (or None), residuals (or None).
+    Random codes, scales over many binades with 1/8 zeros, and an all-zero block: the first block
+    of the first row (q_grads keeps its gradients 0)."""
+    device = device or QDEV
+    gen = torch.Generator().manual_seed(seed)
+    q8 = sdt == I8
+    ps, ms, scs, rs = [], [], [], []
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        p = torch.randn(n, generator=gen) * torch.pow(2.0, torch.randint(-8, 8, (n,), generator=gen).float())
+        ps.append(p.to(pdt).reshape(shape).to(device))
+        if q8:
+            m = torch.randint(-127, 128, shape, generator=gen, dtype=I8)
+            sshape = _quant.scale_shape(torch.Size(shape))
+            mag = torch.rand(sshape, generator=gen) * torch.pow(2.0, torch.randint(-30, 4, sshape, generator=gen).float())
+            mag = torch.where(torch.rand(sshape, generator=gen) < 0.125, torch.zeros(()), mag)
+            sc = _quant.bf16_up(mag)
+            m.view(-1, shape[-1])[0, :64] = 0
+            sc.view(-1, sc.shape[-1])[0, 0] = 0
+            ms.append(m.to(device))
+            scs.append(sc.to(device))
+        else:
+            ms.append((torch.randn(n, generator=gen) * 1e-3).to(sdt).reshape(shape).to(device))
+        if ec:
+            rs.append(torch.randint(-127, 128, shape, generator=gen, dtype=I8).to(device))
+    return ps, ms, (scs if q8 else None), (rs if ec else None)
+
+
+def q_grads(shapes, gdt, gen, t, nonfinite=None, device=None):
+    """Gradients over 40 binades (fp16: 20, mostly finite); the all-zero block stays 0; one huge
+    outlier at t == 2 (inf in fp16); a non-finite value in tensor 0 at t == 1."""
+    device = device or QDEV
+    lo, hi = (-12, 8) if gdt == F16 else (-20, 20)
+    out = []
+    for i, shape in enumerate(shapes):
+        n = 1
+        for d in shape:
+            n *= d
+        g = torch.randn(n, generator=gen) * torch.pow(2.0, torch.randint(lo, hi, (n,), generator=gen).float())
+        g = g.reshape(shape)
+        if len(shape) >= 2:
+            g.view(-1, shape[-1])[0, :64] = 0.0
+        if t == 2 and n > 1:
+            g.view(-1)[-1] = 3e30
+        if nonfinite is not None and t == 1 and i == 0:
+            g.view(-1)[n // 2] = nonfinite
+        out.append(g.to(gdt).to(device))
+    return out
+
+
+def q_step(fn, kind, ps, gs, ms, scs, rs, t, *, roles=None, k=1, sr=False, grad_scale=None, found_inf=None,
+           clip=None, **tiger_kw):
+    dev = ps[0].device
+    steps = [torch.full((), t, dtype=torch.int64, device=dev) for _ in ps]
+    seeds = [(1000003 * i + 17) & 0xFFFFFFFF for i in range(len(ps))]
+    kw = dict(exp_avg_scales=scs, residuals=rs)
+    if clip is not None:
+        kw["clip"] = clip
+    if kind == "lion_":
+        fn(ps, gs, ms, steps, 1e-2, None, 0.9, 0.99, 0.1, grad_scale, found_inf, seeds, sr, **kw)
+    else:
+        fn(ps, gs, ms, steps, roles, 1e-2, None, 0.965, 0.01, k, 0.99, grad_scale, found_inf, seeds, sr,
+           **tiger_kw, **kw)
+
+
+def q_stats(ps, roles):
+    """The reference's sums of squares of θ as given statistics (NOTE: [Tiger statistics input]):
+    with them the kernels' RMS is the reference's, bit for bit."""
+    parts, at, ns, off = [], [], [], 0
+    for p, role in zip(ps, roles):
+        if role in (ref.ROLE_MATRIX, ref.ROLE_EMBEDDING) and p.numel():
+            s = ref.tiger_sumsq(p, role)
+            parts.append(s)
+            at.append(off)
+            ns.append(p.numel() if role == ref.ROLE_MATRIX else p.shape[-1])
+            off += s.numel()
+        else:
+            at.append(-1)
+            ns.append(0)
+    stats = torch.cat(parts) if parts else torch.zeros(1, dtype=torch.float64, device=ps[0].device)
+    return dict(stats=stats, stats_nan=[-1] * len(ps), stats_sumsq=at, stats_n=ns)
+
+
+def q_clone(*lists):
+    return [None if x is None else clone(x) for x in lists]
+
+
+def q_theta(ps, rs):
+    """θ^ = θ16 + ρ u(θ16) (the weight the rules update), or θ."""
+    if rs is None:
+        return [p.float() for p in ps]
+    return [_quant.ec_decode(p, r) for p, r in zip(ps, rs)]
+
+
+def q_assert_state(got, want, what):
+    for name, a, b in zip(("exp_avgs", "exp_avg_scales"), got, want):
+        if a is not None:
+            assert_same(a, b, f"{what}: {name}")
+
+
+def q_run(kind, shapes, dtypes, *, steps=4, sr=False, k=1, nonfinite=None, given=False, seed=0, **kw):
+    """`steps` calls of the CUDA op and of the reference from the same state; returns both states."""
+    pdt, gdt, sdt, ec = dtypes
+    roles = (EC_ROLES if len(shapes) == len(EC_ROLES) else Q_ROLES)[: len(shapes)] if kind == "tiger_" else None
+    ps, ms, scs, rs = q_make(shapes, pdt, sdt, ec, seed=seed)
+    pr, mr, scr, rr = q_clone(ps, ms, scs, rs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for t in range(steps):
+        gs = q_grads(shapes, gdt, gen, t, nonfinite)
+        extra = dict(kw)
+        if kind == "tiger_":
+            extra.update(roles=roles, k=k)
+            if given:
+                extra.update(q_stats(pr, roles))
+        q_step(op(kind), kind, ps, gs, ms, scs, rs, t, sr=sr, **{key: (v.clone() if key == "stats" else v)
+                                                                 for key, v in extra.items()})
+        q_step(ref_fn(kind), kind, pr, clone(gs), mr, scr, rr, t, sr=sr, **extra)
+    return (ps, ms, scs, rs), (pr, mr, scr, rr)
+
+
+def q_assert_bitwise(got, want, what):
+    ps, ms, scs, rs = got
+    pr, mr, scr, rr = want
+    assert_same(ps, pr, f"{what}: params")
+    q_assert_state((ms, scs), (mr, scr), what)
+    if rs is not None:
+        assert_same(rs, rr, f"{what}: residuals")
+
+
+@pytest.mark.parametrize("dtypes", Q_DTYPES, ids=q_ids)
+@pytest.mark.parametrize("sr", [False, True], ids=["rne", "sr"])
+def test_lion_compressed_matches_reference_bitwise(dtypes, sr):
+    if sr and dtypes[3]:
+        pytest.skip("the correction byte and stochastic rounding are exclusive")
+    shapes = Q_SHAPES if dtypes[2] == I8 else EC_SHAPES
+    got, want = q_run("lion_", shapes, dtypes, sr=sr)
+    q_assert_bitwise(got, want, "lion_")
+
+
+@pytest.mark.parametrize("dtypes", Q_DTYPES, ids=q_ids)
+@pytest.mark.parametrize("k", [1, 3])
+def test_tiger_compressed_matches_reference_bitwise(dtypes, k):
+    shapes = Q_SHAPES if dtypes[2] == I8 else EC_SHAPES
+    got, want = q_run("tiger_", shapes, dtypes, steps=6, k=k, sr=not dtypes[3], given=True)
+    q_assert_bitwise(got, want, f"tiger_ k={k}")
+
+
+@pytest.mark.parametrize("dtypes", Q_DTYPES, ids=q_ids)
+def test_tiger_compressed_own_sums(dtypes):
+    """With its own sums of squares: the momentum bit for bit (it does not depend on θ), θ^ within
+    the effect of the RMS summation order."""
+    shapes = Q_SHAPES if dtypes[2] == I8 else EC_SHAPES
+    (ps, ms, scs, rs), (pr, mr, scr, rr) = q_run("tiger_", shapes, dtypes, steps=4)
+    q_assert_state((ms, scs), (mr, scr), "tiger_")
+    tol = tiger_param_tol(dtypes[0]) if rs is None else dict(rtol=2.0**-14, atol=1e-7, equal_nan=True)
+    for i, (a, b) in enumerate(zip(q_theta(ps, rs), q_theta(pr, rr))):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"theta[{i}]: {m}")
+
+
+@pytest.mark.parametrize("kind", ["lion_", "tiger_"])
+@pytest.mark.parametrize("nonfinite", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("dtypes", [(F32, F32, I8, False), (BF16, F32, I8, True), (F16, F16, F32, True)], ids=q_ids)
+def test_compressed_nonfinite_grads(kind, nonfinite, dtypes):
+    """NaN: Lion's momentum element codes 0; Tiger's NaN guard (codes, scales untouched, θ^ shrunk).
+    Inf: the block's scale is inf and its codes 0."""
+    shapes = Q_SHAPES if dtypes[2] == I8 else EC_SHAPES
+    got, want = q_run(kind, shapes, dtypes, nonfinite=nonfinite, given=True)
+    q_assert_bitwise(got, want, kind)
+
+
+@pytest.mark.parametrize("kind", ["lion_", "tiger_"])
+@pytest.mark.parametrize("scaler", ["scale", "clip", "scale+clip", "host"])
+def test_compressed_grad_scale_and_clip(kind, scaler):
+    """GradScaler's arguments (a negative scale flips every sign) and the clipping coefficient."""
+    dev = QDEV
+    gs_ = {"scale": (torch.tensor(-3.0, device=dev), None), "clip": (None, torch.tensor(0.3, device=dev)),
+           "scale+clip": (torch.tensor(1024.0, device=dev), torch.tensor(0.7, device=dev)),
+           "host": (torch.tensor(8.0), torch.tensor(0.5))}[scaler]
+    for dtypes in ((F32, F32, I8, False), (BF16, BF16, I8, True), (F16, F32, F32, True)):
+        shapes = Q_SHAPES if dtypes[2] == I8 else EC_SHAPES
+        got, want = q_run(kind, shapes, dtypes, given=True, grad_scale=gs_[0], found_inf=torch.tensor(0.0, device=dev),
+                          clip=gs_[1])
+        q_assert_bitwise(got, want, f"{kind} {scaler} {dtypes}")
+
+
+@pytest.mark.parametrize("kind", ["lion_", "tiger_"])
+def test_compressed_found_inf_skips(kind):
+    for dtypes in ((F32, F32, I8, False), (BF16, F32, I8, True), (F16, F16, F32, True)):
+        shapes = Q_SHAPES if dtypes[2] == I8 else EC_SHAPES
+        ps, ms, scs, rs = q_make(shapes, dtypes[0], dtypes[2], dtypes[3])
+        before = q_clone(ps, ms, scs, rs)
+        gs = q_grads(shapes, dtypes[1], torch.Generator().manual_seed(3), 0)
+        roles = (EC_ROLES if len(shapes) == len(EC_ROLES) else Q_ROLES)
+        for fi in (torch.tensor(1.0, device=QDEV), torch.tensor(float("nan"), device=QDEV), torch.tensor(1.0)):
+            kw = dict(roles=roles) if kind == "tiger_" else {}
+            q_step(op(kind), kind, ps, gs, ms, scs, rs, 0, found_inf=fi, grad_scale=torch.tensor(4.0, device=QDEV), **kw)
+            for a, b, what in zip((ps, ms, scs, rs), before, ("params", "exp_avgs", "scales", "residuals")):
+                if a is not None:
+                    assert_same(a, b, what)
+
+
+@pytest.mark.parametrize("case", ["update", "guard", "accum", "micro-step"])
+@pytest.mark.parametrize("dtypes", [(F32, F32, I8, False), (BF16, F32, I8, True), (BF16, BF16, F32, True)], ids=q_ids)
+def test_tiger_compressed_sums_out_equal_a_sums_only_call(case, dtypes):
+    """NOTE: [Tiger sums of squares out]: the sums the update leaves are the bits a sums-only call
+    (found_inf set) computes from θ afterwards, within 1e-12 of the reference's; the sums-only call
+    changes nothing."""
+    shapes = Q_SHAPES if dtypes[2] == I8 else EC_SHAPES
+    roles = (EC_ROLES if len(shapes) == len(EC_ROLES) else Q_ROLES)
+    ps, ms, scs, rs = q_make(shapes, dtypes[0], dtypes[2], dtypes[3])
+    at, off = [], 0
+    for p, role in zip(ps, roles):
+        rows = p.numel() // p.shape[-1] if role == ref.ROLE_EMBEDDING else 1
+        at.append(off if role in (ref.ROLE_MATRIX, ref.ROLE_EMBEDDING) else -1)
+        off += rows if role in (ref.ROLE_MATRIX, ref.ROLE_EMBEDDING) else 0
+    t, k = {"update": (0, 1), "guard": (1, 1), "accum": (2, 3), "micro-step": (0, 3)}[case]
+    gs = q_grads(shapes, dtypes[1], torch.Generator().manual_seed(4), t, float("nan") if case == "guard" else None)
+    out = torch.full((off,), -1.0, dtype=torch.float64, device=QDEV)
+    q_step(op("tiger_"), "tiger_", ps, gs, ms, scs, rs, t, roles=roles, k=k, sumsq_out=out, sumsq_out_at=at)
+    after = q_clone(ps, ms, scs, rs)
+    again = torch.full((off,), -2.0, dtype=torch.float64, device=QDEV)
+    q_step(op("tiger_"), "tiger_", ps, gs, ms, scs, rs, t, roles=roles, k=k, sumsq_out=again, sumsq_out_at=at,
+           found_inf=torch.tensor(1.0, device=QDEV))
+    assert torch.equal(out.view(torch.int64), again.view(torch.int64))
+    for a, b, what in zip((ps, ms, scs, rs), after, ("params", "exp_avgs", "scales", "residuals")):
+        if a is not None:
+            assert_same(a, b, what)
+    want = torch.cat([ref.tiger_sumsq(p, role) for p, role, i in zip(ps, roles, at) if i >= 0])
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["lion_", "tiger_"])
+def test_compressed_misaligned_views(kind):
+    """Views with a storage offset (scalar accesses in the strided layout) give the same bits."""
+    dtypes = (BF16, F32, I8, True)
+    ps, ms, scs, rs = q_make(Q_SHAPES, BF16, I8, True)
+    pr, mr, scr, rr = q_clone(ps, ms, scs, rs)
+
+    def shifted(ts):
+        out = []
+        for x in ts:
+            buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+            v = buf[1:].view(x.shape)
+            v.copy_(x)
+            out.append(v)
+        return out
+
+    ps, ms, scs, rs = shifted(ps), shifted(ms), shifted(scs), shifted(rs)
+    gen = torch.Generator().manual_seed(5)
+    for t in range(3):
+        gs = q_grads(Q_SHAPES, dtypes[1], gen, t)
+        kw = dict(roles=Q_ROLES, **q_stats(pr, Q_ROLES)) if kind == "tiger_" else {}
+        q_step(op(kind), kind, ps, shifted(gs), ms, scs, rs, t, **kw)
+        q_step(ref_fn(kind), kind, pr, gs, mr, scr, rr, t, **kw)
+    q_assert_bitwise((ps, ms, scs, rs), (pr, mr, scr, rr), kind)
+
+
+@pytest.mark.parametrize("kind", ["lion_", "tiger_"])
+def test_compressed_checks(kind):
+    """What the binding refuses (csrc/torch/common.h CompressedLists), as on the CPU."""
+    ps, ms, scs, rs = q_make([(3, 70)], BF16, I8, True)
+    gs = q_grads([(3, 70)], BF16, torch.Generator().manual_seed(6), 0)
+    kw = dict(roles=[ref.ROLE_MATRIX]) if kind == "tiger_" else {}
+    with pytest.raises(RuntimeError, match="exp_avg_scales"):
+        q_step(op(kind), kind, ps, gs, ms, None, rs, 0, **kw)
+    with pytest.raises(RuntimeError, match="exp_avg_scales"):
+        q_step(op(kind), kind, ps, gs, ms, [scs[0][:, :1].contiguous()], rs, 0, **kw)
+    with pytest.raises(RuntimeError, match="exclusive"):
+        q_step(op(kind), kind, ps, gs, ms, scs, rs, 0, sr=True, **kw)
+    with pytest.raises(RuntimeError, match="correction byte"):
+        q_step(op(kind), kind, [p.float() for p in ps], [g.float() for g in gs], ms, scs, rs, 0, **kw)
+
+
+@pytest.mark.parametrize("kind", ["lion_", "tiger_"])
+def test_compressed_cuda_graph_replay_equals_eager(kind):
+    shapes, roles = Q_SHAPES, Q_ROLES
+    ps, ms, scs, rs = q_make(shapes, BF16, I8, True)
+    pe, me, sce, re_ = q_clone(ps, ms, scs, rs)
+    gs = q_grads(shapes, F32, torch.Generator().manual_seed(7), 0)
+    lr_t = torch.tensor(1e-3, device="cuda")
+    steps_g, steps_e = steps_of(len(shapes)), steps_of(len(shapes))
+    seeds = list(range(1, len(shapes) + 1))
+
+    def step(p, m, sc, r, st):
+        kw = dict(exp_avg_scales=sc, residuals=r)
+        if kind == "lion_":
+            op(kind)(p, gs, m, st, 1.0, lr_t, 0.9, 0.99, 0.1, None, None, seeds, False, **kw)
+        else:
+            op(kind)(p, gs, m, st, roles, 1.0, lr_t, 0.965, 0.01, 2, 0.99, None, None, seeds, False, **kw)
+        torch._foreach_add_(st, 1)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step(ps, ms, scs, rs, steps_g)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(ps, ms, scs, rs, steps_g)
+    step(pe, me, sce, re_, steps_e)
+    for _ in range(5):
+        graph.replay()
+        step(pe, me, sce, re_, steps_e)
+        lr_t.mul_(0.5)
+    torch.cuda.synchronize()
+    q_assert_bitwise((ps, ms, scs, rs), (pe, me, sce, re_), kind)
+
+
+class _QNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 70)
+        self.lin = torch.nn.Linear(70, 130)
+        self.norm = torch.nn.LayerNorm(130)
+        self.out = torch.nn.Linear(130, 5)
+
+
+@pytest.mark.parametrize("kind", ["Lion", "Tiger"])
+@pytest.mark.parametrize("dtype,ec", [(F32, False), (BF16, True), (F16, True), (BF16, False)],
+                         ids=["fp32", "bf16-ec", "fp16-ec", "bf16"])
+def test_optimizer_int8_and_correction_byte_on_cuda(kind, dtype, ec):
+    """sign_kernels.Lion/Tiger(momentum_dtype=torch.int8, error_correction=..., backend="cuda") against
+    backend="reference": Lion bit for bit; Tiger's momentum bit for bit and θ within rounding (its RMS
+    is summed in another order)."""
+    torch.manual_seed(0)
+    a, b = _QNet().to(dtype).cuda(), _QNet().to(dtype).cuda()
+    b.load_state_dict(a.state_dict())
+
+    def make(net, backend):
+        kw = dict(momentum_dtype=torch.int8, error_correction=ec, backend=backend)
+        if kind == "Lion":
+            return sign_kernels.Lion(net.parameters(), lr=1e-2, weight_decay=0.1, **kw)
+        return sign_kernels.Tiger(sign_kernels.tiger_param_groups(net), lr=1e-2, **kw)
+
+    oa, ob = make(a, "cuda"), make(b, "reference")
+    for t in range(4):
+        gen = torch.Generator().manual_seed(50 + t)
+        for p, q in zip(a.parameters(), b.parameters()):
+            g = torch.randn(p.shape, generator=gen).to(dtype).cuda()
+            p.grad, q.grad = g, g.clone()
+        oa.step()
+        ob.step()
+    st = oa.state[a.lin.weight]
+    assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_scale"].dtype == torch.bfloat16
+    assert ("residual" in st) == (ec and dtype != F32)
+    for p, q in zip(a.parameters(), b.parameters()):
+        sa, sb = oa.state[p], ob.state[q]
+        for key in ("exp_avg", "exp_avg_scale"):
+            if key in sa:
+                assert torch.equal(sa[key], sb[key]), key
+        if kind == "Lion":
+            assert torch.equal(p, q)
+            if "residual" in sa:
+                assert torch.equal(sa["residual"], sb["residual"])
+        else:
+            ra, rb = sa.get("residual"), sb.get("residual")
+            ta = _quant.ec_decode(p, ra) if ra is not None else p.float()
+            tb = _quant.ec_decode(q, rb) if rb is not None else q.float()
+            tol = tiger_param_tol(dtype) if ra is None else dict(rtol=2.0**-14, atol=1e-7)
+            torch.testing.assert_close(ta, tb, **tol)

@@ -35,9 +35,13 @@ using sign_kernels::TensorList;
 using sign_kernels::TigerArgs;
 
 // Whether the kernels take this dtype combination: params fp32/bf16/fp16; grads the
-// param dtype or fp32; state the param dtype, fp32 or bf16 (Lion, Tiger) or int16 (Simba).
+// param dtype or fp32; state the param dtype, fp32 or bf16 (Lion, Tiger) or int16 (Simba);
+// int8 (Lion, Tiger: 8-bit momentum, with TensorList::scales and row_sizes).
 bool dtypes_supported(Op op, DType param, DType grad, DType state);
 
+// Lion and Tiger take int8 momentum (TensorList::scales, row_sizes) and the correction byte
+// (TensorList::residuals, bf16/fp16 params) as the CPU executor does (NOTE: [CUDA row blocks]
+// in compressed.cuh); the lists are checked as the CPU executor checks them.
 cudaError_t lion(const TensorList& t, const LionArgs& a, cudaStream_t stream);
 cudaError_t simba(const TensorList& t, const SimbaArgs& a, cudaStream_t stream);
 

@@ -1,4 +1,6 @@
 // lion.cu -- Lion: one fused pass, θ g m read once, θ m written once (20 B/elem at fp32).
+// int8 momentum and the correction byte: compressed.cu (NOTE: [CUDA row blocks]).
+#include "cuda/compressed.cuh"
 #include "cuda/dispatch.cuh"
 
 namespace sign_kernels {
@@ -6,6 +8,7 @@ namespace cuda {
 
 cudaError_t lion(const TensorList& t, const LionArgs& a, cudaStream_t stream) {
   if (!list_ok(t)) return cudaErrorInvalidValue;
+  if (is_compressed(t)) return lion_compressed(t, a, stream);
   return visit_param(t.param_dtype, [&](auto p_tag) {
     using P = decltype(p_tag);
     return visit_grad<P>(t.grad_dtype, [&](auto g_tag) {

@@ -2,6 +2,7 @@
 // NOTE: [Tiger pre-pass] in sign_functors.cuh says why three kernels.
 #include <vector>
 
+#include "cuda/compressed.cuh"
 #include "cuda/dispatch.cuh"
 
 namespace sign_kernels {
@@ -74,6 +75,10 @@ cudaError_t tiger(const TensorList& t, const TigerArgs& a, cudaStream_t stream) 
   std::vector<TigerMeta> metas;
   const Layout L = layout(t, a, &metas);
   if (!L.ok) return cudaErrorInvalidValue;
+  // int8 momentum / the correction byte: the same pre-pass, then the row-block update
+  // (NOTE: [CUDA compressed Tiger] in compressed.cuh); refused before anything is enqueued.
+  const bool compressed = is_compressed(t);
+  if (compressed && !compressed_ok(t, a.row_sizes)) return cudaErrorInvalidValue;
   if (t.count == 0) return cudaSuccess;
   char* ws = static_cast<char*>(a.workspace);
   if (ws == nullptr || a.workspace_bytes < L.total || (reinterpret_cast<uintptr_t>(ws) & 15u) != 0)
@@ -120,6 +125,7 @@ cudaError_t tiger(const TensorList& t, const TigerArgs& a, cudaStream_t stream) 
         return cudaGetLastError();
       });
       if (err != cudaSuccess) return err;
+      if (compressed) return tiger_compressed(t, a, h, metas, stream);
       // 3: the update; 4: with sums out, the matrices' sums from its chunk slots (NOTE: [CUDA
       // sums of squares out]: embeddings whose sums are wanted are updated in the pre-pass's
       // row-aligned chunks).

@@ -105,23 +105,16 @@ void check_launch(const char* op, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// NOTE: [8-bit momentum and the correction byte] in sign_kernels/_ops.py: the CUDA kernels do not
-// implement them yet; the optimizers send such buckets to another backend (backends/__init__.py).
-void refuse_compressed(const char* op, const binding::ListInfo& info,
-                       const c10::optional<at::TensorList>& exp_avg_scales,
-                       const c10::optional<at::TensorList>& residuals) {
-  TORCH_CHECK(info.state != at::kChar && !exp_avg_scales.has_value() && !residuals.has_value(), op,
-              ": int8 momentum and the correction byte are not implemented in the CUDA kernels yet "
-              "(backend='reference' has them)");
-}
-
 void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList steps,
                double lr, const c10::optional<at::Tensor>& lr_t, double beta1, double beta2, double weight_decay,
                const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                c10::IntArrayRef seeds, bool stochastic_rounding, const c10::optional<at::Tensor>& clip,
                const c10::optional<at::TensorList>& exp_avg_scales, const c10::optional<at::TensorList>& residuals) {
   const auto info = check_lists("lion_", params, grads, exp_avgs, steps, seeds, c10::kCUDA, false);
-  refuse_compressed("lion_", info, exp_avg_scales, residuals);
+  // 8-bit momentum and the correction byte (NOTE: [8-bit momentum and the correction byte] in
+  // sign_kernels/_ops.py): checked and set into the list as on the CPU, whatever found_inf says.
+  binding::Lists l("lion_", params, grads, exp_avgs, steps, seeds, info);
+  const binding::CompressedLists q("lion_", l, params, exp_avgs, exp_avg_scales, residuals, stochastic_rounding);
   if (params.empty()) return;
   const c10::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -130,7 +123,6 @@ void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   if (!common_args("lion_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip, device))
     return;
   binding::lion_args(a, beta1, beta2, weight_decay);
-  const binding::Lists l("lion_", params, grads, exp_avgs, steps, seeds, info);
   check_launch("lion_", core::lion(l.list, a, current_stream(device)));
 }
 
@@ -144,7 +136,8 @@ void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 at::OptionalIntArrayRef sumsq_out_at, const c10::optional<at::Tensor>& clip,
                 const c10::optional<at::TensorList>& exp_avg_scales, const c10::optional<at::TensorList>& residuals) {
   const auto info = check_lists("tiger_", params, grads, exp_avgs, steps, seeds, c10::kCUDA, false);
-  refuse_compressed("tiger_", info, exp_avg_scales, residuals);
+  binding::Lists l("tiger_", params, grads, exp_avgs, steps, seeds, info);
+  const binding::CompressedLists q("tiger_", l, params, exp_avgs, exp_avg_scales, residuals, stochastic_rounding);
   const std::vector<int64_t> rows = binding::check_tiger_roles("tiger_", params, roles, grad_accum_steps);
   if (params.empty()) return;
   const c10::Device device = params[0].device();
@@ -159,7 +152,6 @@ void tiger_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
   if (!common_args("tiger_", a.common, keep, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip, device,
                    run_skipped))
     return;
-  const binding::Lists l("tiger_", params, grads, exp_avgs, steps, seeds, info);
   a.workspace_bytes = core::tiger_workspace_bytes(l.list, a);
   TORCH_CHECK(a.workspace_bytes > 0, "tiger_: invalid tensor shapes for the given roles");
   // Scratch from the caching allocator: stream-ordered, and graph-private under capture.
