@@ -2,6 +2,9 @@
 
     python examples/train_distributed.py                      # 4 ranks, tiny GPT, 150 steps (a few minutes)
     python examples/train_distributed.py --ranks 2 --steps 50 --model-size nano
+    python examples/train_distributed.py --ranks 2 --steps 10 --model-size nano --batch-size 8 \
+        --eval-interval 5 --eval-batches 2 --out /tmp/dist/distributed     # a smoke run, seconds
+    python examples/train_distributed.py --max-grad-norm 1.0                 # every run clips
 
 The model, corpus, schedule and hyperparameters are examples/train_lm.py's (imported from it).
 Each rank samples its batches from its own contiguous shard of the training bytes (per-rank
@@ -14,16 +17,23 @@ same number of steps on the same shards:
 * ``lion+ddp``: DDP's fp32 gradient all-reduce and sign_kernels.Lion;
 * ``adamw+ddp``: DDP's fp32 gradient all-reduce and torch.optim.AdamW.
 
+``--max-grad-norm`` clips every run's gradient norm: DistributedLion and Lion inside their step
+(``max_grad_norm=``; DistributedLion clips each rank's *local* gradient, Lion the all-reduced
+one), AdamW with ``torch.nn.utils.clip_grad_norm_`` before its step.
+
 Validation loss (nats/byte, rank 0, the same val batches as train_lm.py) and the bytes each
 rank sends per step (DistributedLion: what it handed to its collectives, ``wire_bytes()``;
 DDP: a ring all-reduce of the fp32 gradients, 2 (N-1)/N * 4 bytes per parameter) go to
-examples/results/distributed.{json,md,png}.
+examples/results/distributed.{json,md,png} (``--out`` elsewhere). The script checks that every
+run's final validation loss is finite and that its replicas ended bit-identical on every rank,
+prints what it checked, and exits 1 if a check failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import sys
@@ -61,26 +71,29 @@ def _worker(rank, world, port, args, out_path):
         model = T.GPT(cfg)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         lion_hp, adamw_hp = T.DEFAULT_HPARAMS["lion"], T.DEFAULT_HPARAMS["adamw"]
+        clip = dict(max_grad_norm=args.max_grad_norm)  # None: no clipping
         if name.startswith("dlion"):
             ddp.register_comm_hook(None, local_grad_hook)
             opt = DistributedLion(T.decay_groups(model, lion_hp["weight_decay"]), lr=lion_hp["lr"],
                                   betas=(lion_hp["beta1"], lion_hp["beta2"]), weight_decay=lion_hp["weight_decay"],
-                                  vote=name.split("-")[1])
+                                  vote=name.split("-")[1], **clip)
             hp = dict(lion_hp)
         elif name == "lion+ddp":
             opt = sk.Lion(T.decay_groups(model, lion_hp["weight_decay"]), lr=lion_hp["lr"],
-                          betas=(lion_hp["beta1"], lion_hp["beta2"]), weight_decay=lion_hp["weight_decay"])
+                          betas=(lion_hp["beta1"], lion_hp["beta2"]), weight_decay=lion_hp["weight_decay"], **clip)
             hp = dict(lion_hp)
         else:
             opt = torch.optim.AdamW(T.decay_groups(model, adamw_hp["weight_decay"]), lr=adamw_hp["lr"],
                                     betas=(0.9, 0.95), weight_decay=adamw_hp["weight_decay"])
             hp = dict(adamw_hp)
+        if args.max_grad_norm is not None:
+            hp["max_grad_norm"] = args.max_grad_norm
         warmup = max(1, args.steps // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, T.cosine_lambda(warmup, args.steps))
         gen = torch.Generator().manual_seed(args.seed * 1000 + rank + 1)
         n_params = T.num_params(model)
         ring = 2 * (world - 1) * 4 * n_params // world
-        curve, sent_total, t_opt = [], 0, 0.0
+        curve, sent_total, t_opt, norms = [], 0, 0.0, []
         t_start = time.perf_counter()
         for step in range(args.steps):
             if step % args.eval_interval == 0 and rank == 0:
@@ -89,8 +102,12 @@ def _worker(rank, world, port, args, out_path):
             opt.zero_grad(set_to_none=True)
             ddp(x, y).backward()
             t0 = time.perf_counter()
+            if args.max_grad_norm is not None and name == "adamw+ddp":
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
             opt.step()
             t_opt += time.perf_counter() - t0
+            if args.max_grad_norm is not None and name != "adamw+ddp":
+                norms.append(opt.grad_norm.item())  # the norm before clipping (DistributedLion: this rank's)
             sched.step()
             sent_total += opt.wire_bytes()["sent"] if name.startswith("dlion") else ring
         wall = time.perf_counter() - t_start
@@ -105,13 +122,25 @@ def _worker(rank, world, port, args, out_path):
                                 bytes_sent_per_rank_per_step=sent_total / args.steps,
                                 fp32_ring_allreduce_bytes_per_step=ring, replicas_identical=same,
                                 wall_s=wall, optimizer_step_s=t_opt))
+            clipped = ""
+            if norms:
+                results[-1].update(grad_norms_rank0=norms, clipped_steps=sum(x > args.max_grad_norm for x in norms))
+                clipped = f"  clipped {results[-1]['clipped_steps']}/{args.steps} (rank 0's norms " \
+                          f"{min(norms):.3g}-{max(norms):.3g})"
             print(f"  {name:15s} val {final:.4f}  sent/rank/step {sent_total / args.steps / 1024:.1f} KiB  "
-                  f"replicas identical: {same}  wall {wall:.0f} s", flush=True)
+                  f"replicas identical: {same}  wall {wall:.0f} s{clipped}", flush=True)
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(dict(corpus=info, results=results), f)
     dist.barrier()
     dist.destroy_process_group()
+    # Every run finished: leave without the interpreter's teardown (see train_fsdp.py's _exit: a
+    # gloo worker thread still releasing a finished collective when the interpreter finalises
+    # can abort the process with "terminate called without an active exception"). An exception
+    # above still reaches torch.multiprocessing and fails the run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -130,9 +159,16 @@ def main(argv=None):
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--max-grad-norm", type=float, default=None,
+                    help="clip every run's gradient norm (Lion, DistributedLion: inside the step; default: none)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "distributed"))
     args = ap.parse_args(argv)
     args.runs = args.runs.split(",")
+    unknown = [r for r in args.runs if r not in RUNS]
+    if unknown:
+        ap.error(f"unknown --runs {unknown}; choose from {','.join(RUNS)}")
+    if args.ranks < 1 or args.steps < 1 or args.eval_interval < 1 or args.batch_size % args.ranks:
+        ap.error("--ranks, --steps and --eval-interval must be positive, and --batch-size a multiple of --ranks")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(out) + ".tmp.json"
@@ -143,7 +179,8 @@ def main(argv=None):
     os.remove(tmp)
     command = "python examples/train_distributed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     data.update(command=command.strip(), ranks=args.ranks, steps=args.steps, model_size=args.model_size,
-                global_batch=args.batch_size, torch=torch.__version__, total_wall_s=time.perf_counter() - t0)
+                global_batch=args.batch_size, max_grad_norm=args.max_grad_norm, torch=torch.__version__,
+                total_wall_s=time.perf_counter() - t0)
     with open(str(out) + ".json", "w") as f:
         json.dump(data, f, indent=1)
     res = data["results"]
@@ -151,6 +188,7 @@ def main(argv=None):
     lines = [
         f"{args.model_size} GPT ({res[0]['params']:,} params), {args.ranks} gloo ranks on CPU, each its own data shard, "
         f"{args.steps} steps, global batch {args.batch_size}x{T.MODEL_SIZES[args.model_size].block_size} bytes, "
+        f"{f'max_grad_norm {args.max_grad_norm}, ' if args.max_grad_norm is not None else ''}"
         f"torch {torch.__version__}. Command: `{data['command']}`",
         "",
         "| run | lr | weight decay | final val loss | vs Lion+DDP | bytes sent / rank / step | vs fp32 all-reduce | replicas identical |",
@@ -186,7 +224,24 @@ def main(argv=None):
         fig.savefig(str(out) + ".png", dpi=110)
     except ImportError:
         print("matplotlib not installed: no plot")
-    return 0
+    ok = True
+    print("checks:")
+    checks = [(sorted(r["run"] for r in res) == sorted(args.runs),
+               f"every requested run finished ({', '.join(args.runs)})")]
+    for r in res:
+        checks.append((math.isfinite(r["final_val_loss"]),
+                       f"{r['run']}: final val loss {r['final_val_loss']:.4f} is finite"))
+        if "clipped_steps" in r:
+            checks.append((all(math.isfinite(x) for x in r["grad_norms_rank0"]),
+                           f"{r['run']}: rank 0's gradient norms are finite; clipped in {r['clipped_steps']} of "
+                           f"{args.steps} steps (max_grad_norm {args.max_grad_norm})"))
+        checks.append((r["replicas_identical"] is True,
+                       f"{r['run']}: the {args.ranks} replicas' params are bit-identical after {args.steps} steps"))
+    for passed, what in checks:
+        ok = ok and passed
+        print(f"  [{'ok' if passed else 'FAILED'}] {what}")
+    print("all checks passed" if ok else "a check FAILED", flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
