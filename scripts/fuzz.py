@@ -10,7 +10,12 @@ the param dtype or fp32, state fp32/bf16/param), shape (empty, scalar-like, odd 
 step count (Tiger's accumulation phase, the stochastic-rounding stream), stochastic rounding,
 GradScaler's scale and found_inf, and values drawn from a mixture of normal numbers, every
 binade, exact zeros, exact ties (g = -m with beta 0.5) and NaN/Inf. Cases are batched 64 to
-an op call (one call, one set of hyperparameters), as the optimizers call the ops.
+an op call (one call, one set of hyperparameters), as the optimizers call the ops. About a
+quarter of Lion's and Tiger's batches use 8-bit momentum (2-d tensors with ragged last blocks,
+random codes and bf16 scales: all-zero blocks, all-equal blocks, blocks with one huge outlier)
+and, for 16-bit params, about half of those and a quarter of the others the correction byte
+(random residuals); these compare their codes, scales and residuals bit for bit too, and skip
+the fp64 oracle (int8 momentum has no fp64 form).
 
 Checks, per case:
 1. each compiled/Triton backend equals the reference backend on the same storage dtypes bit
@@ -116,8 +121,51 @@ def make_batch(seed: int, batch: int = BATCH) -> Dict:
         seeds.append(int(torch.randint(0, 2**31, (), generator=gen)))
     gs = torch.tensor(_pick(gen, [1024.0, 0.5, 65536.0])) if scaled else None
     fi = torch.tensor(float(torch.rand((), generator=gen) < 0.2)) if scaled else None
-    return dict(algo=algo, hp=hp, params=params, grads=grads, states=states, steps=steps, roles=roles,
-                seeds=seeds, sr=sr, grad_scale=gs, found_inf=fi)
+    b = dict(algo=algo, hp=hp, params=params, grads=grads, states=states, steps=steps, roles=roles,
+             seeds=seeds, sr=sr, grad_scale=gs, found_inf=fi, scales=None, residuals=None)
+    if algo != "simba":
+        _compress(b, torch.Generator().manual_seed(seed ^ 0x5EED5EED))
+    return b
+
+
+def _compress(b: Dict, gen: torch.Generator) -> None:
+    """Turn some batches into 8-bit momentum and/or correction-byte cases (own generator: the
+    other batches stay what they were)."""
+    q8 = bool(torch.rand((), generator=gen) < 0.25)
+    pdt = b["params"][0].dtype
+    ec = pdt in (BF16, F16) and bool(torch.rand((), generator=gen) < (0.5 if q8 else 0.25))
+    if not (q8 or ec):
+        return
+    b["sr"] = False if ec else b["sr"]
+    if q8:
+        for i in range(len(b["params"])):
+            shape = (int(torch.randint(1, 6, (), generator=gen)), int(torch.randint(1, 200, (), generator=gen)))
+            n = math.prod(shape)
+            b["params"][i] = _values(n, gen, F64).clamp(-1e4, 1e4).nan_to_num(0.5).to(pdt).reshape(shape)
+            g = _values(n, gen, b["grads"][i].dtype).reshape(shape)
+            kind = int(torch.randint(0, 4, (), generator=gen))
+            if kind == 1:
+                g.view(-1)[int(torch.randint(0, n, (), generator=gen))] = 3e38 if g.dtype == F32 else 6e4
+            b["grads"][i] = g
+            b["states"][i] = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+            if kind == 2:
+                b["states"][i].fill_(int(torch.randint(-127, 128, (), generator=gen)))  # all-equal blocks
+            nb = -(-shape[1] // 64)
+            e = torch.randint(-40, 40, (shape[0], nb), generator=gen).to(torch.float32)
+            sc = torch.exp2(e) * (1 + torch.rand((shape[0], nb), generator=gen))
+            sc = torch.where(torch.rand((shape[0], nb), generator=gen) < 0.2, torch.zeros(()), sc)  # all-zero blocks
+            if kind == 3:
+                sc[0, 0] = 3e38  # a block of one huge outlier
+            b["states"][i] = torch.where(sc.repeat_interleave(64, -1)[:, :shape[1]] == 0,
+                                         torch.zeros((), dtype=torch.int8), b["states"][i])
+        b["scales"] = [torch.zeros((p.shape[0], -(-p.shape[1] // 64)), dtype=BF16) for p in b["params"]]
+        gen2 = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (), generator=gen)))
+        for sc in b["scales"]:
+            sc.copy_((torch.exp2(torch.randint(-40, 40, sc.shape, generator=gen2).float())
+                      * (1 + torch.rand(sc.shape, generator=gen2))).to(BF16))
+            sc.masked_fill_(torch.rand(sc.shape, generator=gen2) < 0.2, 0.0)
+    if ec:
+        b["residuals"] = [torch.randint(-127, 128, p.shape, generator=gen, dtype=torch.int8) for p in b["params"]]
 
 
 def run_backend(backend, b: Dict, dtype=None):
@@ -125,10 +173,16 @@ def run_backend(backend, b: Dict, dtype=None):
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     params = [cast(p.clone()) for p in b["params"]]
     grads = [cast(g.clone()) for g in b["grads"]]
-    states = [s.clone() if s.dtype == torch.int16 else cast(s.clone()) for s in b["states"]]
+    states = [s.clone() if s.dtype in (torch.int16, torch.int8) else cast(s.clone()) for s in b["states"]]
     steps = [t.clone() for t in b["steps"]]
     hp, tail = b["hp"], dict(grad_scale=b["grad_scale"], found_inf=b["found_inf"], seeds=b["seeds"],
                              stochastic_rounding=b["sr"] and dtype is None)
+    extra = {}
+    if b.get("scales") is not None:
+        extra["exp_avg_scales"] = [t.clone() for t in b["scales"]]
+    if b.get("residuals") is not None:
+        extra["residuals"] = [t.clone() for t in b["residuals"]]
+    tail.update(extra)
     lr = float(hp["lr"])
     if b["algo"] == "lion":
         backend.lion_(params, grads, states, steps, lr, None, float(hp["betas"][0]), float(hp["betas"][1]),
@@ -140,7 +194,11 @@ def run_backend(backend, b: Dict, dtype=None):
         w = int(hp["window_size"])
         backend.simba_(params, grads, states, steps, lr, None, w, ref.threshold_count(w, float(hp["threshold"])),
                        float(hp["weight_decay"]), **tail)
-    return params, states
+    return params, states, extra.get("exp_avg_scales"), extra.get("residuals")
+
+
+def compressed(b: Dict) -> bool:
+    return b.get("scales") is not None or b.get("residuals") is not None
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -164,6 +222,17 @@ def compare_backend(b: Dict, got, want) -> List[str]:
             errors.append(f"case {i}: param differs in {int((~_bits_equal(gp, wp)).sum())} elements")
         if not bool(_bits_equal(gs, ws).all()):
             errors.append(f"case {i}: state differs in {int((~_bits_equal(gs, ws)).sum())} elements")
+        if got[2] is not None and not bool(_bits_equal(got[2][i], want[2][i]).all()):
+            errors.append(f"case {i}: int8 momentum's scales differ")
+        if got[3] is not None:
+            same = _bits_equal(got[3][i], want[3][i])
+            if tiger_rms:  # the residual follows θ, which may differ by a few ulps here: compare θ^
+                from sign_kernels import _quant
+
+                hg, hw = _quant.ec_decode(gp, got[3][i]).to(F64), _quant.ec_decode(wp, want[3][i]).to(F64)
+                same = same | ((hg - hw).abs() <= ROLE_ULPS * ULP[gp.dtype] * hw.abs()).reshape(-1)
+            if not bool(same.all()):
+                errors.append(f"case {i}: correction bytes differ in {int((~same).sum())} elements")
     return errors
 
 
@@ -216,6 +285,7 @@ def campaign(cases: int, seed: int = 0, backends=None, oracle_every: int = 1, tr
     reference = B.get("reference")
     counts = {n: 0 for n in names}
     counts["fp64_oracle"] = 0
+    counts["compressed"] = 0  # cases with 8-bit momentum and/or the correction byte
     elements = 0
     n_batches = math.ceil(cases / BATCH)
     t0 = time.time()
@@ -230,16 +300,19 @@ def campaign(cases: int, seed: int = 0, backends=None, oracle_every: int = 1, tr
     for k in range(n_batches):
         bseed = seed * 1_000_003 + k
         b = make_batch(bseed)
+        counts["compressed"] += BATCH if compressed(b) else 0
         want = run_backend(reference, b)
         elements += sum(p.numel() for p in b["params"])
         for name, runner in runners.items():
             if name == "triton" and k % triton_every:
                 continue
+            if compressed(b) and name not in (sign_kernels.Lion._compressed_backends & sign_kernels.Tiger._compressed_backends):
+                continue  # a backend without 8-bit momentum / the correction byte yet
             errs = compare_backend(b, run_backend(runner, b), want)
             if errs:
                 return dict(ok=False, backend=name, batch_seed=bseed, algo=b["algo"], errors=errs[:5])
             counts[name] += BATCH
-        if k % oracle_every == 0:
+        if k % oracle_every == 0 and not compressed(b):
             errs = compare_oracle(b, want, run_backend(reference, b, F64))
             if errs:
                 return dict(ok=False, backend="reference vs fp64", batch_seed=bseed, algo=b["algo"], errors=errs[:5])

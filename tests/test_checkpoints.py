@@ -173,7 +173,7 @@ CORRUPTIONS = {
     "wrong_shape": r"has shape \(7,\), the parameter \(6,\)",
     "negative_step": r"'step' must be a whole number >= 0, got -2",
     "fractional_step": r"'step' must be a whole number >= 0, got 1.5",
-    "int_momentum": r"must be a floating-point tensor|must hold whole numbers",
+    "int_momentum": r"must be a floating-point \(or int8: 8-bit momentum\) tensor|must hold whole numbers",
     "unknown_param_id": r"state for param 99, which none of its param groups lists",
     "extra_group": r"different number of parameter groups .*checkpoint has 2, this optimizer has 1",
     "short_group": r"doesn't match the size of optimizer's group .*param group 0 has 1 params in the checkpoint, 2 here",

@@ -16,7 +16,9 @@ import fuzz  # noqa: E402
 def test_fuzz_slice():
     result = fuzz.campaign(cases=1920, seed=20261127, triton_every=6, progress=False)
     assert result["ok"], result
-    assert result["cases_per_check"]["fp64_oracle"] == 1920
+    # every batch but the 8-bit momentum / correction-byte ones (no fp64 form) meets the oracle
+    assert result["cases_per_check"]["fp64_oracle"] + result["cases_per_check"]["compressed"] == 1920
+    assert result["cases_per_check"]["compressed"] >= 64 * 3
 
 
 def test_a_wrong_backend_is_caught(monkeypatch):

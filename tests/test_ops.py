@@ -38,8 +38,12 @@ def test_schemas_declare_mutation():
     for name in ("lion_", "tiger_", "simba_"):
         schema = getattr(torch.ops.sign_kernels, name).default._schema
         mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-        # Tiger also writes the sums of squares out (NOTE: [Tiger sums of squares out]).
-        want = ["params", "exp_avgs", "sumsq_out"] if name == "tiger_" else ["params", mutated[1]]
+        # Tiger also writes the sums of squares out (NOTE: [Tiger sums of squares out]); Lion and
+        # Tiger write 8-bit momentum's scales and the correction bytes (NOTE: [8-bit momentum and
+        # the correction byte]).
+        compressed = ["exp_avg_scales", "residuals"]
+        want = {"lion_": ["params", "exp_avgs"] + compressed, "tiger_": ["params", "exp_avgs", "sumsq_out"] + compressed,
+                "simba_": ["params", "sign_counts"]}[name]
         assert mutated == want, (name, mutated)
         assert not schema.returns
 
