@@ -459,14 +459,15 @@ class SignOptimizer(Optimizer):
     def _op_done(self, group: Dict[str, Any], bucket: _Bucket) -> None:
         """Called after a bucket's op call (and the copy-back of staged params)."""
 
-    def _run_bucket(self, group, bucket: _Bucket, seeds: List[int], grad_scale, found_inf) -> None:
+    def _bucket_state(self, group, bucket: _Bucket):
+        """(states, the op's state list, its 8-bit-momentum/correction-byte keyword lists) of a
+        bucket, creating missing state; local tensors of DTensor state."""
         states = []
         for p in bucket.keys:
             state = self.state[p]
             if not state:
                 self._init_state(group, p, state)
             states.append(state)
-        device = bucket.params[0].device
         bufs = [s[self._state_key] for s in states]
         compressed = {}
         if bufs[0].dtype == torch.int8:  # 8-bit momentum: its block scales
@@ -476,6 +477,11 @@ class SignOptimizer(Optimizer):
         if bucket.sharded:
             bufs = _dtensor.local_states(bufs)
             compressed = {k: _dtensor.local_states(v) for k, v in compressed.items()}
+        return states, bufs, compressed
+
+    def _run_bucket(self, group, bucket: _Bucket, seeds: List[int], grad_scale, found_inf) -> None:
+        states, bufs, compressed = self._bucket_state(group, bucket)
+        device = bucket.params[0].device
         steps = [s["step"] for s in states]
         gs = grad_scale.to(device, non_blocking=True) if grad_scale is not None else None
         clip = getattr(self, "_clip_step", None)

@@ -302,21 +302,9 @@ class Tiger(SignOptimizer):
         # (8-bit momentum and the correction byte have theirs): the real state goes in.
         # params stand in for the grads: nothing is read of them but θ, and nothing is
         # written (found_inf set), whatever the step counts say.
-        states = []
-        for p in bucket.keys:
-            state = self.state[p]
-            if not state:
-                self._init_state(group, p, state)
-            states.append(state)
-        bufs = [s_[self._state_key] for s_ in states]
-        kw = {}
-        if bufs[0].dtype == torch.int8:
-            kw["exp_avg_scales"] = _dtensor.local_states([s_["exp_avg_scale"] for s_ in states])
-        if "residual" in states[0]:
-            kw["residuals"] = _dtensor.local_states([s_["residual"] for s_ in states])
-        bucket.backend.fn(self._op_name)(params, params, _dtensor.local_states(bufs), [step] * n, roles, 0.0, None, beta,
-                                         wd, k, shrink, None, skip, [0] * n, False, sumsq_out=entry.buf,
-                                         sumsq_out_at=stale, **kw)
+        _, bufs, kw = self._bucket_state(group, bucket)
+        bucket.backend.fn(self._op_name)(params, params, bufs, [step] * n, roles, 0.0, None, beta, wd, k, shrink,
+                                         None, skip, [0] * n, False, sumsq_out=entry.buf, sumsq_out_at=stale, **kw)
         seen = list(entry.seen)
         for i, (e, p) in enumerate(zip(stale, bucket.params)):
             if e >= 0:
