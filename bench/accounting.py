@@ -26,6 +26,14 @@ our Tiger count it, per role, for the steady step they time). Per element at fp3
     elementwise / gain        : 24 B
     matrix, embedding on cuda, triton, reference: the statistics pre-pass reads θ: 28 B
 
+Gradient-norm clipping (NOTE: [clip rows] in bench/contenders.py) adds, per element:
+
+    ours, max_grad_norm=  : the norm pass reads g (+ size(g): Lion 24 B, Simba 20 B at fp32;
+                            one fp64 per tensor written, not counted); Tiger + 0: its NaN
+                            guard's read of g is the norm pass's (Tiger+clip moves Tiger's bytes)
+    torch clip_grad_norm_ : a norm pass reads g, a mul_ pass reads and writes it: + 3·size(g)
+    (foreach=True)          (fp32: + AdamW 28 = 40 B, + our Lion 20 = 32 B)
+
 An accumulation micro-step ((t+1) mod k != 0) reads g twice (guard, momentum) and m, writes m:
 16 B (+4 B for θ once after θ changed outside the step, cpu). Peers' Tiger rows use the
 single-pass minimum (20 B): their passes are not known here.
@@ -132,6 +140,19 @@ def tiger_bytes_per_element(role: str, backend: str, ds: DtypeSetting, *, steady
 def tiger_step_bytes(tensors: Sequence[tuple], backend: str, ds: DtypeSetting, *, steady: bool = True) -> int:
     """Bytes of one Tiger update step over ``tensors``: (numel, role, row length) triples."""
     return sum(n * tiger_bytes_per_element(role, backend, ds, steady=steady, row_len=d) for n, role, d in tensors)
+
+
+def clip_bytes_per_element(clip: Optional[str], algo: str, ds: DtypeSetting) -> int:
+    """Bytes per element clipping adds to one step: ``clip`` None, "fused" (ours, inside the
+    step) or "torch" (clip_grad_norm_(foreach=True) before the step); see the module doc."""
+    g = itemsize(ds.grad)
+    if clip is None:
+        return 0
+    if clip == "fused":
+        return 0 if algo == "tiger" else g
+    if clip == "torch":
+        return 3 * g
+    raise ValueError(f"unknown clip kind {clip!r}")
 
 
 def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -21,6 +21,16 @@ OURS = ("lion", "tiger", "simba")
 ADAMW = ("adamw-fused", "adamw-foreach")
 BASELINE = "adamw-fused"
 
+# NOTE: [clip rows] Gradient-norm clipping at this max norm: ours inside the step
+# (max_grad_norm=, group "clip", keys "lion+clip[cpu]", ...) and torch's
+# clip_grad_norm_(foreach=True) before an unclipped step ("clip+adamw-fused", "clip+lion[cpu]").
+# The workspace's gradients are N(0, 1 + a^2) per element (a in [0.25, 4], timing.Workspace), so
+# their total norm is sqrt(numel) x [1.03, 4.1]: >1.1e4 for GPT-2, >1.8e3 for 4096 x 768, >60 for
+# 4096 elements. 1.0 is below all of them: every step clips (coefficient < 1), and the rows
+# record the last norm they saw (grad_norm_last) and its coefficient (clip_coef_last).
+CLIP_MAX_NORM = 1.0
+CLIP_NAMES = ("lion+clip", "tiger+clip", "simba+clip", "clip+adamw", "clip+lion")
+
 
 @dataclass
 class Contender:
@@ -36,6 +46,17 @@ class Contender:
     # True when the state layout is not the algorithm's plain one (bytes from the state held)
     measured_state: bool = False
     notes: str = ""
+    # NOTE: [clip rows] None, "fused" (ours, max_grad_norm inside the step: + one read of g,
+    # except Tiger, whose norm pass replaces its NaN guard's read) or "torch"
+    # (clip_grad_norm_(foreach=True) first: a norm pass reading g, a mul_ pass reading and
+    # writing it, + 3 x size(g)).
+    clip: Optional[str] = None
+    # The step writes p.grad (torch's clip_grad_norm_ scales it in place): it must get fresh
+    # gradients before every step, or the scaling compounds from step to step. The harness
+    # refills them before every step of every schedule; a timing that does not (the plain loop
+    # of bench.check_timing) says so.
+    writes_grads: bool = False
+    ours: bool = False  # a sign_kernels optimizer (Tiger's byte model by role applies)
 
     def supports(self, dtype_name: str) -> bool:
         return dtype_name in self.dtypes
@@ -101,7 +122,7 @@ def select_backends(device: torch.device, which: str) -> List[str]:
     return usable[:1] or [order[0]]
 
 
-def _ours(algo: str, backend: str) -> Contender:
+def _ours(algo: str, backend: str, clip: bool = False) -> Contender:
     cls_name = algo.capitalize()
 
     def make(params, ds: DtypeSetting):
@@ -109,6 +130,8 @@ def _ours(algo: str, backend: str) -> Contender:
 
         cls = getattr(sign_kernels, cls_name)
         kwargs = dict(backend=backend)
+        if clip:
+            kwargs["max_grad_norm"] = CLIP_MAX_NORM
         if algo != "simba":
             kwargs["momentum_dtype"] = ds.momentum
         if algo == "tiger":
@@ -137,14 +160,17 @@ def _ours(algo: str, backend: str) -> Contender:
         return None
 
     return Contender(
-        key=f"{algo}[{backend}]",
-        label=cls_name,
+        key=f"{algo}+clip[{backend}]" if clip else f"{algo}[{backend}]",
+        label=f"{cls_name}+clip" if clip else cls_name,
         algo=algo,
         backend=backend,
         make=make,
-        group="ours",
+        group="clip" if clip else "ours",
         dtypes=("fp32", "bf16") if algo == "simba" else ("fp32", "bf16", "bf16-fp32m"),
         unavailable=unavailable,
+        clip="fused" if clip else None,
+        ours=True,
+        notes=f"max_grad_norm={CLIP_MAX_NORM:g} (clips every step here)" if clip else "",
     )
 
 
@@ -158,6 +184,49 @@ def _adamw(mode: str) -> Contender:
     return Contender(
         key=f"adamw-{mode}", label="AdamW", algo="adamw", backend=mode, make=make, group="adamw"
     )
+
+
+# ---- torch's clip_grad_norm_ before an unclipped step ------------------------------------------
+
+
+class TorchClipThenStep:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)``, then ``inner.step()``:
+    what a training loop does without a fused clip. Everything else (state, param_groups) is
+    the inner optimizer's. ``clip_grad_norm_`` scales p.grad in place (NOTE: [clip rows]:
+    ``writes_grads``)."""
+
+    def __init__(self, inner: torch.optim.Optimizer, max_norm: float):
+        self.inner = inner
+        self.max_norm = max_norm
+        self.params = [p for g in inner.param_groups for p in g["params"]]
+        self.grad_norm: Optional[torch.Tensor] = None
+
+    def step(self):
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        return self.inner.step()
+
+    def __getattr__(self, name):  # state, param_groups, _roles ...: the inner optimizer's
+        return getattr(self.inner, name)
+
+
+def _torch_clip(inner: Contender) -> Contender:
+    def make(params, ds: DtypeSetting):
+        return TorchClipThenStep(inner.make(params, ds), CLIP_MAX_NORM)
+
+    return Contender(
+        key=f"clip+{inner.key}", label=f"clip+{inner.label}", algo=inner.algo, backend=inner.backend,
+        make=make, group="clip", dtypes=inner.dtypes, unavailable=inner.unavailable,
+        measured_state=inner.measured_state, clip="torch", writes_grads=True, ours=inner.ours,
+        notes=f"torch clip_grad_norm_(max_norm={CLIP_MAX_NORM:g}, foreach=True) scales p.grad in place, "
+              "then the unclipped step; gradients are refilled before every step",
+    )
+
+
+def _clip_rows(backends: Sequence[str]) -> List[Contender]:
+    out = [_ours(algo, b, clip=True) for algo in OURS for b in backends]
+    out.append(_torch_clip(_adamw("fused")))
+    out += [_torch_clip(_ours("lion", b)) for b in backends]
+    return out
 
 
 # ---- peers ------------------------------------------------------------------------------------
@@ -237,14 +306,39 @@ PEER_KEYS = tuple(c.key for c in _peers())
 def all_contenders(device: torch.device, backends: str = "best") -> List[Contender]:
     out = [_ours(algo, b) for algo in OURS for b in select_backends(device, backends)]
     out += [_adamw("fused"), _adamw("foreach")]
+    out += _clip_rows(select_backends(device, backends))
     out += _peers()
     return out
+
+
+def _clip_match(name: str, c: Contender) -> bool:
+    """Whether a clip row answers to ``name``: clip (all), ours+clip, torch-clip, lion+clip,
+    tiger+clip, simba+clip, clip+adamw, clip+lion (NOTE: [clip rows])."""
+    if c.group != "clip":
+        return False
+    if name == "clip":
+        return True
+    if name == "ours+clip":
+        return c.clip == "fused"
+    if name == "torch-clip":
+        return c.clip == "torch"
+    algo = c.algo if c.clip == "fused" else None
+    if name.endswith("+clip"):
+        return algo == name[:-len("+clip")]
+    if name in ("clip+adamw", "clip+adamw-fused"):
+        return c.clip == "torch" and c.algo == "adamw"
+    if name == "clip+lion":
+        return c.clip == "torch" and c.algo == "lion"
+    return False
 
 
 def select(device: torch.device, names: str, backends: str = "best") -> List[Contender]:
     """Contenders by comma-separated names: groups (ours, adamw, peers, all), algorithms
     (lion, tiger, simba), AdamW modes (adamw-fused, adamw-foreach), peer keys (lion-pytorch,
-    peer:optimi-lion, ...). Fused AdamW, the baseline of every ratio, is always included."""
+    peer:optimi-lion, ...), clipping rows (clip = all of: ours+clip = lion+clip, tiger+clip,
+    simba+clip; torch-clip = clip+adamw, clip+lion; NOTE: [clip rows]). Fused AdamW, the
+    baseline of every ratio, is always included. The default run (ours,adamw,peers) has no
+    clip rows; `all` has them."""
     pool = all_contenders(device, backends)
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     picked: List[Contender] = []
@@ -256,6 +350,8 @@ def select(device: torch.device, names: str, backends: str = "best") -> List[Con
             match = [c for c in pool if c.group == group]
         elif name in OURS:
             match = [c for c in pool if c.group == "ours" and c.algo == name]
+        elif name in ("clip", "ours+clip", "torch-clip", "clip+adamw-fused") + CLIP_NAMES:
+            match = [c for c in pool if _clip_match(name, c)]
         else:
             key = name if name.startswith(("peer:", "adamw-")) or "[" in name else f"peer:{name}"
             match = [c for c in pool if c.key == key]

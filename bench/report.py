@@ -211,6 +211,14 @@ def table_section(result: Dict, pset: str, dtype: str) -> List[str]:
             parts = [f"{role} {v['steady']:g}/{v['first']:g} ({v['elements'] / 1e6:.1f}M)"
                      for role, v in r["tiger_bytes_per_element"].items()]
             lines.append(f"{'':<4}Tiger B/elem by role, steady/first step: " + ", ".join(parts))
+        if r.get("clip"):
+            # NOTE: [clip rows] in bench/contenders.py
+            names = {x["key"]: x["contender"] for x in group}
+            ratios = [f"{names.get(k, k)} {v:.2f}" for k, v in (r.get("clip_ratios") or {}).items() if v]
+            coef = r.get("clip_coef_last")
+            lines.append(f"{'':<4}{r['contender']} time / " + (", ".join(ratios) or "-")
+                         + f"  (max norm {r.get('max_grad_norm')}, last norm {_f(r.get('grad_norm_last'), '.4g')}, "
+                         f"coefficient {_f(coef, '.3g')})")
     return lines
 
 

@@ -109,6 +109,7 @@ def _new_row(c: Contender, pset: ParamSet, ds: DtypeSetting, cfg: Config) -> Dic
         gbps=None, ceiling_gbps=None, fraction=None, ratio_vs_fused_adamw=None,
         state_bytes_per_param=None, state_bytes_model=None, state_bytes_held=None,
         launches=None, note=c.notes or None, ms=None,
+        clip=c.clip, writes_grads=c.writes_grads,
     )
 
 
@@ -132,8 +133,12 @@ def _finish_row(row: Dict, c: Contender, opt: torch.optim.Optimizer, pset: Param
     nbytes = accounting.step_bytes_from_state(pset.numels, ds, state_total)
     if model is not None and held != model:
         row["note"] = f"state held {held} B, byte model {model} B"
-    if c.algo == "tiger" and c.group == "ours":
+    if c.algo == "tiger" and c.ours:
         nbytes = _tiger_bytes(row, c, opt, ds)
+    # NOTE: [clip rows]: the norm pass (ours), or torch's norm and mul_ passes
+    nbytes += pset.n_elements * accounting.clip_bytes_per_element(c.clip, c.algo, ds)
+    if c.clip:
+        _clip_fields(row, opt)
     row.update(
         steps=len(ms), state_dtype=_state_dtypes(opt), ms_median=timing.median, ms_p10=timing.percentile(10),
         ms_p90=timing.percentile(90), ms_min=min(ms), bytes_per_step=nbytes,
@@ -141,6 +146,17 @@ def _finish_row(row: Dict, c: Contender, opt: torch.optim.Optimizer, pset: Param
         state_bytes_per_param=state_total / pset.n_elements,
         state_bytes_model=model, state_bytes_held=held, launches=launches, ms=list(ms),
     )
+
+
+def _clip_fields(row: Dict, opt) -> None:
+    """The max norm and the last norm a clipped row's optimizer saw: its coefficient < 1 says
+    the clipping path scaled the gradients (NOTE: [clip rows])."""
+    from .contenders import CLIP_MAX_NORM
+
+    norm = getattr(opt, "grad_norm", None)
+    norm = float(norm) if norm is not None else None
+    row.update(max_grad_norm=CLIP_MAX_NORM, grad_norm_last=norm,
+               clip_coef_last=None if norm is None else min(1.0, CLIP_MAX_NORM / (norm + 1e-6)))
 
 
 def _tiger_bytes(row: Dict, c: Contender, opt: torch.optim.Optimizer, ds: DtypeSetting) -> int:
@@ -319,6 +335,46 @@ def attach_ratios(rows: List[Dict], ceilings: Dict[str, Dict], only: Optional[Li
         else:
             r["ratio_paired"] = False
             r["ratio_vs_fused_adamw"] = r["ms_median"] / b["ms_median"]
+    _attach_clip_ratios(rows, ceilings, only)
+
+
+def clip_references(key: str) -> List[str]:
+    """The rows a clip row's time is compared with (NOTE: [clip rows]): ours+clip -> the same
+    optimizer unclipped, Lion+clip (Tiger, Simba), and torch's clip + fused AdamW; torch clip +
+    X -> X unclipped."""
+    if key.startswith("clip+"):
+        return [key[len("clip+"):]]
+    if "+clip[" in key:
+        algo, backend = key.split("+clip[")
+        refs = [f"{algo}[{backend}"]
+        if algo != "lion":
+            refs.append(f"lion+clip[{backend}")
+        return refs + ["clip+" + contenders_mod.BASELINE]
+    return []
+
+
+def paired_ratio(r: Dict, b: Dict, rounds: Optional[int]) -> Optional[float]:
+    """r's step time / b's: the median of per-round ratios where both were timed in the same
+    rounds (interleaved), else the ratio of the medians."""
+    if not r.get("ms_median") or not b.get("ms_median"):
+        return None
+    if rounds and r.get("ms") and b.get("ms") and len(r["ms"]) == len(b["ms"]) == rounds:
+        return statistics.median(x / y for x, y in zip(r["ms"], b["ms"]))
+    return r["ms_median"] / b["ms_median"]
+
+
+def _attach_clip_ratios(rows: List[Dict], ceilings: Dict[str, Dict], only: Optional[List[Dict]]) -> None:
+    by_key = {(r["param_set"], r["dtype"], r.get("key")): r for r in rows if r.get("ms_median")}
+    for r in (rows if only is None else only):
+        if not r.get("clip") or not r.get("ms_median"):
+            continue
+        rounds = ceilings.get(f"{r['param_set']}/{r['dtype']}", {}).get("rounds")
+        out = {}
+        for ref in clip_references(r["key"]):
+            b = by_key.get((r["param_set"], r["dtype"], ref))
+            if b is not None:
+                out[ref] = paired_ratio(r, b, rounds)
+        r["clip_ratios"] = out
 
 
 def build_param_sets(cfg: Config) -> List[ParamSet]:

@@ -417,3 +417,112 @@ def test_bench_tiger_gets_the_models_roles():
     ws = Workspace(pset, ds, torch.device("cpu"))
     opt = contenders._ours("tiger", "reference").make(ws.params, ds)
     assert opt._roles(opt.param_groups[0]) == (2, 1, 0, 3)  # embedding, gain, element-wise, matrix
+
+
+# ---- clipping rows (NOTE: [clip rows] in bench/contenders.py) --------------------------------------
+
+
+def test_clip_bytes_per_element():
+    """Ours: + one read of g (the norm pass), Tiger + 0 (the norm pass is its NaN guard's read);
+    torch's clip_grad_norm_(foreach=True): + a norm pass and a mul_ pass (read, read + write)."""
+    ds = DTYPE_SETTINGS["fp32"]
+    f = accounting.clip_bytes_per_element
+    assert accounting.bytes_per_element("lion", ds) + f("fused", "lion", ds) == 24
+    assert accounting.bytes_per_element("simba", ds) + f("fused", "simba", ds) == 20
+    assert accounting.tiger_bytes_per_element("matrix", "cpu", ds) + f("fused", "tiger", ds) == 24
+    assert accounting.bytes_per_element("adamw", ds) + f("torch", "adamw", ds) == 40
+    assert accounting.bytes_per_element("lion", ds) + f("torch", "lion", ds) == 32
+    assert f(None, "lion", ds) == 0 and f("torch", "adamw", DTYPE_SETTINGS["bf16"]) == 6
+
+
+def test_clip_rows_selection():
+    keys = lambda names: [c.key for c in contenders.select(CPU, names, "reference")]  # noqa: E731
+    assert keys("clip") == ["lion+clip[reference]", "tiger+clip[reference]", "simba+clip[reference]",
+                            "clip+adamw-fused", "clip+lion[reference]", "adamw-fused"]
+    assert keys("ours+clip") == keys("clip")[:3] + ["adamw-fused"]
+    assert keys("torch-clip") == ["clip+adamw-fused", "clip+lion[reference]", "adamw-fused"]
+    assert keys("tiger+clip,clip+adamw") == ["tiger+clip[reference]", "clip+adamw-fused", "adamw-fused"]
+    assert keys("clip+lion[reference]") == ["clip+lion[reference]", "adamw-fused"]
+    # the default run stays quick: no clip rows unless asked for; the full sweep (all) has them
+    assert not [k for k in keys("ours,adamw,peers") if "clip" in k]
+    assert {"lion+clip[reference]", "clip+adamw-fused"} <= set(keys("all"))
+
+
+@pytest.mark.skipif(not _sign_kernels_reference_ok(), reason="sign_kernels reference backend not usable")
+def test_clip_rows_in_a_run(tmp_path):
+    rc = cli.main(["--param-sets", "flat,tiny", "--size", "4K", "--tiny-count", "8", "--steps", "3",
+                   "--warmup", "1", "--contenders", "ours,clip", "--out", str(tmp_path), "--name", "c",
+                   "--no-plot", "--no-progress", "--device", "cpu", "--threads", "1"])
+    assert rc == 0
+    data = json.loads((tmp_path / "c.json").read_text())
+    rows = {(r["param_set"], r["key"].split("[")[0]): r for r in data["rows"]}
+    want = {"lion+clip": 24, "tiger+clip": 24, "simba+clip": 20, "clip+adamw-fused": 40, "clip+lion": 32,
+            "lion": 20, "tiger": 24, "simba": 16, "adamw-fused": 28}
+    for pset in ("flat-4K", "tiny-8x768"):
+        for key, b in want.items():
+            r = rows[(pset, key)]
+            assert r["status"] == "ok", r["status"]
+            assert r["bytes_per_step"] == b * r["n_elements"], key  # 1-d tensors: Tiger's element-wise role
+            if "clip" in key:
+                # the bench's gradients are far above max norm 1: every step scaled them
+                assert r["grad_norm_last"] > 10 * r["max_grad_norm"] and 0 < r["clip_coef_last"] < 0.1
+                assert r["writes_grads"] == key.startswith("clip+")
+        clip_ratios = rows[(pset, "tiger+clip")]["clip_ratios"]
+        assert set(clip_ratios) == {"tiger[reference]", "lion+clip[reference]", "clip+adamw-fused"} or \
+            set(clip_ratios) == {"tiger[cpu]", "lion+clip[cpu]", "clip+adamw-fused"}
+        lion, lion_clip = rows[(pset, "lion")], rows[(pset, "lion+clip")]
+        ref = next(k for k in rows[(pset, "lion+clip")]["clip_ratios"] if k.startswith("lion["))
+        assert lion_clip["clip_ratios"][ref] == pytest.approx(
+            statistics.median(a / b for a, b in zip(lion_clip["ms"], lion["ms"])))  # paired, per round
+        assert rows[(pset, "clip+adamw-fused")]["clip_ratios"] == {
+            "adamw-fused": pytest.approx(rows[(pset, "clip+adamw-fused")]["ratio_vs_fused_adamw"])}
+
+
+@pytest.mark.parametrize("schedule", ["interleaved", "sequential"])
+def test_torch_clip_rows_get_fresh_gradients_every_step(schedule):
+    """clip_grad_norm_ scales p.grad in place: the harness refills the gradients before every
+    step, so no step of a torch-clip row sees an already clipped gradient (the scaling does not
+    compound); ours leave p.grad as it was."""
+    base = next(c for c in contenders.select(CPU, "clip+adamw", "reference") if c.key == "clip+adamw-fused")
+    seen = []
+
+    def make(params, ds):
+        opt = base.make(params, ds)
+        inner_step = opt.step
+
+        def step():
+            before = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            inner_step()
+            after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+            seen.append((float(before), float(after)))
+
+        opt.step = step
+        return opt
+
+    c = contenders.Contender(base.key, base.label, base.algo, base.backend, make, base.group,
+                             clip=base.clip, writes_grads=True)
+    pset = paramsets.flat(4096)
+    ds = DTYPE_SETTINGS["fp32"]
+    ws = Workspace(pset, ds, CPU, "mix", seed=3)
+    cfg = runner.Config(steps=4, warmup=1, row_budget_s=None)
+    if schedule == "interleaved":
+        rows, _ = runner.run_interleaved([c], ws, pset, ds, CPU, cfg)
+        row = rows[0]
+    else:
+        row = runner.run_one(c, ws, pset, ds, CPU, cfg)
+    assert row["status"] == "ok" and len(seen) == 5
+    for before, after in seen:
+        assert before > 30  # fresh: ~sqrt(4096) x [1.03, 4.1]
+        assert after == pytest.approx(contenders.CLIP_MAX_NORM, rel=1e-3)  # torch scaled p.grad
+
+
+@pytest.mark.skipif(not _sign_kernels_reference_ok(), reason="sign_kernels reference backend not usable")
+def test_our_clip_rows_leave_grads_alone():
+    c = next(c for c in contenders.select(CPU, "lion+clip", "reference") if c.clip == "fused")
+    assert not c.writes_grads
+    ds = DTYPE_SETTINGS["fp32"]
+    ws = Workspace(TINY_SET, ds, CPU, "mix", seed=2)
+    g = ws.grad_flat.clone()
+    opt = c.make(ws.params, ds)
+    opt.step()
+    assert torch.equal(g, ws.grad_flat) and float(opt.grad_norm) > 1.0
