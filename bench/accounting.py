@@ -37,6 +37,18 @@ Gradient-norm clipping (NOTE: [clip rows] in bench/contenders.py) adds, per elem
 An accumulation micro-step ((t+1) mod k != 0) reads g twice (guard, momentum) and m, writes m:
 16 B (+4 B for θ once after θ changed outside the step, cpu). Peers' Tiger rows use the
 single-pass minimum (20 B): their passes are not known here.
+
+8-bit momentum and the correction byte (NOTE: [int8 rows] in bench/contenders.py): a tensor of
+2+ dims keeps int8 codes (1 B) and one bf16 scale per 64 elements of a row (2/64 B), both read
+and written once per step; a 0/1-d tensor keeps an fp32 momentum (4 B). The correction byte ρ
+(error_correction=True, bf16/fp16 params) is read and written with θ. Per element of a matrix
+whose rows are a multiple of 64 long, steady step:
+
+    Lion, fp32 θ and g, int8 m      : read θ 4, g 4, m 1 + 2/64; write θ 4, m 1 + 2/64   14.06 B
+    Lion, bf16 θ and g, ρ, int8 m   : read θ 2, ρ 1, g 2, m 1 + 2/64; write θ 2, ρ 1,
+                                      m 1 + 2/64                                          10.06 B
+    Tiger: its own passes (above) with m at 1 + 2/64 each way and ρ beside θ in the update
+           (its RMS is of θ16: a pre-pass reads θ, never ρ): fp32 matrix, cpu, 18.06 B
 """
 
 from __future__ import annotations
@@ -53,7 +65,9 @@ class DtypeSetting:
     name: str
     param: torch.dtype
     grad: torch.dtype
-    momentum: Optional[torch.dtype]  # None: the param dtype (what torch.optim does)
+    momentum: Optional[torch.dtype]  # None: the param dtype (what torch.optim does); int8: 8-bit
+    error_correction: bool = False  # the correction byte of bf16/fp16 params (ours)
+    stochastic_rounding: bool = False  # bf16 writes rounded stochastically (ours)
 
     def momentum_dtype(self) -> torch.dtype:
         return self.momentum if self.momentum is not None else self.param
@@ -65,6 +79,20 @@ DTYPE_SETTINGS = {
     # bf16 params and grads, fp32 momentum (Lion/Tiger momentum_dtype=torch.float32)
     "bf16-fp32m": DtypeSetting("bf16-fp32m", torch.bfloat16, torch.bfloat16, torch.float32),
 }
+
+
+# NOTE: [int8 rows] The settings of the 8-bit momentum rows (bench/contenders.py): not sections of
+# the sweep (--dtypes) but a contender's own, timed inside the fp32 section beside fp32 Lion (its
+# θ and gradients in the setting's dtypes: Workspace.for_setting).
+ROW_SETTINGS = {
+    "fp32-int8": DtypeSetting("fp32-int8", torch.float32, torch.float32, torch.int8),
+    "bf16-ec-int8": DtypeSetting("bf16-ec-int8", torch.bfloat16, torch.bfloat16, torch.int8,
+                                 error_correction=True),
+    "bf16-sr-int8": DtypeSetting("bf16-sr-int8", torch.bfloat16, torch.bfloat16, torch.int8,
+                                 stochastic_rounding=True),
+}
+
+INT8_BLOCK = 64  # elements of a row per bf16 scale (sign_kernels._quant.QBLOCK)
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -94,6 +122,33 @@ STATE_MODELS = {"lion": lion_state, "tiger": lion_state, "simba": simba_state, "
 def state_bytes(algo: str, numels: Iterable[int], ds: DtypeSetting) -> int:
     model = STATE_MODELS[algo]
     return sum(model(n, ds) for n in numels)
+
+
+def momentum_bytes(numel: int, ndim: int, row_len: int, ds: DtypeSetting) -> int:
+    """Bytes of one tensor's momentum: 8-bit (2+ dims): codes + one bf16 scale per 64 elements of
+    each row (the row's last block shorter); a 0/1-d tensor of an int8 setting: fp32."""
+    if ds.momentum != torch.int8:
+        return numel * itemsize(ds.momentum_dtype())
+    if ndim < 2:
+        return 4 * numel
+    if numel == 0 or row_len == 0:
+        return 0
+    return numel + 2 * (numel // row_len) * -(-row_len // INT8_BLOCK)
+
+
+def residual_bytes(numel: int, ds: DtypeSetting) -> int:
+    """The correction byte: one int8 per element of a bf16/fp16 param with error_correction."""
+    return numel if ds.error_correction and ds.param in (torch.bfloat16, torch.float16) else 0
+
+
+def state_bytes_of_shapes(algo: str, shapes: Iterable[Sequence[int]], ds: DtypeSetting) -> int:
+    """``state_bytes`` by shape: the same for the plain layouts; Lion's and Tiger's 8-bit
+    momentum (block scales, fp32 for 0/1-d tensors) and correction byte need the shapes."""
+    shapes = [tuple(s) for s in shapes]
+    if algo in ("lion", "tiger") and (ds.momentum == torch.int8 or ds.error_correction):
+        return sum(momentum_bytes(math.prod(s), len(s), s[-1] if s else 1, ds) + residual_bytes(math.prod(s), ds)
+                   for s in shapes)
+    return state_bytes(algo, [math.prod(s) for s in shapes], ds)
 
 
 def step_bytes_from_state(numels: Sequence[int], ds: DtypeSetting, state_total: int) -> int:
@@ -137,9 +192,26 @@ def tiger_bytes_per_element(role: str, backend: str, ds: DtypeSetting, *, steady
     return total
 
 
+def tiger_tensor_bytes(numel: int, role: str, backend: str, ds: DtypeSetting, *, steady: bool = True,
+                       update: bool = True, row_len: int = 0, ndim: int = 2) -> int:
+    """Bytes one Tiger call moves over one tensor: ``tiger_bytes_per_element`` with the momentum
+    by the tensor's layout (8-bit: codes and scales, read and written once; 0/1-d: fp32) and the
+    correction byte read and written beside θ in an update step (the RMS pre-pass reads θ16 only)."""
+    if ds.momentum != torch.int8 and not ds.error_correction:
+        return numel * tiger_bytes_per_element(role, backend, ds, steady=steady, update=update, row_len=row_len)
+    plain = DtypeSetting(ds.name, ds.param, ds.grad, torch.float32)
+    total = numel * tiger_bytes_per_element(role, backend, plain, steady=steady, update=update, row_len=row_len)
+    total += 2 * (momentum_bytes(numel, ndim, row_len, ds) - 4 * numel)  # m: read once, written once
+    if update:
+        total += 2 * residual_bytes(numel, ds)
+    return total
+
+
 def tiger_step_bytes(tensors: Sequence[tuple], backend: str, ds: DtypeSetting, *, steady: bool = True) -> int:
-    """Bytes of one Tiger update step over ``tensors``: (numel, role, row length) triples."""
-    return sum(n * tiger_bytes_per_element(role, backend, ds, steady=steady, row_len=d) for n, role, d in tensors)
+    """Bytes of one Tiger update step over ``tensors``: (numel, role, row length[, ndim]) tuples
+    (ndim: 2 when left out; it matters only to 8-bit momentum)."""
+    return sum(tiger_tensor_bytes(t[0], t[1], backend, ds, steady=steady, row_len=t[2],
+                                  ndim=t[3] if len(t) > 3 else 2) for t in tensors)
 
 
 def clip_bytes_per_element(clip: Optional[str], algo: str, ds: DtypeSetting) -> int:

@@ -65,11 +65,12 @@ def child(args: argparse.Namespace) -> None:
     ds = DTYPE_SETTINGS[args.dtypes]
     contender = next(c for c in all_contenders(device, "all") if c.key == args.child)
     ws = Workspace(pset, ds, device, args.grad_mode, args.seed)
-    opt = contender.make(ws.params, ds)
+    params, refill = ws.for_setting(contender.setting)  # NOTE: [int8 rows]: its own dtypes
+    opt = contender.make(params, contender.setting or ds)
     for _ in range(args.warmup):
-        ws.refill()
+        refill()
         opt.step()
-    ws.refill()
+    refill()
     synchronize(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):

@@ -33,7 +33,10 @@ def parser() -> argparse.ArgumentParser:
     a("--tiny-count", type=int, default=4096, help="number of 768-element tensors in 'tiny'")
     a("--dtypes", help="comma list of fp32, bf16, bf16-fp32m (default fp32)")
     a("--contenders", help="comma list: ours, adamw, peers, all, lion, tiger, simba, adamw-fused, "
-      "adamw-foreach, or a peer (lion-pytorch, optimi-lion, ...; see --list). Default ours,adamw,peers "
+      "adamw-foreach, clip rows (clip, ours+clip, torch-clip, lion+clip, clip+adamw, ...), 8-bit "
+      "momentum rows (int8, ec-int8, lion-int8, tiger-int8, lion-bf16-ec-int8, tiger-bf16-ec-int8, "
+      "lion-bf16-sr-int8; timed in the fp32 section), "
+      "or a peer (lion-pytorch, optimi-lion, ...; see --list). Default ours,adamw,peers "
       "(the peers that are installed: bash scripts/bench.sh installs lion-pytorch, torch-optimi and "
       "pytorch-optimizer)")
     a("--backends", default=None, help="best (default), all (default with --full), or a comma list")

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .accounting import DtypeSetting
+from .accounting import ROW_SETTINGS, DtypeSetting
 
 Factory = Callable[[Sequence[torch.Tensor], DtypeSetting], torch.optim.Optimizer]
 
@@ -30,6 +30,24 @@ BASELINE = "adamw-fused"
 # record the last norm they saw (grad_norm_last) and its coefficient (clip_coef_last).
 CLIP_MAX_NORM = 1.0
 CLIP_NAMES = ("lion+clip", "tiger+clip", "simba+clip", "clip+adamw", "clip+lion")
+
+# NOTE: [int8 rows] 8-bit momentum (momentum_dtype=torch.int8) and the correction byte
+# (error_correction=True), group "int8", timed in the fp32 section beside fp32 Lion (the
+# acceptance compares with it): "lion-int8" / "tiger-int8" step the section's fp32 params with an
+# int8 momentum; "lion-bf16-ec-int8" / "tiger-bf16-ec-int8" (the 4-byte mode) and
+# "lion-bf16-sr-int8" (stochastic rounding, no residual) step bf16 copies of the params with bf16
+# gradients of their own (Workspace.for_setting: refilled before each of their steps, as the
+# section's are). Each row's bytes and state come from its own setting (accounting.ROW_SETTINGS,
+# by shape: codes + a bf16 scale per 64 elements of a row, fp32 for 0/1-d tensors, + ρ).
+# Under each row the table gives its paired time ratio to Lion (and Tiger) of the section.
+INT8_ROWS = {  # name: (algo, setting, label)
+    "lion-int8": ("lion", "fp32-int8", "Lion int8"),
+    "tiger-int8": ("tiger", "fp32-int8", "Tiger int8"),
+    "lion-bf16-ec-int8": ("lion", "bf16-ec-int8", "Lion bf16+ec+int8"),
+    "tiger-bf16-ec-int8": ("tiger", "bf16-ec-int8", "Tiger bf16+ec+int8"),
+    "lion-bf16-sr-int8": ("lion", "bf16-sr-int8", "Lion bf16+sr+int8"),
+}
+INT8_NAMES = tuple(INT8_ROWS)
 
 
 @dataclass
@@ -57,6 +75,11 @@ class Contender:
     # of bench.check_timing) says so.
     writes_grads: bool = False
     ours: bool = False  # a sign_kernels optimizer (Tiger's byte model by role applies)
+    # NOTE: [int8 rows] The contender's own param/grad/momentum setting, in place of the
+    # section's: it steps params and gradients of that setting's dtypes (the section's own where
+    # they match) and its bytes and state are counted by it. None: the section's setting.
+    setting: Optional[DtypeSetting] = None
+    name: str = ""  # the --contenders name that selects this row alone (int8 rows)
 
     def supports(self, dtype_name: str) -> bool:
         return dtype_name in self.dtypes
@@ -134,6 +157,10 @@ def _ours(algo: str, backend: str, clip: bool = False) -> Contender:
             kwargs["max_grad_norm"] = CLIP_MAX_NORM
         if algo != "simba":
             kwargs["momentum_dtype"] = ds.momentum
+        if ds.error_correction:  # NOTE: [int8 rows]
+            kwargs["error_correction"] = True
+        if ds.stochastic_rounding:
+            kwargs["stochastic_rounding"] = True
         if algo == "tiger":
             # Named: Tiger gives roles by name (role_of), as a model's named_parameters() would:
             # GPT-2's wte/wpe are embeddings, ln_*.weight gains, biases element-wise. Its own θ
@@ -172,6 +199,38 @@ def _ours(algo: str, backend: str, clip: bool = False) -> Contender:
         ours=True,
         notes=f"max_grad_norm={CLIP_MAX_NORM:g} (clips every step here)" if clip else "",
     )
+
+
+def _int8(name: str, backend: str) -> Contender:
+    """An 8-bit momentum row (NOTE: [int8 rows]): ours with the setting's momentum, residual
+    and rounding; skipped where the backend has no int8 kernels for the optimizer."""
+    algo, setting, label = INT8_ROWS[name]
+    base = _ours(algo, backend)
+
+    def unavailable(device: torch.device) -> Optional[str]:
+        reason = base.unavailable(device)
+        if reason:
+            return reason
+        import sign_kernels
+
+        have = getattr(getattr(sign_kernels, algo.capitalize()), "_compressed_backends", frozenset())
+        if backend not in have:
+            return (f"backend {backend}: no 8-bit momentum / correction byte kernels for {algo.capitalize()} "
+                    f"(those that have them: {', '.join(sorted(have)) or 'none'})")
+        return None
+
+    ds = ROW_SETTINGS[setting]
+    what = {"fp32-int8": "fp32 params and grads, momentum_dtype=int8",
+            "bf16-ec-int8": "bf16 params and grads (its own), error_correction=True, momentum_dtype=int8",
+            "bf16-sr-int8": "bf16 params and grads (its own), stochastic_rounding=True, momentum_dtype=int8"}[setting]
+    return Contender(
+        key=f"{name}[{backend}]", label=label, algo=algo, backend=backend, make=base.make, group="int8",
+        dtypes=("fp32",), unavailable=unavailable, ours=True, setting=ds, name=name, notes=what,
+    )
+
+
+def _int8_rows(backends: Sequence[str]) -> List[Contender]:
+    return [_int8(name, b) for name in INT8_NAMES for b in backends]
 
 
 # ---- torch AdamW, the baseline -------------------------------------------------------------
@@ -307,6 +366,7 @@ def all_contenders(device: torch.device, backends: str = "best") -> List[Contend
     out = [_ours(algo, b) for algo in OURS for b in select_backends(device, backends)]
     out += [_adamw("fused"), _adamw("foreach")]
     out += _clip_rows(select_backends(device, backends))
+    out += _int8_rows(select_backends(device, backends))
     out += _peers()
     return out
 
@@ -336,9 +396,11 @@ def select(device: torch.device, names: str, backends: str = "best") -> List[Con
     """Contenders by comma-separated names: groups (ours, adamw, peers, all), algorithms
     (lion, tiger, simba), AdamW modes (adamw-fused, adamw-foreach), peer keys (lion-pytorch,
     peer:optimi-lion, ...), clipping rows (clip = all of: ours+clip = lion+clip, tiger+clip,
-    simba+clip; torch-clip = clip+adamw, clip+lion; NOTE: [clip rows]). Fused AdamW, the
-    baseline of every ratio, is always included. The default run (ours,adamw,peers) has no
-    clip rows; `all` has them."""
+    simba+clip; torch-clip = clip+adamw, clip+lion; NOTE: [clip rows]), 8-bit momentum rows
+    (int8 = all of: lion-int8, tiger-int8, lion-bf16-ec-int8, tiger-bf16-ec-int8,
+    lion-bf16-sr-int8; ec-int8 = the two bf16+ec+int8 rows; NOTE: [int8 rows]). Fused AdamW,
+    the baseline of every ratio, is always included. The default run (ours,adamw,peers) has no
+    clip or int8 rows; `all` has them."""
     pool = all_contenders(device, backends)
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     picked: List[Contender] = []
@@ -352,6 +414,12 @@ def select(device: torch.device, names: str, backends: str = "best") -> List[Con
             match = [c for c in pool if c.group == "ours" and c.algo == name]
         elif name in ("clip", "ours+clip", "torch-clip", "clip+adamw-fused") + CLIP_NAMES:
             match = [c for c in pool if _clip_match(name, c)]
+        elif name == "int8":
+            match = [c for c in pool if c.group == "int8"]
+        elif name == "ec-int8":
+            match = [c for c in pool if c.group == "int8" and c.setting.error_correction]
+        elif name in INT8_NAMES:
+            match = [c for c in pool if c.group == "int8" and c.name == name]
         else:
             key = name if name.startswith(("peer:", "adamw-")) or "[" in name else f"peer:{name}"
             match = [c for c in pool if c.key == key]

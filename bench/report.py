@@ -219,6 +219,12 @@ def table_section(result: Dict, pset: str, dtype: str) -> List[str]:
             lines.append(f"{'':<4}{r['contender']} time / " + (", ".join(ratios) or "-")
                          + f"  (max norm {r.get('max_grad_norm')}, last norm {_f(r.get('grad_norm_last'), '.4g')}, "
                          f"coefficient {_f(coef, '.3g')})")
+        if r.get("group") == "int8":
+            # NOTE: [int8 rows] in bench/contenders.py
+            names = {x["key"]: x["contender"] for x in group}
+            ratios = [f"{names.get(k, k)} {v:.2f}" for k, v in (r.get("int8_ratios") or {}).items() if v]
+            lines.append(f"{'':<4}{r['contender']} time / " + (", ".join(ratios) or "-")
+                         + f"  ({r.get('param_dtype')} params and grads, state {r.get('state_dtype')})")
     return lines
 
 

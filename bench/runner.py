@@ -98,11 +98,18 @@ def _state_dtypes(opt: torch.optim.Optimizer) -> str:
     return "+".join(sorted(names)) or "-"
 
 
+def _setting(c: Contender, ds: DtypeSetting) -> DtypeSetting:
+    """The setting a contender steps in: its own (NOTE: [int8 rows]) or the section's."""
+    return c.setting if c.setting is not None else ds
+
+
 def _new_row(c: Contender, pset: ParamSet, ds: DtypeSetting, cfg: Config) -> Dict:
+    own = _setting(c, ds)
     return dict(
         contender=c.label, key=c.key, algo=c.algo, backend=c.backend, group=c.group,
-        dtype=ds.name, param_dtype=str(ds.param).replace("torch.", ""),
-        grad_dtype=str(ds.grad).replace("torch.", ""), state_dtype=None,
+        dtype=ds.name, param_dtype=str(own.param).replace("torch.", ""),
+        grad_dtype=str(own.grad).replace("torch.", ""), state_dtype=None,
+        setting=c.setting.name if c.setting is not None else None,
         param_set=pset.name, n_tensors=pset.n_tensors, n_elements=pset.n_elements,
         steps=cfg.steps, warmup=cfg.warmup, status="ok",
         ms_median=None, ms_p10=None, ms_p90=None, ms_min=None, bytes_per_step=None,
@@ -127,8 +134,10 @@ def _finish_row(row: Dict, c: Contender, opt: torch.optim.Optimizer, pset: Param
                 ms: List[float], launches: Optional[int]) -> None:
     """Times, bytes and state of a timed row (ratios come later: attach_ratios)."""
     timing = Timing(ms)
+    ds = _setting(c, ds)  # NOTE: [int8 rows]: its own dtypes, momentum and residual
     held = accounting.measured_state_bytes(opt)
-    model = None if c.measured_state else accounting.state_bytes(c.algo, pset.numels, ds)
+    shapes = [shape for _, shape in pset.tensors]
+    model = None if c.measured_state else accounting.state_bytes_of_shapes(c.algo, shapes, ds)
     state_total = held if model is None else model
     nbytes = accounting.step_bytes_from_state(pset.numels, ds, state_total)
     if model is not None and held != model:
@@ -139,6 +148,9 @@ def _finish_row(row: Dict, c: Contender, opt: torch.optim.Optimizer, pset: Param
     nbytes += pset.n_elements * accounting.clip_bytes_per_element(c.clip, c.algo, ds)
     if c.clip:
         _clip_fields(row, opt)
+    if c.setting is not None:
+        row.update(momentum_dtype=str(ds.momentum).replace("torch.", "") if ds.momentum else None,
+                   error_correction=ds.error_correction, stochastic_rounding=ds.stochastic_rounding)
     row.update(
         steps=len(ms), state_dtype=_state_dtypes(opt), ms_median=timing.median, ms_p10=timing.percentile(10),
         ms_p90=timing.percentile(90), ms_min=min(ms), bytes_per_step=nbytes,
@@ -168,7 +180,7 @@ def _tiger_bytes(row: Dict, c: Contender, opt: torch.optim.Optimizer, ds: DtypeS
     tensors = []
     for group in opt.param_groups:
         for p, code in zip(group["params"], opt._roles(group)):
-            tensors.append((p.numel(), names[code], p.shape[-1] if p.dim() else 1))
+            tensors.append((p.numel(), names[code], p.shape[-1] if p.dim() else 1, p.dim()))
     per_role = {}
     for role in accounting.TIGER_ROLES:
         n = sum(t[0] for t in tensors if t[1] == role)
@@ -195,11 +207,13 @@ def run_one(c: Contender, ws: Optional[Workspace], pset: ParamSet, ds: DtypeSett
     assert ws is not None
     opt = None
     try:
-        opt = c.make(ws.params, ds)
+        params, refill = ws.for_setting(c.setting)  # NOTE: [int8 rows]
+        opt = c.make(params, _setting(c, ds))
+        del params
         label = f"{c.key} {ds.name} {pset.name}"
-        timing = time_steps(opt.step, ws.refill, device, warmup=cfg.warmup, steps=cfg.steps,
+        timing = time_steps(opt.step, refill, device, warmup=cfg.warmup, steps=cfg.steps,
                             nvtx=cfg.nvtx, label=label, budget_s=cfg.row_budget_s)
-        launches = count_launches(opt.step, ws.refill, device) if cfg.launches else None
+        launches = count_launches(opt.step, refill, device) if cfg.launches else None
     except Exception as exc:  # reported in the row; ours/AdamW also fail the run (cli)
         _error_row(row, c, exc, device)
         del opt
@@ -227,13 +241,15 @@ def run_interleaved(here: Sequence[Contender], ws: Workspace, pset: ParamSet, ds
     rows = [_new_row(c, pset, ds, cfg) for c in here]
     members: List[Tuple[int, Callable[[], object]]] = []  # (row index or -1/-2 ceiling, step)
     opts: Dict[int, torch.optim.Optimizer] = {}
+    refills: Dict[int, Callable[[], None]] = {}  # each member's gradients (NOTE: [int8 rows])
     for i, c in enumerate(here):
         reason = c.unavailable(device)
         if reason:
             rows[i]["status"] = f"skipped: {reason}"
             continue
         try:
-            opts[i] = c.make(ws.params, ds)
+            params, refills[i] = ws.for_setting(c.setting)
+            opts[i] = c.make(params, _setting(c, ds))
         except Exception as exc:
             _error_row(rows[i], c, exc, device)
             continue
@@ -249,7 +265,7 @@ def run_interleaved(here: Sequence[Contender], ws: Workspace, pset: ParamSet, ds
         for k, fn in order:
             if k >= 0 and rows[k]["status"] != "ok":
                 continue
-            ws.refill()
+            refills.get(k, ws.refill)()
             synchronize(device)
             try:
                 if cuda:
@@ -293,7 +309,7 @@ def run_interleaved(here: Sequence[Contender], ws: Workspace, pset: ParamSet, ds
             if row["status"] == "ok":
                 row["status"] = "error: fewer timed steps than rounds"
             continue
-        launches = count_launches(opt.step, ws.refill, device) if cfg.launches else None
+        launches = count_launches(opt.step, refills[i], device) if cfg.launches else None
         _finish_row(row, here[i], opt, pset, ds, ms[i], launches)
         row["fraction_per_round"] = [row["bytes_per_step"] / (t * 1e-3) / 1e9 / c
                                      for t, c in zip(ms[i], ceiling_per_round)]
@@ -363,18 +379,44 @@ def paired_ratio(r: Dict, b: Dict, rounds: Optional[int]) -> Optional[float]:
     return r["ms_median"] / b["ms_median"]
 
 
+def int8_references(key: str) -> List[str]:
+    """The rows an 8-bit momentum row's time is compared with (NOTE: [int8 rows]): Lion (fp32,
+    the acceptance's reference) and, where they differ, the same optimizer without int8 and the
+    same row without bf16 (bf16+ec+int8 -> int8 at fp32; bf16+sr+int8 -> bf16+ec+int8)."""
+    name, _, backend = key.partition("[")
+    if name not in contenders_mod.INT8_ROWS:
+        return []
+    algo = contenders_mod.INT8_ROWS[name][0]
+    refs = [f"lion[{backend}"]
+    if algo != "lion":
+        refs.append(f"{algo}[{backend}")
+    if name.endswith("-bf16-ec-int8"):
+        refs.append(f"{algo}-int8[{backend}")
+    elif name.endswith("-bf16-sr-int8"):
+        refs.append(f"{algo}-bf16-ec-int8[{backend}")
+    return refs
+
+
 def _attach_clip_ratios(rows: List[Dict], ceilings: Dict[str, Dict], only: Optional[List[Dict]]) -> None:
+    """``clip_ratios`` of the clip rows, ``int8_ratios`` of the 8-bit momentum rows: their
+    paired time ratios to the rows they are compared with (of the same section)."""
     by_key = {(r["param_set"], r["dtype"], r.get("key")): r for r in rows if r.get("ms_median")}
     for r in (rows if only is None else only):
-        if not r.get("clip") or not r.get("ms_median"):
+        if not r.get("ms_median"):
+            continue
+        if r.get("clip"):
+            field, refs = "clip_ratios", clip_references(r["key"])
+        elif r.get("group") == "int8":
+            field, refs = "int8_ratios", int8_references(r["key"])
+        else:
             continue
         rounds = ceilings.get(f"{r['param_set']}/{r['dtype']}", {}).get("rounds")
         out = {}
-        for ref in clip_references(r["key"]):
+        for ref in refs:
             b = by_key.get((r["param_set"], r["dtype"], ref))
             if b is not None:
                 out[ref] = paired_ratio(r, b, rounds)
-        r["clip_ratios"] = out
+        r[field] = out
 
 
 def build_param_sets(cfg: Config) -> List[ParamSet]:

@@ -61,6 +61,8 @@ class Workspace:
             self.pool = tuple(
                 torch.randn(total, generator=self._gen, dtype=ds.grad, device=device) for _ in range(2)
             )
+        self._offsets = offsets
+        self._other: Dict[Tuple[torch.dtype, torch.dtype], Tuple[List[torch.nn.Parameter], torch.Tensor]] = {}
         self.params: List[torch.nn.Parameter] = []
         for (name, shape), off, n in zip(pset.tensors, offsets, pset.numels):
             p = torch.nn.Parameter(torch.empty(shape, dtype=ds.param, device=device))
@@ -82,6 +84,39 @@ class Workspace:
             else:
                 alpha = self._rng.uniform(0.25, 4.0) * self._rng.choice((-1.0, 1.0))
                 torch.add(self.pool[0], self.pool[1], alpha=alpha, out=self.grad_flat)
+
+    def for_setting(self, ds: Optional[DtypeSetting]) -> Tuple[List[torch.nn.Parameter], Callable[[], None]]:
+        """The params a contender of setting ``ds`` steps, and the refill of their gradients
+        (NOTE: [int8 rows] in bench/contenders.py). The workspace's own where ``ds`` has its
+        param and grad dtypes (or is None); otherwise copies of the params in ``ds.param``
+        (separate allocations, as in a model; made once per dtype pair and shared by the
+        contenders that ask for it) with gradients in ``ds.grad``, views of a flat buffer of
+        their own, refilled like the workspace's (``fresh``: normal_; ``mix``: A + αB from the
+        same pools, written in ``ds.grad``) before each of those contenders' steps."""
+        if ds is None or (ds.param, ds.grad) == (self.ds.param, self.ds.grad):
+            return self.params, self.refill
+        key = (ds.param, ds.grad)
+        if key not in self._other:
+            flat = torch.empty(self.grad_flat.numel(), dtype=ds.grad, device=self.device)
+            params = []
+            for p, off in zip(self.params, self._offsets):
+                q = torch.nn.Parameter(p.detach().to(ds.param).clone(memory_format=torch.contiguous_format))
+                q.grad = flat[off:off + p.numel()].view(p.shape)
+                q._bench_name = p._bench_name
+                params.append(q)
+            self._other[key] = (params, flat)
+        params, flat = self._other[key]
+
+        def refill() -> None:
+            with torch.no_grad():
+                if self.pool is None:
+                    flat.normal_(generator=self._gen)
+                else:
+                    alpha = self._rng.uniform(0.25, 4.0) * self._rng.choice((-1.0, 1.0))
+                    torch.add(self.pool[0], self.pool[1], alpha=alpha, out=flat)
+
+        refill()
+        return params, refill
 
     def ceiling_passes(self) -> Tuple[Callable[[], object], Callable[[], object], int, int]:
         """The two bandwidth-ceiling passes over this workspace's own gradient buffers
@@ -125,6 +160,8 @@ class Workspace:
         t += self.grad_flat.numel() * self.grad_flat.element_size()
         if self.pool is not None:
             t += 2 * self.grad_flat.numel() * self.grad_flat.element_size()
+        for params, flat in self._other.values():
+            t += sum(p.numel() * p.element_size() for p in params) + flat.numel() * flat.element_size()
         return t
 
 

@@ -14,10 +14,10 @@
 #   pytest     tests/test_cuda.py, test_triton.py (TRITON_INTERPRET=0: the compiled kernels),
 #              test_triton_codegen.py, test_cuda_codegen.py (on the native build),
 #              test_tiger_rms_cache.py (Tiger's sums out on cuda and triton); junit xml
-#   bench      python -m bench on CUDA: flat 256M, GPT-2, Llama 1B; fp32 and bf16; ours on the cuda
-#              and triton backends, fused and foreach AdamW, the peers that are installed; then
-#              4096 tiny tensors (fp32, ours and AdamW: the launch-bound case); one process per
-#              parameter set (a set cut by its time keeps its finished sections), merged
+#   bench      python -m bench on CUDA: flat 256M, GPT-2, Llama 1B; fp32, bf16; ours on cuda and triton,
+#              fused/foreach AdamW, the installed peers, 8-bit momentum and clip rows (NOTE: [gpu bench
+#              rows]); then 4096 tiny tensors (fp32, ours, Lion+clip, AdamW: the launch-bound case); one
+#              process per parameter set (a set cut by its time keeps its finished sections), merged
 # build ‖ native run side by side, then pytest ‖ memcheck → racecheck, then the bench alone.
 #
 # OUTDIR gets at most 8 files: summary.txt (each stage's status and seconds, the machine),
@@ -246,17 +246,26 @@ weight=() extra=()
 if [[ $DRY == 1 ]]; then
   sets=(flat)
   common=(--device cpu --size 1M --steps 3 --warmup 1 --dtypes fp32 --backends cpu
-          --contenders lion --row-budget 2 --no-launches)
+          --contenders lion,lion+clip,lion-int8 --row-budget 2 --no-launches)
 else
   # NOTE: [gpu bench rows] cuda and triton, not --backends all: the reference backend's rows
   # (one tensor at a time in plain torch) say nothing the targets need and cost a 1B model's time.
   # tiny (4096 tensors of 768): the launch-bound case, whose host time the issue compares with
-  # fused AdamW's; fp32 and our rows only, the peers' per-tensor loops would take its share.
+  # fused AdamW's (and Lion+clip's with Lion's: <= 1.3x); fp32 and our rows only, the peers'
+  # per-tensor loops would take its share.
+  # The 8-bit momentum and clipping rows go where they fit and say the most, after the set's
+  # usual rows (a set cut by its time keeps its first sections, fp32 first): 8-bit momentum
+  # (fp32 section only; a backend without its kernels is a skipped row, no time) on flat (the
+  # bandwidth case: 14.06 and 10.06 B/elem against Lion's 20) and GPT-2 (every int8 row); the
+  # clipping rows on GPT-2 (Lion+clip, Tiger+clip, torch's clip + fused AdamW; fp32 and bf16):
+  # ~15 more GPT-2 rows of ~1.5 s, so GPT-2's weight is 3; Llama (the slowest) gets none.
   sets=(flat gpt2 llama tiny)
   common=(--device cuda --size 256M --llama-size 1B --dtypes fp32,bf16 --backends cuda,triton
           --contenders ours,adamw,peers --schedule sequential --row-budget 3)
-  weight=([0]=2 [1]=2 [2]=3 [3]=1)   # of the time left, by set: the 1B model's rows are the slowest
-  extra=([3]="--tiny-count 4096 --dtypes fp32 --contenders ours,adamw")
+  weight=([0]=2 [1]=3 [2]=3 [3]=1)   # of the time left, by set: the 1B model's rows are the slowest
+  extra=([0]="--contenders ours,adamw,peers,lion-int8,lion-bf16-ec-int8"
+         [1]="--contenders ours,adamw,peers,lion+clip,tiger+clip,clip+adamw,int8"
+         [3]="--tiny-count 4096 --dtypes fp32 --contenders ours,adamw,lion+clip")
 fi
 i=0
 for s in "${sets[@]}"; do

@@ -526,3 +526,156 @@ def test_our_clip_rows_leave_grads_alone():
     opt = c.make(ws.params, ds)
     opt.step()
     assert torch.equal(g, ws.grad_flat) and float(opt.grad_norm) > 1.0
+
+
+# ---- 8-bit momentum rows (NOTE: [int8 rows] in bench/contenders.py) --------------------------------
+
+ROW_SETTINGS = accounting.ROW_SETTINGS
+
+
+def test_int8_bytes_per_element():
+    """Lion, fp32 θ and g, int8 m: read θ 4, g 4, m 1 + 2/64; write θ 4, m 1 + 2/64 = 14.0625 B
+    per element of a matrix; bf16 θ and g with the correction byte: 2 + 1 + 2 (+ m) read,
+    2 + 1 (+ m) written = 10.0625; a 0/1-d tensor keeps an fp32 momentum."""
+    fp32, ec, sr = ROW_SETTINGS["fp32-int8"], ROW_SETTINGS["bf16-ec-int8"], ROW_SETTINGS["bf16-sr-int8"]
+    mat = [(768, 3072)]
+    n = 768 * 3072
+    assert accounting.momentum_bytes(n, 2, 3072, fp32) == n + 2 * 768 * 48
+    for ds, want in ((fp32, 14.0625), (ec, 10.0625), (sr, 8.0625)):
+        state = accounting.state_bytes_of_shapes("lion", mat, ds)
+        assert accounting.step_bytes_from_state([n], ds, state) == want * n
+    # ragged rows: a shorter last block still has its scale; 1-d: fp32 momentum (+ ρ for bf16)
+    assert accounting.state_bytes_of_shapes("lion", [(3, 65)], fp32) == 195 + 2 * 3 * 2
+    assert accounting.state_bytes_of_shapes("lion", [(5,)], fp32) == 20
+    assert accounting.state_bytes_of_shapes("lion", [(5,)], ec) == 20 + 5
+    assert accounting.state_bytes_of_shapes("lion", [(5,)], sr) == 20
+    # the plain layouts are unchanged
+    assert accounting.state_bytes_of_shapes("lion", [(4, 8), (8,)], DTYPE_SETTINGS["fp32"]) == 4 * 40
+    # Tiger: its own passes with m at 1 + 2/64 each way and ρ beside θ
+    t = accounting.tiger_tensor_bytes
+    assert t(n, "matrix", "cpu", fp32, row_len=3072) == 18.0625 * n  # 24 - 8 + 2.0625
+    assert t(n, "matrix", "cpu", fp32, row_len=3072, steady=False) == 22.0625 * n
+    assert t(n, "matrix", "cuda", ec, row_len=3072) == (2 + 2 + 2 + 2 + 2 + 2 + 2.0625) * n  # θ, ρ r/w, g x2, pre-pass θ
+    assert t(768, "elementwise", "cpu", fp32, row_len=768, ndim=1) == 24 * 768
+    assert t(n, "matrix", "cpu", ec, row_len=3072, update=False) == (2 + 2 + 2.0625) * n  # no θ, no ρ
+    assert accounting.tiger_step_bytes([(n, "matrix", 3072, 2)], "cpu", DTYPE_SETTINGS["fp32"]) == 24 * n
+
+
+def test_int8_rows_selection():
+    keys = lambda names: [c.key for c in contenders.select(CPU, names, "reference")]  # noqa: E731
+    every = ["lion-int8[reference]", "tiger-int8[reference]", "lion-bf16-ec-int8[reference]",
+             "tiger-bf16-ec-int8[reference]", "lion-bf16-sr-int8[reference]"]
+    assert keys("int8") == every + ["adamw-fused"]
+    assert keys("ec-int8") == [every[2], every[3], "adamw-fused"]
+    assert keys("lion-int8,lion-bf16-ec-int8") == [every[0], every[2], "adamw-fused"]
+    assert keys("tiger-int8[reference]") == [every[1], "adamw-fused"]
+    assert not [k for k in keys("ours,adamw,peers") if "int8" in k]  # not in the quick default
+    assert set(every) <= set(keys("all"))  # --full
+    for c in contenders.select(CPU, "int8", "reference")[:-1]:
+        assert c.group == "int8" and c.supports("fp32") and not c.supports("bf16") and c.setting is not None
+
+
+def test_int8_row_is_skipped_where_the_backend_has_no_kernels(monkeypatch):
+    import sign_kernels
+
+    c = contenders._int8("lion-int8", "reference")
+    if c.unavailable(CPU) is not None:
+        pytest.skip(c.unavailable(CPU))
+    monkeypatch.setattr(sign_kernels.Lion, "_compressed_backends", frozenset({"cpu"}))
+    assert "no 8-bit momentum" in c.unavailable(CPU)
+
+
+def test_workspace_for_setting_gives_own_params_and_fresh_grads():
+    ws = Workspace(TINY_SET, DTYPE_SETTINGS["fp32"], CPU, "mix", seed=4)
+    assert ws.for_setting(None)[0] is ws.params and ws.for_setting(ROW_SETTINGS["fp32-int8"])[0] is ws.params
+    params, refill = ws.for_setting(ROW_SETTINGS["bf16-ec-int8"])
+    again, _ = ws.for_setting(ROW_SETTINGS["bf16-sr-int8"])
+    assert [p is q for p, q in zip(params, again)] == [True] * 3  # one bf16 copy per dtype pair
+    for p, q in zip(params, ws.params):
+        assert p.dtype == p.grad.dtype == torch.bfloat16 and p.shape == q.shape and p.data_ptr() != q.data_ptr()
+        assert torch.equal(p.detach(), q.detach().to(torch.bfloat16))
+    before = [p.grad.clone() for p in params]
+    main = ws.grad_flat.clone()
+    refill()
+    assert all(not torch.equal(a, p.grad) and p.grad.abs().sum() > 0 for a, p in zip(before, params))
+    assert torch.equal(main, ws.grad_flat)  # the section's gradients are the section's refill's
+
+
+@pytest.mark.skipif(not _sign_kernels_reference_ok(), reason="sign_kernels reference backend not usable")
+@pytest.mark.parametrize("schedule", ["interleaved", "sequential"])
+def test_int8_rows_in_a_run(tmp_path, schedule):
+    rc = cli.main(["--param-sets", "tiny", "--tiny-count", "4", "--steps", "3", "--warmup", "1",
+                   "--contenders", "lion,tiger,int8", "--dtypes", "fp32,bf16", "--out", str(tmp_path),
+                   "--name", "q", "--no-plot", "--no-progress", "--device", "cpu", "--threads", "1",
+                   "--schedule", schedule])
+    assert rc == 0
+    data = json.loads((tmp_path / "q.json").read_text())
+    rows = {(r["dtype"], r["key"].split("[")[0]): r for r in data["rows"]}
+    assert not [k for k in rows if k[0] == "bf16" and "int8" in k[1]]  # int8 rows: the fp32 section only
+    # tiny: 4 tensors of 768, 1-d (fp32 momentum for int8; Tiger's element-wise role)
+    want = {"lion": 20, "lion-int8": 20, "lion-bf16-ec-int8": 2 + 1 + 2 + 4 + 2 + 1 + 4,
+            "lion-bf16-sr-int8": 2 + 2 + 4 + 2 + 4, "tiger": 24, "tiger-int8": 24,
+            "tiger-bf16-ec-int8": 2 + 1 + 2 + 2 + 4 + 2 + 1 + 4}
+    for key, b in want.items():
+        r = rows[("fp32", key)]
+        assert r["status"] == "ok", (key, r["status"])
+        assert r["bytes_per_step"] == b * r["n_elements"], key
+        assert r["state_bytes_model"] == r["state_bytes_held"], key
+    ec = rows[("fp32", "lion-bf16-ec-int8")]
+    assert ec["param_dtype"] == ec["grad_dtype"] == "bfloat16" and ec["error_correction"] and ec["setting"] == "bf16-ec-int8"
+    assert ec["state_bytes_per_param"] == 5  # fp32 momentum of 1-d tensors + ρ
+    assert rows[("fp32", "lion-int8")]["param_dtype"] == "float32"
+    ratios = ec["int8_ratios"]
+    backend = ec["backend"]
+    assert set(ratios) == {f"lion[{backend}]", f"lion-int8[{backend}]"}
+    lion = rows[("fp32", "lion")]
+    if schedule == "interleaved":
+        assert ratios[f"lion[{backend}]"] == pytest.approx(statistics.median(a / b for a, b in zip(ec["ms"], lion["ms"])))
+    else:
+        assert ratios[f"lion[{backend}]"] == pytest.approx(ec["ms_median"] / lion["ms_median"])
+    assert set(rows[("fp32", "tiger-bf16-ec-int8")]["int8_ratios"]) == {
+        f"lion[{backend}]", f"tiger[{backend}]", f"tiger-int8[{backend}]"}
+    assert "Lion bf16+ec+int8 time / Lion" in report.table(data)
+
+
+@pytest.mark.skipif(not _sign_kernels_reference_ok(), reason="sign_kernels reference backend not usable")
+@pytest.mark.parametrize("name", list(contenders.INT8_NAMES))
+def test_int8_state_model_matches_held_state_by_shape(name):
+    """Matrices (blocks of 64 per row, a ragged last block), a 1-d tensor: the model by shape is
+    what the optimizer holds (codes, scales, fp32 momentum of 1-d tensors, residuals)."""
+    pset = paramsets.ParamSet("m", (("h.0.attn.c_attn.weight", (3, 130)), ("h.0.ln_1.weight", (7,)),
+                                    ("wte.weight", (5, 64))))
+    c = contenders._int8(name, "reference")
+    ws = Workspace(pset, DTYPE_SETTINGS["fp32"], CPU, "mix", seed=5)
+    params, refill = ws.for_setting(c.setting)
+    opt = c.make(params, c.setting)
+    opt.step()
+    assert accounting.measured_state_bytes(opt) == accounting.state_bytes_of_shapes(
+        c.algo, [s for _, s in pset.tensors], c.setting)
+
+
+# ---- bench.memory: the whole training memory per parameter ------------------------------------------
+
+
+@pytest.mark.skipif(not _sign_kernels_reference_ok(), reason="sign_kernels reference backend not usable")
+def test_memory_rows_per_param(tmp_path, capsys):
+    from bench import memory
+
+    out = tmp_path / "m.json"
+    assert memory.main(["--modes", "adamw,lion,lion-bwd,lion-4byte-bwd", "--n-layer", "1", "--n-head", "2",
+                        "--d-model", "64", "--vocab-size", "128", "--seq", "8", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "bytes per parameter" in text and "lion-4byte-bwd (bfloat16)" in text
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"adamw", "lion", "lion-bwd", "lion-4byte-bwd"}
+    four, lion, adamw = rows["lion-4byte-bwd"]["per_param"], rows["lion"]["per_param"], rows["adamw"]["per_param"]
+    assert rows["lion-4byte-bwd"]["weight_dtype"] == "bfloat16" and rows["lion"]["weight_dtype"] == "float32"
+    assert four["weights"] == 2 and four["residual"] == 1 and lion["weights"] == adamw["weights"] == 4
+    assert lion["residual"] == adamw["residual"] == 0
+    # int8 momentum: 1 B + a bf16 scale per 64 of a row (+ fp32 for 0/1-d tensors, step counters)
+    assert 1.03 < four["optimizer_state"] < 1.5 and 4 <= lion["optimizer_state"] < 4.1
+    assert 8 <= adamw["optimizer_state"] < 8.1
+    for pp in (four, lion, adamw):
+        assert pp["total"] == pytest.approx(pp["weights"] + pp["residual"] + pp["optimizer_state"] + pp["peak_above"])
+        assert pp["peak_above"] > 0
+    assert four["total"] < lion["total"] < adamw["total"]

@@ -93,5 +93,33 @@ def test_dry_run_exercises_every_stage(tmp_path):
 
     result = json.loads((out / "bench.json").read_text())
     timed = {r["key"]: r for r in result["rows"] if r["status"] == "ok" and r["ms_median"] is not None}
-    assert {"lion[cpu]", "adamw-fused"} <= set(timed), [(r["key"], r["status"]) for r in result["rows"]]
+    want = {"lion[cpu]", "adamw-fused", "lion+clip[cpu]", "lion-int8[cpu]"}  # + a clip and an int8 row
+    assert want <= set(timed), [(r["key"], r["status"]) for r in result["rows"]]
+    assert timed["lion+clip[cpu]"]["clip_ratios"] and timed["lion-int8[cpu]"]["int8_ratios"]
     assert [m["file"].rsplit("/", 1)[-1] for m in result["merged_from"]] == ["flat.json"]
+
+
+def test_gpu_bench_sets_name_known_contenders():
+    """The GPU-only bench lines (NOTE: [gpu bench rows]) run nowhere else: every --contenders list
+    there must select (a typo would cost the one GPU call its set), the tiny line has Lion+clip
+    (its host-time acceptance: <= 1.3x Lion) and the sets have the 8-bit momentum rows."""
+    import re
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from bench import contenders
+
+    text = SCRIPT.read_text()
+    gpu = text[text.index("sets=(flat gpt2 llama tiny)"):text.index('i=0\nfor s in "${sets[@]}"')]
+    lists = re.findall(r"--contenders ([^\s\"]+)", gpu)
+    assert len(lists) >= 4, lists
+    picked = {}
+    for names in lists:
+        picked[names] = {c.key for c in contenders.select(torch.device("cpu"), names, "cuda,triton")}
+    extra = dict(re.findall(r'\[(\d)\]="([^"]*)"', gpu[gpu.index("extra=("):]))
+    tiny = re.search(r"--contenders (\S+)", extra["3"]).group(1)
+    assert {"lion[cuda]", "lion+clip[cuda]", "lion+clip[triton]", "adamw-fused"} <= picked[tiny]
+    every = set().union(*picked.values())
+    assert {"lion-int8[cuda]", "lion-bf16-ec-int8[cuda]", "tiger-int8[cuda]", "tiger-bf16-ec-int8[cuda]",
+            "lion+clip[cuda]", "clip+adamw-fused"} <= every
