@@ -18,7 +18,7 @@ import torch
 from . import _rng
 
 QBLOCK = 64  # elements per scale: 64 x int8 + 2 bytes of bf16 scale = 1.03 bytes per element
-LAYOUT = "rowblock64-bf16scale-sqrt-sr-v1"  # saved with int8 checkpoints; another layout is refused
+LAYOUT = "rowblock64-bf16scale-sqrt-sr-v2"  # saved with int8 checkpoints; another layout is refused
 
 _MASK = 0xFFFFFFFF
 
@@ -39,9 +39,13 @@ def bf16_up(a: torch.Tensor) -> torch.Tensor:
     return torch.where(r >= 0x8000, r - 0x10000, r).to(torch.int16).view(torch.bfloat16)
 
 
+# K = fp32(1 / 127^2), by its bits (NOTE: [int8 momentum]: no division per element).
+_K = torch.tensor([0x38820610], dtype=torch.int32).view(torch.float32)[0].item()
+
+
 def level(scale: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """|value| of code magnitudes ``c`` (fp32) under fp32 scales (q8_level): s * ((c*c) / 16129)."""
-    return scale * ((c * c) / torch.tensor(16129.0, dtype=torch.float32, device=c.device))
+    """|value| of code magnitudes ``c`` (fp32) under fp32 scales (q8_level): s * ((c*c) * K)."""
+    return scale * ((c * c) * torch.tensor(_K, dtype=torch.float32, device=c.device))
 
 
 def _expand(per_block: torch.Tensor, cols: int) -> torch.Tensor:
@@ -75,15 +79,16 @@ def quantize(m: torch.Tensor, key: int) -> Tuple[torch.Tensor, torch.Tensor]:
         a_ = torch.nn.functional.pad(a_, (0, pad))
     scale = bf16_up(a_.reshape(n, nb, QBLOCK).amax(dim=-1))
     s = _expand(scale.to(torch.float32), cols)
-    r = a / s
-    valid = (r >= 0.0) & (r <= 1.0)
+    inv = _expand(torch.tensor(1.0, dtype=torch.float32, device=m.device) / scale.to(torch.float32), cols)
+    r = a * inv
+    valid = (r >= 0.0) & (r < 2.0)
+    r = torch.where(valid, r, torch.zeros((), dtype=r.dtype, device=r.device))
     lo = torch.clamp(torch.floor(torch.tensor(127.0, dtype=torch.float32, device=m.device) * torch.sqrt(r)), max=126.0)
     vlo = level(s, lo)
-    p = (a - vlo) / (level(s, lo + 1.0) - vlo)
     u = (_value_bits(key, rows) >> 8).to(torch.float32) * (2.0 ** -24)
-    c = lo + (u < p).to(torch.float32)
-    c = torch.where(valid, c, torch.zeros((), dtype=c.dtype, device=c.device))
+    c = lo + (u * (level(s, lo + 1.0) - vlo) < a - vlo).to(torch.float32)
     c = torch.where(rows < 0, -c, c)
+    c = torch.where(valid, c, torch.zeros((), dtype=c.dtype, device=c.device))
     return c.to(torch.int8).reshape(m.shape), scale.reshape(scale_shape(m.shape))
 
 

@@ -266,20 +266,22 @@ SK_HD void simba_update(float& p, int16_t& cnt, float g, const SimbaScalars& s) 
 // Shard(0) keeps blocks whole, and a split of the last dim at a multiple of kQBlock too.
 // Codes are companded (a square law: small momenta keep relative precision, 4 decades below
 // the block's largest with a nonzero code):
-//   value(c) = sign(c) * (s * (fp32(c*c) / 16129))        s = fp32(scale); 16129 = 127^2
+//   value(c) = sign(c) * (s * ((c*c) * K))      s = fp32(scale), K = fp32(1/127^2) = 0x38820610
+// (each product rounded to fp32, in that order; no division, so a vector unit does it at speed).
 // The new momentum of a block is computed for all its elements first (in fp32, as for an
 // fp32 momentum), then:
 //   absmax = max |m| over the block (NaN ignored);  scale = bf16 of absmax rounded up
-//   r  = |m| / s;  y = 127 * sqrt(r);  lo = clamp(floor(y), 0, 126)
-//   p  = (|m| - value(lo)) / (value(lo + 1) - value(lo))       (the position between the two codes)
-//   |c| = lo + (u < p), sign(c) = sign(m);  c = 0 where r is not in [0, 1] (s = 0: an all-zero
-//        block; an infinity in the block zeroes it; NaN m -> 0)
-// Rounding up with probability p makes the stored value unbiased (E = m): a momentum moving
-// by far less than a code step per step is kept on average, where round-to-nearest would
-// freeze it. u in [0, 1) are the 24 high bits of a function of the value, not of the index:
+//   inv = 1 / s (once per block);  r = |m| * inv;  lo = min(floor(127 * sqrt(r)), 126)
+//   vlo = value(lo), vhi = value(lo + 1);  |c| = lo + (u * (vhi - vlo) < |m| - vlo)
+//   sign(c) = sign(m);  c = 0 where r is not in [0, 2) (s = 0: an all-zero block; an infinity
+//   in the block zeroes it; NaN m -> 0)
+// Rounding up with probability (|m| - vlo) / (vhi - vlo) (the test is written without the
+// division) makes the stored value unbiased (E = m, to fp32 rounding): a momentum moving by far
+// less than a level per step is kept on average, where round-to-nearest would freeze it.
+// u in [0, 1) are the 24 high bits of a function of the value, not of the index:
 //   u = (sr_bits(sr_key(seed, step, STREAM_STATE), f32_bits(m)) >> 8) * 2^-24
-// so a sharded tensor rounds exactly as the whole one. sqrt, the divisions and products are
-// IEEE-rounded operations, the same bits on every backend.
+// so a sharded tensor rounds exactly as the whole one. sqrt, the products and the one division
+// per block are IEEE-rounded operations: the same bits on every backend.
 constexpr int64_t kQBlock = 64;
 
 // bf16 bits of a >= 0 (not NaN) rounded toward +inf; +inf stays +inf.
@@ -288,7 +290,7 @@ SK_HD uint16_t bf16_bits_up(float a) { return static_cast<uint16_t>((f32_bits(a)
 SK_HD float q8_scale(uint16_t scale_bits) { return bits_f32(static_cast<uint32_t>(scale_bits) << 16); }
 
 // |value| of code magnitude c (0..127) under block scale s.
-SK_HD float q8_level(float s, float c) { return s * ((c * c) / 16129.0f); }
+SK_HD float q8_level(float s, float c) { return s * ((c * c) * bits_f32(0x38820610u)); }
 
 SK_HD float q8_dequant(int8_t code, float s) {
   const float c = static_cast<float>(code);
@@ -296,17 +298,21 @@ SK_HD float q8_dequant(int8_t code, float s) {
   return c < 0.0f ? -v : v;
 }
 
-SK_HD int8_t q8_code(float m, float s, uint32_t key) {
+// sr_bits of a 32-bit index (the high half is 0): what q8_code hashes, in 32-bit lanes.
+SK_HD uint32_t sr_bits32(uint32_t key, uint32_t idx) { return mix32(key ^ mix32(idx)); }
+
+// The code of m under block scale s, whose reciprocal inv = 1 / s the caller computed once.
+SK_HD int8_t q8_code(float m, float s, float inv, uint32_t key) {
   const float a = m < 0.0f ? -m : m;
-  const float r = a / s;
-  if (!(r >= 0.0f && r <= 1.0f)) return 0;  // s = 0, s = inf, m NaN
-  float lo = floorf(127.0f * sqrtf(r));
+  const float r = a * inv;
+  const bool ok = r >= 0.0f && r < 2.0f;  // false for s = 0 (0 * inf), s = inf with a = inf, NaN
+  float lo = floorf(127.0f * sqrtf(ok ? r : 0.0f));
   lo = lo > 126.0f ? 126.0f : lo;
   const float vlo = q8_level(s, lo);
-  const float p = (a - vlo) / (q8_level(s, lo + 1.0f) - vlo);
-  const float u = static_cast<float>(sr_bits(key, static_cast<int64_t>(f32_bits(m))) >> 8) * 5.9604644775390625e-8f;  // 2^-24
-  const float c = lo + (u < p ? 1.0f : 0.0f);
-  return static_cast<int8_t>(m < 0.0f ? -c : c);
+  const float u = static_cast<float>(sr_bits32(key, f32_bits(m)) >> 8) * 5.9604644775390625e-8f;  // 2^-24
+  const float c = lo + (u * (q8_level(s, lo + 1.0f) - vlo) < a - vlo ? 1.0f : 0.0f);
+  const float signed_c = m < 0.0f ? -c : c;
+  return static_cast<int8_t>(ok ? signed_c : 0.0f);
 }
 
 // ------------------------------------------------------------- the correction byte

@@ -200,8 +200,9 @@ __device__ __forceinline__ void requantize(Pack8& mk, const float (&mn)[kILP], c
   amax = segment_max(amax);
   const uint16_t sb = bf16_bits_up(amax);
   const float s_new = q8_scale(sb);
+  const float inv = 1.0f / s_new;  // once per block (NOTE: [int8 momentum])
 #pragma unroll
-  for (int j = 0; j < kILP; ++j) mk.v[j] = q8_code(mn[j], s_new, key);
+  for (int j = 0; j < kILP; ++j) mk.v[j] = q8_code(mn[j], s_new, inv, key);
   if (seg.n > 0 && threadIdx.x % kSegThreads == 0) scale[seg.index] = sb;
 }
 
