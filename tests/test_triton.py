@@ -848,3 +848,275 @@ def test_tiger_nan_flags_are_ored_not_summed():
         K.tiger_finish_kernel[(1,)](plan.tensors, row_nan, row_sumsq, blk, 1, t_nan, t_rms, row_rms,
                                     t_sumsq, row_sumsq, **L.finish_config())
         assert int(t_nan[0]) == want, counts
+
+
+# ---------------------------------------------------------------- 8-bit momentum and the correction byte
+# NOTE: [int8 momentum] and NOTE: [correction byte] in csrc/core/sign_math.h; the ops' arguments:
+# NOTE: [8-bit momentum and the correction byte] in sign_kernels/_ops.py. Every case is compared
+# with the reference bit for bit: θ, the codes, the bf16 block scales and the correction bytes.
+# Shapes: ragged last blocks, whole blocks, rows of 1, 3-d, several tiles of QROWS blocks on the
+# any-row-length path (40 x 130) and on the whole-block path with a partial last tile (70 x 64).
+Q8_SHAPES = [(5, 130), (9, 64), (3, 1), (2, 3, 70), (40, 130), (70, 64)]
+Q8_ROLES = [3, 2, 2, 3, 1, 0]  # Tiger: matrix and embedding (rows of 1 too), gain, element-wise
+
+
+def q8_case(shapes, pdt, q8, ec, mdt=F32, seed=0):
+    """(params, momenta, scales or None, residuals or None) on DEVICE. Int8 momenta start from a
+    quantized momentum over 8 decades; the first block of each first row is all zero (scale 0)."""
+    from sign_kernels import _quant
+
+    gen = torch.Generator().manual_seed(seed)
+    ps, ms, scs, rs = [], [], [], []
+    for s in shapes:
+        ps.append((torch.randn(s, generator=gen) * 4).to(pdt).to(DEVICE))
+        m = torch.randn(s, generator=gen) * torch.pow(10.0, -8 * torch.rand(s, generator=gen))
+        if q8:
+            codes, sc = _quant.quantize(m, 77)
+            codes.view(-1, s[-1])[0, :64] = 0
+            sc.view(-1, sc.shape[-1])[0, 0] = 0.0
+            ms.append(codes.to(DEVICE))
+            scs.append(sc.to(DEVICE))
+        else:
+            ms.append(m.to(mdt).to(DEVICE))
+        rs.append(torch.randint(-127, 128, s, generator=gen, dtype=torch.int8).to(DEVICE))
+    return ps, ms, (scs if q8 else None), (rs if ec else None)
+
+
+def q8_grads(shapes, gdt, gen, t, nonfinite=None):
+    """Gradients over 40 binades; t = 0: the all-zero first blocks stay zero; t = 2: one huge
+    outlier in a block; t = 3: ``nonfinite`` in the first, fourth and fifth tensors (Tiger: two
+    matrices, one of 3 dims, and a gain)."""
+    out = []
+    for i, s in enumerate(shapes):
+        g = torch.randn(s, generator=gen) * torch.pow(2.0, torch.randint(-20, 20, s, generator=gen).float())
+        rows = g.view(-1, s[-1])
+        if t == 0:
+            rows[0, :64] = 0.0
+        if t == 2 and g.numel() > 3:
+            g.view(-1)[3] = 3e30
+        if t == 3 and nonfinite is not None and i in (0, 3, 4):
+            g.view(-1)[5 if i == 0 else -1] = nonfinite
+        out.append(g.to(gdt).to(DEVICE))
+    return out
+
+
+def q8_call(backend, algo, ps, gs, ms, scs, rs, steps, *, roles=Q8_ROLES, lr=1e-2, lr_t=None, k=1, scale=None,
+            found=None, sr=False, clip=None, **tiger_kw):
+    seeds = [_rng.tensor_seed(99, i) for i in range(len(ps))]
+    kw = dict(exp_avg_scales=scs, residuals=rs)
+    if clip is not None:
+        kw["clip"] = clip
+    if algo == "lion":
+        backend.lion_(ps, gs, ms, steps, lr, lr_t, 0.9, 0.99, 0.1, scale, found, seeds, sr, **kw)
+    else:
+        backend.tiger_(ps, gs, ms, steps, roles[: len(ps)], lr, lr_t, 0.9, 0.01, k, 0.99, scale, found, seeds, sr,
+                       **tiger_kw, **kw)
+
+
+def clone_at_offset(ts):
+    """Copies at the same storage offsets (a misaligned buffer stays misaligned)."""
+    out = []
+    for t in ts:
+        base = torch.empty(t.numel() + t.storage_offset(), dtype=t.dtype, device=t.device)
+        out.append(base[t.storage_offset():].view(t.shape).copy_(t))
+    return out
+
+
+def q8_run_both(algo, case, gdt, n_steps=4, nonfinite=None, shapes=Q8_SHAPES, seed=0, **kw):
+    """n_steps calls of both backends on copies of ``case``; everything compared after each."""
+    a = [None if x is None else clone_at_offset(x) for x in case]
+    b = [None if x is None else clone(x) for x in case]
+    gen = torch.Generator().manual_seed(seed + 1)
+    steps = steps_of(shapes, 0)
+    for t in range(n_steps):
+        gs = q8_grads(shapes, gdt, gen, t, nonfinite)
+        q8_call(skt, algo, a[0], gs, *a[1:], steps, **kw)
+        q8_call(ref, algo, b[0], gs, *b[1:], steps, **kw)
+        torch._foreach_add_(steps, 1)
+        for what, x, y in zip(("params", "momenta", "scales", "residuals"), a, b):
+            if x is not None:
+                assert_bitwise(x, y, f"{algo} {what} t={t}")
+    return a
+
+
+# (param, grad, int8 momentum, correction byte, float momentum dtype, SR)
+Q8_COMBOS = [
+    (F32, F32, True, False, None, False), (BF16, BF16, True, False, None, False),
+    (BF16, F32, True, False, None, True), (BF16, BF16, True, False, None, True),
+    (F16, F16, True, False, None, False), (F16, F32, True, False, None, False),
+    (BF16, BF16, True, True, None, False), (F16, F16, True, True, None, False), (BF16, F32, True, True, None, False),
+    (BF16, BF16, False, True, F32, False), (BF16, F32, False, True, BF16, False),
+    (F16, F16, False, True, F16, False), (F16, F32, False, True, F32, False),
+]
+
+
+def _q8_id(c):
+    p, g, q8, ec, mdt, sr = c
+    m = "int8" if q8 else str(mdt).replace("torch.", "")
+    return f"p{p}-g{g}-m{m}-ec{int(ec)}-sr{int(sr)}".replace("torch.", "")
+
+
+@pytest.mark.parametrize("algo", ["lion", "tiger"])
+@pytest.mark.parametrize("combo", Q8_COMBOS, ids=_q8_id)
+def test_compressed_bitwise(algo, combo):
+    pdt, gdt, q8, ec, mdt, sr = combo
+    case = q8_case(Q8_SHAPES, pdt, q8, ec, mdt or F32, seed=31)
+    # Tiger, k = 2: micro-step, update, micro-step, update (the outlier at t = 2 in a micro-step)
+    q8_run_both(algo, case, gdt, sr=sr, k=2)
+
+
+@pytest.mark.parametrize("algo", ["lion", "tiger"])
+@pytest.mark.parametrize("hard", ["nan", "inf", "-inf", "scale_clip", "lr_t_found0", "k3"])
+def test_compressed_hard_cases_bitwise(algo, hard):
+    """NaN / ±Inf gradients (an infinity zeroes its block and the next step reads NaN from it;
+    Tiger's NaN guard shrinks θ, gain role towards 1, and leaves the codes and scales alone),
+    grad_scale with clip, lr_t with found_inf = 0 read on the device, accumulation over 3."""
+    kw = dict(nan=dict(nonfinite=float("nan")), inf=dict(nonfinite=float("inf")),
+              **{"-inf": dict(nonfinite=float("-inf"))},
+              scale_clip=dict(scale=torch.tensor(-3.0, device=DEVICE), clip=torch.tensor(0.3, device=DEVICE)),
+              lr_t_found0=dict(lr_t=torch.tensor(3e-3, device=DEVICE), found=torch.tensor(0.0, device=DEVICE)),
+              k3=dict(k=3))[hard]
+    if algo == "lion" and hard == "k3":
+        pytest.skip("Lion has no accumulation")
+    for pdt, gdt, q8, ec in ((F32, F32, True, False), (BF16, BF16, True, True), (F16, F32, False, True)):
+        case = q8_case(Q8_SHAPES, pdt, q8, ec, seed=32)
+        q8_run_both(algo, case, gdt, n_steps=5, **kw)
+
+
+def test_compressed_found_inf_changes_nothing():
+    for algo in ("lion", "tiger"):
+        ps, ms, scs, rs = q8_case(Q8_SHAPES, BF16, True, True, seed=33)
+        before = [clone(x) for x in (ps, ms, scs, rs)]
+        gs = q8_grads(Q8_SHAPES, BF16, torch.Generator().manual_seed(0), 1)
+        q8_call(skt, algo, ps, gs, ms, scs, rs, steps_of(Q8_SHAPES, 1), found=torch.tensor(1.0, device=DEVICE))
+        for x, y in zip((ps, ms, scs, rs), before):
+            assert_bitwise(x, y, f"{algo} skipped")
+
+
+def test_compressed_misaligned_buffers_bitwise():
+    """Every buffer one element past an aligned address: the unaligned launches (no hints, the
+    any-row-length path even for whole blocks), next to aligned tensors in the same call."""
+    shapes = [(9, 64), (5, 130), (70, 64)]
+
+    def off(x):
+        base = torch.empty(x.numel() + 1, dtype=x.dtype, device=DEVICE)
+        v = base[1:].view(x.shape)
+        v.copy_(x)
+        return v
+
+    for algo in ("lion", "tiger"):
+        ps, ms, scs, rs = q8_case(shapes, BF16, True, True, seed=34)
+        ps[0], ms[0], rs[0] = off(ps[0]), off(ms[0]), off(rs[0])
+        ps[2] = off(ps[2])
+        L.clear_cache()
+        q8_run_both(algo, (ps, ms, scs, rs), BF16, n_steps=2, shapes=shapes, roles=[3, 2, 3])
+        plan = next(reversed(L._plans.values()))
+        assert 0 < plan.n_qtasks_al < plan.n_qtasks and not plan.aligned
+
+
+def _q8_tiger_sums(ps, gs, ms, scs, rs, roles, step, k=1, found=None, **kw):
+    at, size = [], 0
+    for p, r in zip(ps, roles):
+        at.append(size if r >= 2 else -1)
+        size += p.numel() // p.shape[-1] if r == 2 else 1
+    out = torch.full((size,), -7.0, dtype=torch.float64, device=DEVICE)
+    q8_call(skt, "tiger", ps, gs, ms, scs, rs, steps_of(ps, step), roles=roles, k=k, found=found,
+            sumsq_out=out, sumsq_out_at=at, **kw)
+    return out, at
+
+
+@pytest.mark.parametrize("pdt,q8,ec", [(F32, True, False), (BF16, True, True), (F16, True, True), (BF16, False, True),
+                                      (F16, False, True)])
+def test_compressed_tiger_sums_out_and_given_stats(pdt, q8, ec):
+    """Tiger with int8 momentum and/or the correction byte (NOTE: [Tiger sums of squares out]): the
+    sums out (of θ16) of an update (and of the NaN guard) equal, bit for bit, the sums a skipped
+    step and an accumulation micro-step read from θ (no write) and the next call's own pre-pass
+    (given them as stats, its θ is the same bits); they are the fp64 sums of θ16 up to rounding.
+    With given statistics (sums and a NaN flag) Triton and the reference agree bit for bit."""
+    shapes = [(5, 130), (33, 70), (2, 2049), (3, 1), (4, 64)]
+    roles = [3, 2, 2, 2, 3]
+    ps, ms, scs, rs = q8_case(shapes, pdt, q8, ec, seed=35)
+    gen = torch.Generator().manual_seed(36)
+    gs = q8_grads(shapes, pdt, gen, 1)
+    gs[4].view(-1)[7] = float("nan")  # the NaN guard on one matrix
+    written, at = _q8_tiger_sums(ps, gs, ms, scs, rs, roles, step=0)
+    gs[4].view(-1)[7] = 0.0
+    state = [clone(x) if x is not None else None for x in (ps, ms, scs, rs)]
+    skipped, _ = _q8_tiger_sums(ps, gs, ms, scs, rs, roles, step=1, found=torch.tensor(1.0, device=DEVICE))
+    for x, y in zip((ps, ms, scs, rs), state):
+        if x is not None:
+            assert_bitwise(x, y, "skipped step")
+    assert bits(skipped.cpu()).tolist() == bits(written.cpu()).tolist()
+    micro, _ = _q8_tiger_sums(ps, gs, ms, scs, rs, roles, step=0, k=2)  # θ not written
+    assert_bitwise(ps, state[0], "micro-step θ")
+    assert bits(micro.cpu()).tolist() == bits(written.cpu()).tolist()
+    want = torch.cat([(p.double() ** 2).reshape(-1, p.shape[-1]).sum(1) if r == 2 else (p.double() ** 2).sum().reshape(1)
+                      for p, r in zip(ps, roles)]).cpu()
+    torch.testing.assert_close(written.cpu(), want, rtol=1e-12, atol=0)
+    # the next call given those sums: θ as its own pre-pass gives it
+    n = [p.numel() if r == 3 else p.shape[-1] for p, r in zip(ps, roles)]
+    stats = dict(stats=written, stats_nan=[-1] * len(ps), stats_sumsq=at, stats_n=n)
+    gs = q8_grads(shapes, pdt, gen, 2)
+    own = [None if x is None else clone(x) for x in (ps, ms, scs, rs)]
+    q8_call(skt, "tiger", own[0], gs, *own[1:], steps_of(ps, 1), roles=roles)
+    given = [None if x is None else clone(x) for x in (ps, ms, scs, rs)]
+    q8_call(skt, "tiger", given[0], gs, *given[1:], steps_of(ps, 1), roles=roles, **stats)
+    for x, y in zip(given, own):
+        if x is not None:
+            assert_bitwise(x, y, "given sums vs own pre-pass")
+    # given statistics, Triton and the reference: bit for bit (a given NaN count fires the guard)
+    st = torch.cat([written, torch.tensor([0.0, 3.0], dtype=torch.float64, device=DEVICE)])
+    nan_at = [len(written), len(written) + 1, -1, len(written), -1]
+    kw = dict(stats=st, stats_nan=nan_at, stats_sumsq=at, stats_n=n)
+    tri = [None if x is None else clone(x) for x in (ps, ms, scs, rs)]
+    rf = [None if x is None else clone(x) for x in (ps, ms, scs, rs)]
+    q8_call(skt, "tiger", tri[0], gs, *tri[1:], steps_of(ps, 1), roles=roles, **kw)
+    q8_call(ref, "tiger", rf[0], gs, *rf[1:], steps_of(ps, 1), roles=roles, **kw)
+    for x, y in zip(tri, rf):
+        if x is not None:
+            assert_bitwise(x, y, "given stats vs reference")
+    assert torch.equal(tri[1][1], ms[1]) and not torch.equal(tri[1][0], ms[0]), "the given NaN guard"
+
+
+def test_compressed_rejects():
+    ps, ms, scs, rs = q8_case([(4, 70)], BF16, True, True, seed=37)
+    gs = [torch.zeros_like(ps[0])]
+    steps = steps_of(ps, 0)
+    with pytest.raises(ValueError, match="together"):
+        q8_call(skt, "lion", ps, gs, ms, None, None, steps)
+    with pytest.raises(ValueError, match="scales of shape"):
+        q8_call(skt, "lion", ps, gs, ms, [scs[0][:, :1]], None, steps)
+    with pytest.raises(ValueError, match="exclusive"):
+        q8_call(skt, "lion", ps, gs, ms, scs, rs, steps, sr=True)
+    with pytest.raises(ValueError, match="correction byte needs"):
+        q8_call(skt, "lion", [ps[0].float()], [gs[0].float()], ms, scs, rs, steps)
+    with pytest.raises(ValueError, match=">= 2 dims"):
+        q8_call(skt, "lion", [ps[0][0]], [gs[0][0]], [ms[0][0]], [scs[0][0]], None, steps)
+
+
+@triton.jit
+def _ec_kernel(x_ptr, b_ptr, r_ptr, n, P_DT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    K._st_p(b_ptr.to(tl.pointer_type(tl.uint16), bitcast=True), r_ptr, offs, x, offs < n, 0, 0, 0,
+            P_DT, False, True)
+
+
+def test_correction_byte_encoding_every_binade():
+    """θ16 and ρ of fp32 values over every binade, subnormals, ties of the rounding, ±0, ±Inf,
+    NaN and values that overflow fp16: the reference's bits (_quant.ec_encode)."""
+    from sign_kernels import _quant
+
+    gen = torch.Generator().manual_seed(38)
+    x = hard_values(4096, gen)
+    ties = torch.tensor([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, 2.0 ** -133, 1.0 + 2.0 ** -11 + 2.0 ** -19,
+                         1.0 + 2.0 ** -11 + 2.0 ** -20, 65519.0, 65520.0, 70000.0, 6e-8, 3e-8])
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.4e38, -1e-45])
+    x = torch.cat([x, ties, -ties, special])
+    for dt, code in ((BF16, 1), (F16, 2)):
+        xd = x.to(DEVICE)
+        b = torch.empty(x.numel(), dtype=dt, device=DEVICE)
+        r = torch.empty(x.numel(), dtype=torch.int8, device=DEVICE)
+        _ec_kernel[(1,)](xd, b.view(torch.int16), r, x.numel(), P_DT=code, BLOCK=8192)
+        v, rho = _quant.ec_encode(x, dt)
+        assert_bitwise([b, r], [v.to(DEVICE), rho.to(DEVICE)], f"ec_encode {dt}")

@@ -16,7 +16,13 @@ params with stochastic rounding up to 80: the extra layout conversion and the ro
 Tiger's update is bounded at 80 (12.8 needs 78-93 unbounded, 13.4 62-85), with its sums out
 (``sumsq=1``: the fp64 squares and their pairwise tree) at 112 (12.8 spills at 80 and 96);
 without the alignment hints (the blocks of a misaligned tensor) the loads are scalar and take
-up to 112.
+up to 112. The int8 momentum update (``sign_q8_kernel``: the update, the blocks' absmax and the
+stochastic rounding onto the square-law codes; 4 elements per thread) is bounded at 88 (ptxas
+13.4 takes 64-91 unbounded; at 80 two of them spill); NOTE: [triton maxnreg] in
+sign_kernels/triton/_launch.py. The update with the correction
+byte (``ec=1``: θ16 + ρ decoded, RNE and ρ encoded) runs 16 warps, 4 elements per thread (at 8
+per thread Lion took 69-77 and Tiger's unaligned sums out spilled at 112): Lion 35-56, Tiger
+46-64, its unaligned sums out 64-80 (ptxas 13.4), within the budgets above.
 """
 
 import json
@@ -34,6 +40,7 @@ BUDGET_ALIGNED = 64
 BUDGET_ALIGNED_WIDE = 80      # Tiger's update, fp16 params with SR
 BUDGET_SUMS_OUT = 112         # Tiger's update with its sums out
 BUDGET_UNALIGNED = 112
+BUDGET_Q8 = 88                # int8 momentum (sign_q8_kernel)
 
 
 def _nvidia_tools_reason():
@@ -81,6 +88,8 @@ def _budget(k):
     if not k["aligned"]:
         return BUDGET_UNALIGNED
     name = k["name"]
+    if k["kernel"] == "sign_q8_kernel":
+        return BUDGET_Q8
     if "sumsq=1" in name:  # Tiger's sums out (NOTE: [Triton sums of squares])
         return BUDGET_SUMS_OUT
     wide = "tiger_" in name or ("p=float16" in name and "sr=1" in name)
@@ -90,10 +99,14 @@ def _budget(k):
 def test_every_specialisation_compiled(kernels):
     names = {k["kernel"] for k in kernels}
     assert names == {"sign_step_kernel", "tiger_rows_kernel", "tiger_sumsq_kernel", "tiger_finish_kernel",
-                     "tiger_sumsq_out_kernel", "sumsq_blocks_kernel", "sumsq_total_kernel"}
+                     "tiger_sumsq_out_kernel", "sumsq_blocks_kernel", "sumsq_total_kernel", "sign_q8_kernel",
+                     "tiger_sums_after_kernel"}
     # 3 algorithms x their dtype combinations x SR x alignment x optional inputs (x Tiger's sums out)
     assert sum(k["kernel"] == "sign_step_kernel" for k in kernels) >= 135
     assert any("sumsq=1" in k["name"] for k in kernels)
+    # the correction byte and int8 momentum (NOTE: [8-bit momentum and the correction byte])
+    assert any(k["kernel"] == "sign_step_kernel" and "ec=1" in k["name"] for k in kernels)
+    assert sum(k["kernel"] == "sign_q8_kernel" for k in kernels) >= 66
 
 
 def test_no_spills(kernels):
@@ -116,3 +129,4 @@ def test_aligned_path_uses_16_byte_accesses(kernels):
     assert any(k["aligned"] and k["kernel"] == "tiger_rows_kernel" for k in kernels)
     assert any(k["aligned"] and k["kernel"] == "tiger_sumsq_kernel" for k in kernels)
     assert any(k["aligned"] and k["kernel"] == "sumsq_blocks_kernel" for k in kernels)
+    assert any(k["aligned"] and k["kernel"] == "sign_q8_kernel" and k["min_v4_loads"] for k in kernels)

@@ -83,6 +83,52 @@ def step_specs(all_flags: bool):
                                aligned=aligned,
                                min_v4_loads=sum(per_thread * d.itemsize // 16 for d in reads),
                                min_v4_stores=sum(per_thread * d.itemsize // 16 for d in writes))
+                    if algo != L.ALGO_SIMBA and pdt in (torch.bfloat16, torch.float16) and not sr:
+                        # the correction byte (NOTE: [correction byte]): ρ read and written with θ
+                        cfg = L.step_config(algo, pdt, gdt, sdt, has_lr_t=lr_t, has_scale=scale,
+                                            has_found=found, sr=False, aligned=aligned, sumsq=sumsq,
+                                            has_clip=clip, ec=True)
+                        per_thread = cfg["BLOCK"] // (32 * cfg["num_warps"])  # 16 warps: 4 elements
+                        yield dict(kernel="sign_step_kernel", name=name[:-1] + " ec=1]", sig=sig, cfg=cfg,
+                                   aligned=aligned,
+                                   min_v4_loads=sum(per_thread * d.itemsize // 16 for d in reads),
+                                   min_v4_stores=sum(per_thread * d.itemsize // 16 for d in writes))
+
+
+def q8_specs(all_flags: bool):
+    """``sign_q8_kernel`` (int8 momentum, NOTE: [int8 momentum]): Lion and Tiger, every param and
+    grad dtype, SR (bf16 params), the correction byte (16-bit params), both alignments."""
+    from sign_kernels.triton import _launch as L
+
+    flag_sets = list(itertools.product((False, True), repeat=4)) if all_flags else \
+        [(False, False, False, False), (True, True, True, True)]
+    for algo in (L.ALGO_LION, L.ALGO_TIGER):
+        for pdt in (torch.float32, torch.bfloat16, torch.float16):
+            for gdt in dict.fromkeys((pdt, torch.float32)):
+                ecs = (False, True) if pdt != torch.float32 else (False,)
+                for ec, aligned in itertools.product(ecs, (True, False)):
+                    srs = (False, True) if pdt == torch.bfloat16 and not ec else (False,)
+                    for sr in srs:
+                        for lr_t, scale, found, clip in (flag_sets if aligned else [(True, True, True, True)]):
+                            cfg = L.q8_config(algo, pdt, gdt, has_lr_t=lr_t, has_scale=scale, has_found=found,
+                                              sr=sr, ec=ec, aligned=aligned, has_clip=clip)
+                            tiger = algo == L.ALGO_TIGER
+                            sig = dict(tensors="*i64", qtasks="*i64", lr="fp32",
+                                       lr_t="*fp32" if lr_t else "*i64",
+                                       scale_ptr="*fp32" if scale else "*i64",
+                                       found_ptr="*fp32" if found else "*i64",
+                                       clip_ptr="*fp32" if clip else "*i64",
+                                       weight_decay="fp32", beta1="fp32", beta2="fp32", shrink="fp32", k="i32",
+                                       t_nan="*i32" if tiger else "*i64", t_rms="*fp32" if tiger else "*i64",
+                                       row_rms="*fp32" if tiger else "*i64")
+                            name = (f"sign_q8_kernel[{L._ALGO_NAME[algo]} p={_dt(pdt)} g={_dt(gdt)} m=int8 "
+                                    f"ec={int(ec)} sr={int(sr)} aligned={int(aligned)} lr_t={int(lr_t)} "
+                                    f"scale={int(scale)} found={int(found)} clip={int(clip)}]")
+                            # the whole-block path: a thread's share of the contiguous tile
+                            per_thread = cfg["QROWS"] * 64 // (32 * cfg["num_warps"])
+                            yield dict(kernel="sign_q8_kernel", name=name, sig=sig, cfg=cfg, aligned=aligned,
+                                       min_v4_loads=sum(per_thread * d.itemsize // 16 for d in (pdt, gdt)),
+                                       min_v4_stores=per_thread * pdt.itemsize // 16)
 
 
 def stats_specs():
@@ -123,6 +169,16 @@ def stats_specs():
                    min_v4_loads=per_thread * dt.itemsize // 16, min_v4_stores=0)
     yield dict(kernel="sumsq_total_kernel", name="sumsq_total_kernel", cfg=L.norm_total_config(),
                sig=dict(tensors="*i64", part="*fp64", out="*fp64"), aligned=False, min_v4_loads=0, min_v4_stores=0)
+    # Tiger with int8 momentum: its sums out read back from θ after the update.
+    for pdt, found, aligned in itertools.product((torch.bfloat16, torch.float16, torch.float32), (False, True),
+                                                 (True, False)):
+        cfg = L.sums_after_config(pdt, has_found=found, aligned=aligned)
+        per_thread = cfg["BLOCK"] // (32 * cfg["num_warps"])
+        yield dict(kernel="tiger_sums_after_kernel", cfg=cfg, aligned=aligned,
+                   sig=dict(tensors="*i64", blocks="*i64", t_nan="*i32", found_ptr="*fp32" if found else "*i64",
+                            k="i32", blk="*fp64", sumsq_out="*fp64"),
+                   name=f"tiger_sums_after_kernel[p={_dt(pdt)} found={int(found)} aligned={int(aligned)}]",
+                   min_v4_loads=per_thread * pdt.itemsize // 16, min_v4_stores=0)
     for found in (False, True):
         yield dict(kernel="tiger_sumsq_out_kernel", name=f"tiger_sumsq_out_kernel[found={int(found)}]",
                    cfg=L.sumsq_out_config(has_found=found),
@@ -180,7 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this")
     args = ap.parse_args(argv)
-    specs = [s for s in list(step_specs(args.all)) + list(stats_specs()) if args.only in s["name"]]
+    specs = [s for s in list(step_specs(args.all)) + list(q8_specs(args.all)) + list(stats_specs())
+             if args.only in s["name"]]
     with ProcessPoolExecutor(args.jobs) as pool:
         for r in pool.map(compile_one, specs):
             print(json.dumps(r), flush=True)

@@ -46,7 +46,7 @@ class Lion(SignOptimizer):
     _op_name = "lion_"
     _state_key = "exp_avg"
     _family = "Lion"
-    _compressed_backends = frozenset({"reference", "cpu", "cuda"})
+    _compressed_backends = frozenset({"reference", "cpu", "cuda", "triton"})
 
     def __init__(
         self,

@@ -190,7 +190,7 @@ class Tiger(SignOptimizer):
     _op_name = "tiger_"
     _state_key = "exp_avg"
     _family = "Tiger"
-    _compressed_backends = frozenset({"reference", "cpu", "cuda"})
+    _compressed_backends = frozenset({"reference", "cpu", "cuda", "triton"})
 
     def __init__(
         self,

@@ -3,11 +3,12 @@
 Public functions (the op signatures of ``sign_kernels._ops``)::
 
     lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
-          grad_scale, found_inf, seeds, stochastic_rounding, clip=None)
+          grad_scale, found_inf, seeds, stochastic_rounding, clip=None, exp_avg_scales=None,
+          residuals=None)
     tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay,
            grad_accum_steps, shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding,
            stats=None, stats_nan=None, stats_sumsq=None, stats_n=None, sumsq_out=None,
-           sumsq_out_at=None, clip=None)
+           sumsq_out_at=None, clip=None, exp_avg_scales=None, residuals=None)
     simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count,
            weight_decay, grad_scale, found_inf, seeds, stochastic_rounding, clip=None)
     sumsq_(tensors, scale, out)
@@ -71,6 +72,22 @@ stores in that same order and ``tiger_sumsq_out_kernel`` combines the block part
 next call, given those sums, skips the read of θ and gets the same bits.
 The window logic (b1 = β on the first micro-step, θ written on the last) is computed per
 tensor from its device step t and k.
+
+8-bit momentum and the correction byte (NOTE: [8-bit momentum and the correction byte] in
+``sign_kernels._ops``; the bits: NOTE: [int8 momentum] and NOTE: [correction byte] in
+``csrc/core/sign_math.h``). The correction byte is element-wise: ``sign_step_kernel``'s ``EC``
+specialisation reads θ^ = θ16 + ρ u(θ16) and writes θ16 = RNE(θ^') and ρ' (fp16 / bf16 params;
+never with SR), so Tiger's sums out stay a by-product of the write (of θ16). An int8 momentum
+has its own kernel, ``sign_q8_kernel``: one program per QROWS blocks of 64 elements of a row (a
+[QROWS, 64] tile, the block's absmax a max along axis 1, the block index also its scale's),
+with the update of ``sign_step_kernel``, then the codes by stochastic rounding on the square-law
+levels with the value's hash; divisions, sqrt and floor are IEEE (``div_rn``, ``sqrt_rn``), so
+the codes and scales are the reference's bits. Tiger's pre-pass is unchanged (it reads g and θ
+only); with ``sumsq_out``, ``tiger_sums_after_kernel`` reads θ back over the update's blocks
+and sums it in the pre-pass's order (NOTE: [Triton sums of squares]), so a sums-only call gives
+the same bits. Configurations: the ``EC`` update runs 16 warps (4 elements per thread: the
+encoding's registers), ``sign_q8_kernel`` 16 blocks (1024 elements) at 8 warps, bounded at 88
+registers (NOTE: [triton maxnreg] in ``_launch``).
 
 Fixed configurations (no autotuning of in-place kernels): see NOTE: [fixed configs] in
 ``_launch``: BLOCK 2048 with 8 warps for the update, 16x256 tiles for Tiger's statistics;
@@ -159,17 +176,20 @@ def _backend():
 
 
 def lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
-          grad_scale, found_inf, seeds, stochastic_rounding, clip=None) -> None:
+          grad_scale, found_inf, seeds, stochastic_rounding, clip=None, exp_avg_scales=None,
+          residuals=None) -> None:
     _backend().lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
-                    grad_scale, found_inf, seeds, stochastic_rounding, clip)
+                    grad_scale, found_inf, seeds, stochastic_rounding, clip, exp_avg_scales, residuals)
 
 
 def tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay, grad_accum_steps,
            shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding, stats=None, stats_nan=None,
-           stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None, clip=None) -> None:
+           stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None, clip=None,
+           exp_avg_scales=None, residuals=None) -> None:
     _backend().tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay,
                      grad_accum_steps, shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding,
-                     stats, stats_nan, stats_sumsq, stats_n, sumsq_out, sumsq_out_at, clip)
+                     stats, stats_nan, stats_sumsq, stats_n, sumsq_out, sumsq_out_at, clip,
+                     exp_avg_scales, residuals)
 
 
 def simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count, weight_decay,

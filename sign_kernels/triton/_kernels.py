@@ -25,6 +25,7 @@ DT_F32 = tl.constexpr(0)
 DT_BF16 = tl.constexpr(1)
 DT_F16 = tl.constexpr(2)
 DT_I16 = tl.constexpr(3)
+DT_I8 = tl.constexpr(4)       # int8: the codes of an int8 momentum, the correction byte
 
 # Algorithm codes (constexpr ALGO), as csrc/core/sign_math.h `Algo`.
 ALGO_LION = tl.constexpr(0)
@@ -53,7 +54,11 @@ F_GIVEN_N = tl.constexpr(12)     # Tiger: n of the RMS of the given sums
 F_OUT_AT = tl.constexpr(13)      # Tiger: index of the sums out in `sumsq_out`, or -1 (none wanted)
 F_OUT_KEPT = tl.constexpr(14)    # Tiger: 1 where the wanted sums are the given ones, in place
 F_BLK0 = tl.constexpr(15)        # index of the tensor's first block in the blocks table (aligned ones first)
-NFIELDS = tl.constexpr(16)
+F_RESID = tl.constexpr(16)       # address of the correction byte ρ (int8, θ's shape), 0 when none
+F_SCALES = tl.constexpr(17)      # address of the int8 momentum's bf16 block scales, 0 when none
+F_QCOLS = tl.constexpr(18)       # int8 momentum: the row length (last dim) its blocks are cut along
+# (field 19 unused: 20 fields of 8 bytes keep the sub-tables after the tensor table 16-byte aligned)
+NFIELDS = tl.constexpr(20)
 
 # NOTE: [stochastic rounding bits] salts 0x9E3779B9 * (stream + 1), wrapped to uint32.
 SALT_PARAM = tl.constexpr(0x9E3779B9)
@@ -136,6 +141,8 @@ def _typed_ptr(addr, DT: tl.constexpr, ALIGNED: tl.constexpr):
         ptr = addr.to(tl.pointer_type(tl.float32))
     elif DT == DT_I16:
         ptr = addr.to(tl.pointer_type(tl.int16))
+    elif DT == DT_I8:
+        ptr = addr.to(tl.pointer_type(tl.int8))
     else:
         ptr = addr.to(tl.pointer_type(tl.uint16))
     if ALIGNED:
@@ -209,6 +216,142 @@ def _ld_grad(g_ptr, offs, mask, scale_ptr, clip_ptr, G_DT: tl.constexpr, HAS_SCA
 def _sign(x):
     # NOTE: [sign]: +1, -1, and 0 for ±0 and NaN.
     return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+
+
+# ------------------------------------------------------------------ the correction byte
+# NOTE: [correction byte] in csrc/core/sign_math.h: θ^ = θ16 + ρ u(θ16), u = ulp / 256 (a power
+# of two, 0 for inf / NaN), is the weight the rules update; θ16' = RNE(θ^') and
+# ρ' = clamp(rint((θ^' - θ16') / u(θ16')), -127, 127) are written back. Every step is exact or
+# an IEEE-rounded fp32 op (div_rn: dividing by a power of two is exact, but Triton's plain
+# ``/`` is not IEEE on NVIDIA, and 1 / u overflows for the smallest units).
+@triton.jit
+def _ec_unit(b, P_DT: tl.constexpr):
+    """u(θ16) of the 16 bits ``b`` (uint32) of a bf16 / fp16 θ (ec_unit)."""
+    if P_DT == DT_BF16:
+        e = ((b >> 7) & 0xFF).to(tl.int32)
+        top = e == 0xFF
+        p = tl.maximum(e, 1) - 142  # ulp 2^(e-127-7), / 256: in [-141, 112]
+        normal = (tl.maximum(p + 127, 0).to(tl.uint32) << 23).to(tl.float32, bitcast=True)
+        sub = (tl.full(p.shape, 1, tl.uint32) << tl.minimum(tl.maximum(p + 149, 0), 31).to(tl.uint32)) \
+            .to(tl.float32, bitcast=True)
+        u = tl.where(p >= -126, normal, sub)
+    else:
+        e = ((b >> 10) & 0x1F).to(tl.int32)
+        top = e == 0x1F
+        u = ((tl.maximum(e, 1) + 94).to(tl.uint32) << 23).to(tl.float32, bitcast=True)  # 2^(e-15-10-8)
+    return tl.where(top, 0.0, u)
+
+
+@triton.jit
+def _bits16_value(b, P_DT: tl.constexpr):
+    """fp32 value of the 16 bits ``b`` (uint32) of a bf16 / fp16 number (exact)."""
+    if P_DT == DT_BF16:
+        v = ((b & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        v = b.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _rint(x):
+    """Round to nearest, ties to even (rintf), from exact ops: floor, and the fraction's test."""
+    f = tl.floor(x)
+    d = x - f  # exact below 2**23; above, d = 0 and f = x
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return f + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
+
+
+@triton.jit
+def _ld_p(p_ptr, r_ptr, offs, mask, P_DT: tl.constexpr, EC: tl.constexpr):
+    """θ as the rules see it: the storage value, or θ^ = θ16 + ρ u(θ16) with the correction byte."""
+    if EC:
+        b = _load(p_ptr + offs, mask).to(tl.uint32)
+        rho = _load(r_ptr + offs, mask).to(tl.float32)
+        x = _bits16_value(b, P_DT) + rho * _ec_unit(b, P_DT)
+    else:
+        x = _ld(p_ptr, offs, mask, P_DT)
+    return x
+
+
+@triton.jit
+def _st_p(p_ptr, r_ptr, offs, x, mask, key, hi, lo0, P_DT: tl.constexpr, SR: tl.constexpr, EC: tl.constexpr):
+    """Write θ (``_st``), or with the correction byte θ16 = RNE(x) and ρ (never SR). Returns θ16
+    as fp32 (what Tiger's sums of squares read back)."""
+    if EC:
+        if P_DT == DT_BF16:
+            b = _bf16_bits(x, 0, False)
+        else:
+            b = _fp16_bits(x)
+        v = _bits16_value(b, P_DT)
+        u = _ec_unit(b, P_DT)
+        r = _rint(tl.math.div_rn(x - v, tl.where(u > 0.0, u, 1.0)))
+        r = tl.where((u > 0.0) & (r == r), tl.minimum(tl.maximum(r, -127.0), 127.0), 0.0)
+        tl.store(p_ptr + offs, b.to(tl.uint16), mask=mask)
+        tl.store(r_ptr + offs, r.to(tl.int8), mask=mask)
+    else:
+        v = _st(p_ptr, offs, x, mask, key, hi, lo0, P_DT, SR)
+    return v
+
+
+# ------------------------------------------------------------------ int8 momentum
+# NOTE: [int8 momentum] in csrc/core/sign_math.h (the reference: sign_kernels/_quant.py): codes
+# c (int8) and one bf16 scale s per block of QBLOCK = 64 elements of a row (the last block of a
+# row may be shorter); value(c) = sign(c) (s ((c c) K)), K = fp32(1 / 127^2). The new momentum
+# of a block is computed in fp32 for all its elements, then scale = bf16 of max |m| (NaN
+# ignored) rounded up, inv = 1 / s once per block, and each code rounds r = |m| inv on the
+# square-law levels, up where u (vhi - vlo) < |m| - vlo, with u the 24 high bits of
+# sr_bits(key_m, f32_bits(m)) (a function of the value, not the index).
+# ``sign_q8_kernel`` maps a [QROWS, QBLOCK] tile to QROWS consecutive blocks of one tensor: the
+# block index q (row r = q // nb, j = q % nb) is also the index of its scale (scales are
+# [rows, nb], contiguous), and the max over axis 1 is the block's absmax.
+QBLOCK = tl.constexpr(64)
+Q8_K = tl.constexpr(0x38820610)  # the bits of K = fp32(1 / 127^2)
+
+
+@triton.jit
+def _q8_level(s, c):
+    """|value| of code magnitudes c (fp32) under scale s: s * ((c c) K), each product rounded."""
+    return s * ((c * c) * tl.full(c.shape, Q8_K, tl.uint32).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _q8_dequant(code, s):
+    c = code.to(tl.float32)
+    v = _q8_level(s, tl.where(c < 0.0, -c, c))
+    return tl.where(c < 0.0, -v, v)
+
+
+@triton.jit
+def _q8_code(m, s, inv, key):
+    """q8_code: the int8 code of fp32 m under block scale s (its bf16 value as fp32), inv = 1 / s."""
+    a = tl.where(m < 0.0, -m, m)
+    r = a * inv
+    ok = (r >= 0.0) & (r < 2.0)  # false for s = 0 (0 * inf), a = inf with s = inf, NaN
+    lo = tl.floor(127.0 * tl.math.sqrt_rn(tl.where(ok, r, 0.0)))
+    lo = tl.where(lo > 126.0, 126.0, lo)
+    vlo = _q8_level(s, lo)
+    bits = _mix32(key ^ _mix32(m.to(tl.uint32, bitcast=True)))  # sr_bits32(key, f32_bits(m))
+    u = (bits >> 8).to(tl.float32) * 5.9604644775390625e-8  # 2^-24
+    c = lo + tl.where(u * (_q8_level(s, lo + 1.0) - vlo) < a - vlo, 1.0, 0.0)
+    c = tl.where(m < 0.0, -c, c)
+    return tl.where(ok, c, 0.0).to(tl.int8)
+
+
+@triton.jit
+def _q8_store(m_ptr, sc_ptr, offs, mask, q, qmask, m, key):
+    """Quantize the tile's new momentum m ([QROWS, QBLOCK], one block per row; lanes off
+    ``mask`` are not the block's) and store its codes and the blocks' scales at sc_ptr + q."""
+    a = tl.where(m < 0.0, -m, m)
+    if mask is None:
+        a = tl.where(a == a, a, 0.0)  # NaN is ignored
+    else:
+        a = tl.where(mask & (a == a), a, 0.0)
+    amax = tl.max(a, axis=1)
+    sb = (amax.to(tl.uint32, bitcast=True) + 0xFFFF) >> 16  # bf16_bits_up
+    s_new = (sb << 16).to(tl.float32, bitcast=True)
+    inv = tl.math.div_rn(tl.full(s_new.shape, 1.0, tl.float32), s_new)  # one division per block
+    tl.store(m_ptr + offs, _q8_code(m, s_new[:, None], inv[:, None], key), mask=mask)
+    tl.store(sc_ptr + q, sb.to(tl.uint16), mask=qmask)
 
 
 # ------------------------------------------------------------------ Tiger sums of squares
@@ -339,20 +482,21 @@ def _sums_out(x, count, bi, start, row, written, sumsq_out, blk, LOG2: tl.conste
 # ------------------------------------------------------------------ the update kernel
 @triton.jit
 def _update_block(
-    p_ptr, g_ptr, m_ptr, offs, mask, hi, lo0, step, ti, start, row,
+    p_ptr, g_ptr, m_ptr, r_ptr, offs, mask, hi, lo0, step, ti, start, row,
     lr_, scale_ptr, clip_ptr, weight_decay, beta1, beta2, shrink, k, window, threshold,
     t_nan, t_rms, row_rms, bi, count, blk, sumsq_out,
     ALGO: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr,
-    SUMSQ: tl.constexpr, LOG2_BLOCK: tl.constexpr,
+    SUMSQ: tl.constexpr, LOG2_BLOCK: tl.constexpr, EC: tl.constexpr,
 ):
     """One block of one tensor: pointers already advanced to the block start, offs an int32
     arange, mask None (full block) or the tail mask; bi the block's index in the blocks table,
     count its real elements. SUMSQ (Tiger): the sums of squares of θ as the block leaves it
-    (NOTE: [Triton sums of squares])."""
+    (NOTE: [Triton sums of squares]). EC: θ carries the correction byte at r_ptr (NOTE:
+    [correction byte]); the sums are of θ16."""
     seed = tl.load(row + F_SEED).to(tl.uint32)
     wd = tl.cast(weight_decay, tl.float32)
-    p = _ld(p_ptr, offs, mask, P_DT)
+    p = _ld_p(p_ptr, r_ptr, offs, mask, P_DT, EC)
 
     if ALGO == ALGO_LION:
         g = _ld_grad(g_ptr, offs, mask, scale_ptr, clip_ptr, G_DT, HAS_SCALE, HAS_CLIP)
@@ -363,7 +507,7 @@ def _update_block(
         c = b1 * m + (1.0 - b1) * g
         p_new = p * decay - lr_ * _sign(c)
         m_new = b2 * m + (1.0 - b2) * g
-        _st(p_ptr, offs, p_new, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+        _st_p(p_ptr, r_ptr, offs, p_new, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR, EC)
         _st(m_ptr, offs, m_new, mask, _sr_key(seed, step, SALT_STATE), hi, lo0, M_DT, SR)
     elif ALGO == ALGO_TIGER:
         # NOTE: [tiger registers] each value is computed in the branch that stores it, so the
@@ -373,12 +517,16 @@ def _update_block(
         kk = tl.cast(k, tl.int64)
         nan = tl.load(t_nan + ti) != 0
         update = ((step + 1) % kk) == 0
-        p_out = p  # θ as the call leaves it (SUMSQ)
+        if EC:
+            p_out = _ld(p_ptr, offs, mask, P_DT)  # θ16 as the call leaves it (SUMSQ): the stored weight
+        else:
+            p_out = p  # θ as the call leaves it (SUMSQ)
         if nan:
             # NaN guard: p = (p - c) s + c, m unchanged.
             centre = tl.where(role == ROLE_GAIN, 1.0, 0.0)
             p_shrunk = (p - centre) * tl.cast(shrink, tl.float32) + centre
-            p_st = _st(p_ptr, offs, p_shrunk, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+            p_st = _st_p(p_ptr, r_ptr, offs, p_shrunk, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR,
+                         EC)
             if SUMSQ:
                 p_out = p_st
         else:
@@ -401,7 +549,8 @@ def _update_block(
                 lr_p = tl.where(elementwise, 0.5 * lr_, lr_ * rms)
                 wd_p = tl.where(elementwise, 0.0, wd)
                 p_upd = p - lr_p * (_sign(m_new) + wd_p * p)
-                p_st = _st(p_ptr, offs, p_upd, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR)
+                p_st = _st_p(p_ptr, r_ptr, offs, p_upd, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR,
+                             EC)
                 if SUMSQ:
                     p_out = p_st
             _st(m_ptr, offs, m_new, mask, _sr_key(seed, step, SALT_STATE), hi, lo0, M_DT, SR)
@@ -437,7 +586,11 @@ def sign_step_kernel(
     HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr,
     SR: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
     SUMSQ: tl.constexpr = False, LOG2_BLOCK: tl.constexpr = 11, HAS_CLIP: tl.constexpr = False,
+    EC: tl.constexpr = False,
 ):
+    """The update of Lion, Tiger and Simba over BLOCK-element blocks of each tensor, with the
+    state in a float dtype (or Simba's counters). EC (Lion, Tiger; 16-bit θ): the correction
+    byte (NOTE: [correction byte]), at the table's F_RESID. Int8 momentum: ``sign_q8_kernel``."""
     bi, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)
     numel = tl.load(row + F_NUMEL)
     sums_only = False  # a compile-time False unless SUMSQ and HAS_FOUND
@@ -458,6 +611,10 @@ def sign_step_kernel(
         p_ptr = _typed_ptr(tl.load(row + F_PARAM), P_DT, ALIGNED) + start
         g_ptr = _typed_ptr(tl.load(row + F_GRAD), G_DT, ALIGNED) + start
         m_ptr = _typed_ptr(tl.load(row + F_STATE), M_DT, ALIGNED) + start
+        if EC:
+            r_ptr = _typed_ptr(tl.load(row + F_RESID), DT_I8, ALIGNED) + start
+        else:
+            r_ptr = p_ptr  # unused
         # SR element index = start + offs; a block never crosses a multiple of 2**32.
         hi = (start >> 32).to(tl.uint32)
         lo0 = start.to(tl.uint32)
@@ -472,15 +629,177 @@ def sign_step_kernel(
                 p = _ld(p_ptr, offs, offs < rem.to(tl.int32), P_DT)
             _sums_out(p, count, bi, start, row, False, sumsq_out, blk, LOG2_BLOCK, BLOCK)
         elif rem >= BLOCK:
-            _update_block(p_ptr, g_ptr, m_ptr, offs, None, hi, lo0, step, ti, start, row,
+            _update_block(p_ptr, g_ptr, m_ptr, r_ptr, offs, None, hi, lo0, step, ti, start, row,
                           lr_, scale_ptr, clip_ptr, weight_decay, beta1, beta2, shrink, k, window,
                           threshold, t_nan, t_rms, row_rms, bi, count, blk, sumsq_out,
-                          ALGO, P_DT, G_DT, M_DT, HAS_SCALE, HAS_CLIP, SR, BLOCK, SUMSQ, LOG2_BLOCK)
+                          ALGO, P_DT, G_DT, M_DT, HAS_SCALE, HAS_CLIP, SR, BLOCK, SUMSQ, LOG2_BLOCK, EC)
         else:
-            _update_block(p_ptr, g_ptr, m_ptr, offs, offs < rem.to(tl.int32), hi, lo0, step, ti,
+            _update_block(p_ptr, g_ptr, m_ptr, r_ptr, offs, offs < rem.to(tl.int32), hi, lo0, step, ti,
                           start, row, lr_, scale_ptr, clip_ptr, weight_decay, beta1, beta2, shrink, k,
                           window, threshold, t_nan, t_rms, row_rms, bi, count, blk, sumsq_out,
-                          ALGO, P_DT, G_DT, M_DT, HAS_SCALE, HAS_CLIP, SR, BLOCK, SUMSQ, LOG2_BLOCK)
+                          ALGO, P_DT, G_DT, M_DT, HAS_SCALE, HAS_CLIP, SR, BLOCK, SUMSQ, LOG2_BLOCK, EC)
+
+
+
+# ------------------------------------------------------------------ the update with int8 momentum
+@triton.jit
+def _q8_tile(
+    p_ptr, g_ptr, m_ptr, r_ptr, sc_ptr, offs, mask, q, qmask, rq, hi, lo0, step, ti, row,
+    lr_, scale_ptr, clip_ptr, weight_decay, beta1, beta2, shrink, k, t_nan, t_rms, row_rms,
+    ALGO: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_CLIP: tl.constexpr, SR: tl.constexpr, EC: tl.constexpr, QROWS: tl.constexpr,
+):
+    """QROWS int8 blocks of one tensor (NOTE: [int8 momentum]): offs / mask [QROWS, QBLOCK]
+    (mask None: every lane is a block's), q the blocks' indices (their scales' too), rq their
+    rows. The update of every element in fp32 as ``_update_block``'s, then the blocks' codes and
+    scales from the new momentum."""
+    seed = tl.load(row + F_SEED).to(tl.uint32)
+    wd = tl.cast(weight_decay, tl.float32)
+    if ALGO == ALGO_LION:
+        g = _ld_grad(g_ptr, offs, mask, scale_ptr, clip_ptr, G_DT, HAS_SCALE, HAS_CLIP)
+        m = _q8_dequant(_load(m_ptr + offs, mask), _ld(sc_ptr, q, qmask, DT_BF16)[:, None])
+        p = _ld_p(p_ptr, r_ptr, offs, mask, P_DT, EC)
+        b1 = tl.cast(beta1, tl.float32)
+        b2 = tl.cast(beta2, tl.float32)
+        decay = 1.0 - lr_ * wd
+        c = b1 * m + (1.0 - b1) * g
+        p_new = p * decay - lr_ * _sign(c)
+        m_new = b2 * m + (1.0 - b2) * g
+        _st_p(p_ptr, r_ptr, offs, p_new, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR, EC)
+        _q8_store(m_ptr, sc_ptr, offs, mask, q, qmask, m_new, _sr_key(seed, step, SALT_STATE))
+    else:
+        beta = tl.cast(beta1, tl.float32)
+        role = tl.load(row + F_ROLE)
+        kk = tl.cast(k, tl.int64)
+        if tl.load(t_nan + ti) != 0:
+            # NaN guard: p = (p - c) s + c; the momentum (codes and scales) unchanged.
+            centre = tl.where(role == ROLE_GAIN, 1.0, 0.0)
+            p = _ld_p(p_ptr, r_ptr, offs, mask, P_DT, EC)
+            _st_p(p_ptr, r_ptr, offs, (p - centre) * tl.cast(shrink, tl.float32) + centre, mask,
+                  _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR, EC)
+        else:
+            b1 = tl.where(step % kk == 0, beta, 1.0)
+            coef = tl.math.div_rn(1.0 - beta, kk.to(tl.float32))
+            g = _ld_grad(g_ptr, offs, mask, scale_ptr, clip_ptr, G_DT, HAS_SCALE, HAS_CLIP)
+            m = _q8_dequant(_load(m_ptr + offs, mask), _ld(sc_ptr, q, qmask, DT_BF16)[:, None])
+            m_new = b1 * m + coef * g
+            if ((step + 1) % kk) == 0:
+                # lr_p: 0.5 lr (element-wise roles), lr * RMS(tensor) or lr * RMS(row of the block).
+                elementwise = role < ROLE_EMBEDDING
+                if role == ROLE_EMBEDDING:
+                    rms = _load(row_rms + tl.load(row + F_SLOT) + rq, qmask)
+                else:
+                    rms = tl.zeros([QROWS], dtype=tl.float32) + tl.load(t_rms + ti)
+                lr_p = tl.where(elementwise, 0.5 * lr_, lr_ * rms)[:, None]
+                wd_p = tl.where(elementwise, 0.0, wd)
+                p = _ld_p(p_ptr, r_ptr, offs, mask, P_DT, EC)
+                p_upd = p - lr_p * (_sign(m_new) + wd_p * p)
+                _st_p(p_ptr, r_ptr, offs, p_upd, mask, _sr_key(seed, step, SALT_PARAM), hi, lo0, P_DT, SR, EC)
+            _q8_store(m_ptr, sc_ptr, offs, mask, q, qmask, m_new, _sr_key(seed, step, SALT_STATE))
+
+
+@triton.jit(do_not_specialize=["k"])
+def sign_q8_kernel(
+    tensors, qtasks,                       # int64 tables: [n, NFIELDS], [n_qtasks, 2] (tensor, first block)
+    lr, lr_t, scale_ptr, found_ptr, clip_ptr,
+    weight_decay, beta1, beta2, shrink, k,  # Lion: beta1, beta2; Tiger: beta1 = beta, shrink, k
+    t_nan, t_rms, row_rms,                 # Tiger stats, as sign_step_kernel's
+    ALGO: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr,
+    HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_CLIP: tl.constexpr,
+    SR: tl.constexpr, EC: tl.constexpr, ALIGNED: tl.constexpr, QROWS: tl.constexpr,
+):
+    """Lion / Tiger with an int8 momentum (NOTE: [int8 momentum]), optionally with the correction
+    byte (EC): one program per QROWS consecutive int8 blocks of a tensor. Tiger's NaN flags and
+    RMS come from the same pre-pass as ``sign_step_kernel``'s; its sums out are read back from θ
+    after this kernel (``tiger_sums_after_kernel``). Where the rows are whole blocks (the last
+    dim a multiple of QBLOCK) the tile is one contiguous run of QROWS * QBLOCK elements: with
+    ALIGNED its offsets are int32 from a hinted base (vector accesses: 16 bytes of fp32, 8 of
+    16-bit data at 4 elements per thread; NOTE: [vector hints])."""
+    pid = tl.program_id(0).to(tl.int64)
+    ti = tl.load(qtasks + 2 * pid)
+    q0 = tl.load(qtasks + 2 * pid + 1)
+    if ALIGNED:
+        q0 = tl.multiple_of(q0, QROWS)  # the launcher's tasks: step QROWS
+    row = tensors + ti * NFIELDS
+    go = True
+    if HAS_FOUND:
+        go = tl.load(found_ptr).to(tl.float32) == 0.0  # GradScaler skipped this step: touch nothing
+    if go:
+        step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
+        if HAS_LR_T:
+            lr_ = tl.load(lr_t).to(tl.float32)
+        else:
+            lr_ = tl.cast(lr, tl.float32)
+        L = tl.load(row + F_QCOLS)
+        nb = (L + QBLOCK - 1) // QBLOCK
+        nq = (tl.load(row + F_NUMEL) // L) * nb
+        sc_ptr = _typed_ptr(tl.load(row + F_SCALES), DT_BF16, False)
+        p_ptr = _typed_ptr(tl.load(row + F_PARAM), P_DT, ALIGNED)
+        g_ptr = _typed_ptr(tl.load(row + F_GRAD), G_DT, ALIGNED)
+        m_ptr = _typed_ptr(tl.load(row + F_STATE), DT_I8, ALIGNED)
+        if EC:
+            r_ptr = _typed_ptr(tl.load(row + F_RESID), DT_I8, ALIGNED)
+        else:
+            r_ptr = m_ptr  # unused
+        lanes = tl.arange(0, QROWS)
+        col = tl.arange(0, QBLOCK)
+        q = q0 + lanes
+        qm = q < nq
+        rq = q // nb
+        whole = False  # a compile-time False without ALIGNED: one path
+        if ALIGNED:
+            whole = L % QBLOCK == 0
+        if whole:
+            # Whole blocks: the tile is elements [q0 QBLOCK, (q0 + QROWS) QBLOCK), never across
+            # a multiple of 2**32 (the SR index's high word is the tile's).
+            base = q0 * QBLOCK
+            offs_w = lanes[:, None] * QBLOCK + col[None, :]
+            if q0 + QROWS <= nq:
+                _q8_tile(p_ptr + base, g_ptr + base, m_ptr + base, r_ptr + base, sc_ptr, offs_w, None, q, None,
+                         rq, (base >> 32).to(tl.uint32), base.to(tl.uint32), step, ti, row, lr_, scale_ptr,
+                         clip_ptr, weight_decay, beta1, beta2, shrink, k, t_nan, t_rms, row_rms,
+                         ALGO, P_DT, G_DT, HAS_SCALE, HAS_CLIP, SR, EC, QROWS)
+            else:
+                _q8_tile(p_ptr + base, g_ptr + base, m_ptr + base, r_ptr + base, sc_ptr, offs_w,
+                         qm[:, None] & (col[None, :] >= 0), q, qm, rq, (base >> 32).to(tl.uint32),
+                         base.to(tl.uint32), step, ti, row, lr_, scale_ptr, clip_ptr, weight_decay, beta1,
+                         beta2, shrink, k, t_nan, t_rms, row_rms, ALGO, P_DT, G_DT, HAS_SCALE, HAS_CLIP, SR,
+                         EC, QROWS)
+        else:
+            # Any row length: block (r, j) starts at r L + j QBLOCK and holds min(QBLOCK, L - j QBLOCK)
+            # elements; int64 offsets from the tensor's start (the SR index itself).
+            j = q - rq * nb
+            offs_a = (rq * L + j * QBLOCK)[:, None] + col[None, :]
+            mask_a = qm[:, None] & (col[None, :] < tl.minimum(L - j * QBLOCK, QBLOCK)[:, None])
+            _q8_tile(p_ptr, g_ptr, m_ptr, r_ptr, sc_ptr, offs_a, mask_a, q, qm, rq, (offs_a >> 32).to(tl.uint32),
+                     tl.cast(0, tl.uint32), step, ti, row, lr_, scale_ptr, clip_ptr, weight_decay, beta1, beta2,
+                     shrink, k, t_nan, t_rms, row_rms, ALGO, P_DT, G_DT, HAS_SCALE, HAS_CLIP, SR, EC, QROWS)
+
+
+@triton.jit(do_not_specialize=["k"])
+def tiger_sums_after_kernel(
+    tensors, blocks, t_nan, found_ptr, k, blk, sumsq_out,
+    P_DT: tl.constexpr, HAS_FOUND: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    LOG2_BLOCK: tl.constexpr,
+):
+    """Tiger with int8 momentum and its sums out (NOTE: [Tiger sums of squares out]): after
+    ``sign_q8_kernel``, θ as the call leaves it is read back over the update's blocks and summed
+    as the pre-pass sums it (NOTE: [Triton sums of squares]): the same ``_sums_out`` as the SUMSQ
+    update and its sums-only call, so the bits are those of every path."""
+    bi, ti, start, row = _block_task(tensors, blocks, ALIGNED, BLOCK)
+    step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.int64)))
+    written = (tl.load(t_nan + ti) != 0) | (((step + 1) % tl.cast(k, tl.int64)) == 0)
+    if HAS_FOUND:
+        written = written & (tl.load(found_ptr).to(tl.float32) == 0.0)
+    rem = tl.load(row + F_NUMEL) - start
+    p_ptr = _typed_ptr(tl.load(row + F_PARAM), P_DT, ALIGNED) + start
+    offs = tl.arange(0, BLOCK)
+    if (tl.load(row + F_OUT_AT) >= 0) & (written | (tl.load(row + F_OUT_KEPT) == 0)):
+        if rem >= BLOCK:
+            x = _ld(p_ptr, offs, None, P_DT)
+        else:
+            x = _ld(p_ptr, offs, offs < rem.to(tl.int32), P_DT)
+        _sums_out(x, tl.minimum(rem, BLOCK), bi, start, row, written, sumsq_out, blk, LOG2_BLOCK, BLOCK)
 
 
 # ------------------------------------------------------------------ Tiger statistics

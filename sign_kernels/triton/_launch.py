@@ -44,6 +44,13 @@ STAT_ROWS, STAT_COLS, STAT_WARPS = 16, 256, 16
 if K.INTERPRETED:
     BLOCK = int(os.environ.get("SIGN_KERNELS_TRITON_INTERP_BLOCK", BLOCK))
 FINISH_BLOCK, FINISH_WARPS = 256, 4
+# Int8 momentum (NOTE: [int8 momentum] in _kernels): QROWS blocks of 64 elements per program,
+# 1024 elements, 4 per thread at 8 warps (at 8 per thread the quantization took 112-128
+# registers and spilled at 80 and 96; NOTE: [triton maxnreg]);
+# the blocks of a tensor are cut in runs of QROWS from its first (a multiple of QROWS * 64
+# elements from element 0 where the rows are whole blocks: the tile is then contiguous and
+# 16-byte aligned).
+QROWS, Q8_WARPS = 16, 8
 assert BLOCK & (BLOCK - 1) == 0 and FINISH_BLOCK & (FINISH_BLOCK - 1) == 0, "the sums' trees need powers of two"
 LOG2_BLOCK, LOG2_FINISH = BLOCK.bit_length() - 1, FINISH_BLOCK.bit_length() - 1
 _PLAN_CACHE_SIZE = 32
@@ -60,6 +67,11 @@ class Plan:
     n: int
     n_blocks: int
     n_tasks: int
+    # Int8 momentum: [n_qtasks, 2] (tensor, first int8 block) of sign_q8_kernel, QROWS blocks each.
+    qtasks: Optional[torch.Tensor] = None
+    n_qtasks: int = 0
+    n_qtasks_al: int = 0
+    qtask_parts: tuple = ()
     # NOTE: [per-tensor alignment] the blocks (and tasks) of the tensors whose θ, g and state
     # are all 16-byte aligned come first, n_blocks_al (n_tasks_al) of them: they run in one
     # launch with the aligned-address hints, the others in a second launch without. A tensor's
@@ -87,7 +99,8 @@ class Plan:
     @property
     def aligned(self) -> bool:
         """Whether every tensor takes the aligned launch."""
-        return self.n_blocks_al == self.n_blocks and self.n_tasks_al == self.n_tasks
+        return (self.n_blocks_al == self.n_blocks and self.n_tasks_al == self.n_tasks
+                and self.n_qtasks_al == self.n_qtasks)
 
 
 def _parts(table: torch.Tensor, n_al: int, total: int) -> tuple:
@@ -213,7 +226,7 @@ def _split_ranges(counts: torch.Tensor, step: int, aligned: torch.Tensor) -> tup
 
 
 def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=None, out=None,
-                capturing=False, ident=()) -> Plan:
+                capturing=False, ident=(), scales=None, residuals=None) -> Plan:
     n = len(params)
     addr = torch.tensor([list(map(_data_ptr, lst)) for lst in (params, grads, states, steps)],
                         dtype=torch.int64)  # [4, n]
@@ -223,6 +236,17 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
     table[:, K.F_NUMEL.value] = numel
     table[:, K.F_SEED.value] = torch.tensor([int(x) & 0xFFFFFFFF for x in seeds], dtype=torch.int64)
     aligned = (addr[:3] % 16 == 0).all(dim=0)  # per tensor: θ, g and state
+    if residuals is not None:  # NOTE: [correction byte]: ρ is read and written with θ
+        rho = torch.tensor(list(map(_data_ptr, residuals)), dtype=torch.int64)
+        table[:, K.F_RESID.value] = rho
+        aligned &= rho % 16 == 0
+    qtasks_t, n_qtasks_al = torch.zeros((0, 2), dtype=torch.int64), 0
+    if scales is not None:  # NOTE: [int8 momentum]: the blocks of each row, QROWS per program
+        cols = torch.tensor([p.shape[-1] for p in params], dtype=torch.int64)
+        table[:, K.F_SCALES.value] = torch.tensor(list(map(_data_ptr, scales)), dtype=torch.int64)
+        table[:, K.F_QCOLS.value] = cols
+        nq = torch.where(cols > 0, numel // cols.clamp(min=1) * ((cols + 63) // 64), 0)
+        qtasks_t, n_qtasks_al = _split_ranges(nq, QROWS, aligned)
     # The first block of each tensor in the blocks table, aligned tensors' blocks first
     # (NOTE: [per-tensor alignment]).
     per = (numel + (BLOCK - 1)) // BLOCK
@@ -251,18 +275,21 @@ def _build_plan(algo, params, grads, states, steps, roles, seeds, device, given=
         tasks_t, n_tasks_al = torch.zeros((0, 2), dtype=torch.int64), 0
         slot = 0
     blocks_t, n_blocks_al = _split_ranges(numel, BLOCK, aligned)
-    host = torch.cat([table.reshape(-1), blocks_t.reshape(-1), tasks_t.reshape(-1)])
+    host = torch.cat([table.reshape(-1), blocks_t.reshape(-1), tasks_t.reshape(-1), qtasks_t.reshape(-1)])
     if capturing:  # NOTE: [plans in CUDA graphs]
         host = _staged(host, device, _ALGO_NAME[algo])
         meta = host.to(device, non_blocking=True)
     else:
         meta = host.to(device)
     a, b = table.numel(), table.numel() + blocks_t.numel()
-    plan = Plan(meta=meta, tensors=meta[:a], blocks=meta[a:b].view(-1, 2), tasks=meta[b:].view(-1, 2), n=n,
+    c = b + tasks_t.numel()
+    plan = Plan(meta=meta, tensors=meta[:a], blocks=meta[a:b].view(-1, 2), tasks=meta[b:c].view(-1, 2), n=n,
                 n_blocks=blocks_t.shape[0], n_tasks=tasks_t.shape[0], n_blocks_al=n_blocks_al,
-                n_tasks_al=n_tasks_al, host=host if capturing else None, ident=ident, device=str(device))
+                n_tasks_al=n_tasks_al, host=host if capturing else None, ident=ident, device=str(device),
+                qtasks=meta[c:].view(-1, 2), n_qtasks=qtasks_t.shape[0], n_qtasks_al=n_qtasks_al)
     plan.block_parts = _parts(plan.blocks, n_blocks_al, plan.n_blocks)
     plan.task_parts = _parts(plan.tasks, n_tasks_al, plan.n_tasks)
+    plan.qtask_parts = _parts(plan.qtasks, n_qtasks_al, plan.n_qtasks)
     if algo == ALGO_TIGER:
         nslots = max(slot, 1)
         plan.stats = (
@@ -304,7 +331,8 @@ def _cached(key, ident, device, build) -> Plan:
     return plan
 
 
-def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=None, out=None) -> Plan:
+def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=None, out=None, scales=None,
+              residuals=None) -> Plan:
     # NOTE: [plan key] The table holds raw addresses and sizes, so any change of a data_ptr
     # (e.g. grads re-allocated after zero_grad(set_to_none=True) landing elsewhere), a shape,
     # a role or a seed gives a new key and a new table. With the caching allocator the grads
@@ -315,10 +343,13 @@ def _get_plan(algo, params, grads, states, steps, roles, seeds, device, given=No
     ident = (algo, str(device), params[0].dtype, grads[0].dtype, states[0].dtype,
              tuple(map(_data_ptr, params)), tuple(map(_data_ptr, states)), tuple(map(_data_ptr, steps)),
              tuple(map(_shape, params)),
-             tuple(roles) if roles is not None else None, tuple(seeds), given, out)
+             tuple(roles) if roles is not None else None, tuple(seeds), given, out,
+             tuple(map(_data_ptr, scales)) if scales is not None else None,
+             tuple(map(_data_ptr, residuals)) if residuals is not None else None)
     key = (ident, tuple(map(_data_ptr, grads)), _stream_key(device))
     return _cached(key, ident, device, lambda capturing: _build_plan(
-        algo, params, grads, states, steps, roles, seeds, device, given, out, capturing=capturing, ident=ident))
+        algo, params, grads, states, steps, roles, seeds, device, given, out, capturing=capturing, ident=ident,
+        scales=scales, residuals=residuals))
 
 
 def _lists_ok(params, grads, states, steps, roles, pdt, gdt, sdt, device) -> bool:
@@ -351,8 +382,9 @@ def dtype_error(algo, pdt, gdt, sdt) -> Optional[str]:
     return None
 
 
-def _check(algo, params, grads, states, steps, roles, seeds) -> torch.device:
-    """Refuse what the optimizer should never send, naming the tensor and the rule."""
+def _check(algo, params, grads, states, steps, roles, seeds, q8=False) -> torch.device:
+    """Refuse what the optimizer should never send, naming the tensor and the rule. q8: the
+    momenta are int8 codes (their scales: _check_compressed)."""
     op = _ALGO_NAME[algo]
     sname = _STATE_NAME[algo]
     n = len(params)
@@ -368,7 +400,9 @@ def _check(algo, params, grads, states, steps, roles, seeds) -> torch.device:
                          + (" (or CPU tensors under TRITON_INTERPRET=1)" if K.INTERPRETED else
                             "; CPU tensors need TRITON_INTERPRET=1 set before sign_kernels.triton is first used"))
     pdt, gdt, sdt = params[0].dtype, grads[0].dtype, states[0].dtype
-    err = dtype_error(algo, pdt, gdt, sdt)
+    err = dtype_error(algo, pdt, gdt, pdt if q8 else sdt)
+    if err is None and q8 and sdt != torch.int8:
+        err = f"{sname} dtype {sdt} with exp_avg_scales: int8 momentum needs int8 codes"
     if err is not None:
         raise TypeError(f"{op} (triton): {err}")
     if _lists_ok(params, grads, states, steps, roles, pdt, gdt, sdt, device):
@@ -392,6 +426,40 @@ def _check(algo, params, grads, states, steps, roles, seeds) -> torch.device:
         if roles is not None and int(roles[i]) not in (0, 1, 2, 3):
             raise ValueError(f"{op}: roles[{i}] = {roles[i]} is not a Tiger role (0..3)")
     return device
+
+
+def _check_compressed(algo, params, states, scales, residuals, sr, device) -> tuple[bool, bool]:
+    """8-bit momentum and the correction byte (NOTE: [8-bit momentum and the correction byte] in
+    sign_kernels/_ops.py): (int8 momentum, correction byte), after refusing what does not fit."""
+    op = _ALGO_NAME[algo]
+    n = len(params)
+    q8 = scales is not None
+    if q8 != (torch.int8 in set(map(_dtype, states))):
+        raise ValueError(f"{op}: int8 momentum and exp_avg_scales are given together or not at all")
+    if q8:
+        if len(scales) != n:
+            raise ValueError(f"{op}: exp_avg_scales needs one bf16 scale tensor per int8 momentum ({n}), "
+                             f"got {len(scales)}")
+        for i, (m, sc) in enumerate(zip(states, scales)):
+            want = tuple(m.shape[:-1]) + (-(-m.shape[-1] // 64),) if m.dim() >= 2 else None
+            if m.dtype != torch.int8 or want is None or sc.dtype != torch.bfloat16 or tuple(sc.shape) != want:
+                raise ValueError(f"{op}: tensor {i}: int8 momentum needs >= 2 dims and bf16 scales of shape "
+                                 f"{want if want is not None else '?'}, got {m.dtype} with {m.dim()} dims and "
+                                 f"{sc.dtype} {tuple(sc.shape)}")
+            if sc.device != device or not sc.is_contiguous():
+                raise ValueError(f"{op}: exp_avg_scales[{i}] must be contiguous and on {device}")
+    if residuals is not None:
+        if sr:
+            raise ValueError(f"{op}: residuals (the correction byte) and stochastic_rounding are exclusive")
+        if len(residuals) != n:
+            raise ValueError(f"{op}: residuals needs one int8 tensor per param ({n}), got {len(residuals)}")
+        for i, (p, r) in enumerate(zip(params, residuals)):
+            if p.dtype not in (torch.bfloat16, torch.float16) or r.dtype != torch.int8 or r.shape != p.shape:
+                raise ValueError(f"{op}: tensor {i}: the correction byte needs bf16/fp16 params and an int8 "
+                                 f"residual of their shape, got {p.dtype} and {r.dtype} {tuple(r.shape)}")
+            if r.device != device or not r.is_contiguous():
+                raise ValueError(f"{op}: residuals[{i}] must be contiguous and on {device}")
+    return q8, residuals is not None
 
 
 def _scalar_tensor(t: Optional[torch.Tensor], device, name: str, op: str):
@@ -460,15 +528,20 @@ def _check_sumsq_out(params, roles, device, stats, given, sumsq_out, sumsq_out_a
 
 
 def step_config(algo, pdt, gdt, sdt, *, has_lr_t, has_scale, has_found, sr, aligned, sumsq=False,
-                has_clip=False) -> dict:
+                has_clip=False, ec=False) -> dict:
     """Constexpr arguments and launch options of ``sign_step_kernel`` for one call: what
-    ``run`` launches and what ``tests/test_triton_codegen.py`` compiles for sm_90."""
+    ``run`` launches and what ``tests/test_triton_codegen.py`` compiles for sm_90. ec: the
+    correction byte (never with SR)."""
     return dict(ALGO=algo, P_DT=_DT_CODE[pdt], G_DT=_DT_CODE[gdt], M_DT=_DT_CODE[sdt],
                 HAS_LR_T=bool(has_lr_t), HAS_SCALE=bool(has_scale), HAS_FOUND=bool(has_found),
-                HAS_CLIP=bool(has_clip),
+                HAS_CLIP=bool(has_clip), EC=bool(ec) and algo != ALGO_SIMBA,
                 # SR changes only bf16 stores: one specialisation fewer where none exists.
                 SR=bool(sr) and torch.bfloat16 in (pdt, sdt), ALIGNED=bool(aligned),
-                BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                # The correction byte's encoding (RNE, the unit, rint) at 8 elements per thread took
+                # 69-77 registers for Lion and spilled in Tiger's unaligned sums out: 16 warps, 4 per
+                # thread (the sums' order depends on BLOCK only, NOTE: [Triton sums of squares]).
+                BLOCK=BLOCK, num_warps=2 * NUM_WARPS if ec and algo != ALGO_SIMBA else NUM_WARPS,
+                enable_fp_fusion=False,
                 # Tiger's sums out (NOTE: [Triton sums of squares]): its own specialisations.
                 SUMSQ=bool(sumsq) and algo == ALGO_TIGER, LOG2_BLOCK=LOG2_BLOCK,
                 # NOTE: [triton maxnreg] below.
@@ -490,6 +563,15 @@ def step_config(algo, pdt, gdt, sdt, *, has_lr_t, has_scale, has_found, sr, alig
 # * Simba with SR, aligned: 64 (12.8's stack frame above, gone at 64; 13.4: 52-55 either way);
 # * everything else unbounded: Lion, Simba without SR, the statistics kernels (sumsq_config
 #   bounds the aligned pre-pass over 16-bit θ: 12.8 takes 74 unbounded, 62 at 64).
+# * the correction byte (EC): the same bounds, at 16 warps (step_config); int8 momentum:
+#   _maxnreg_q8 (88). Measured with 13.4 only (triton 3.9 here): recheck with 12.8.
+def _maxnreg_q8(algo, pdt, ec, aligned) -> dict:
+    """NOTE: [triton maxnreg], int8 momentum (sign_q8_kernel, 4 elements per thread): unbounded,
+    ptxas 13.4 takes 64-91 registers; at 80 two specialisations spill 8 bytes (Lion's aligned bf16
+    update with the correction byte, Tiger's unaligned bf16 SR update), at 88 none does (of 66)."""
+    return {"maxnreg": 88}
+
+
 def _maxnreg(algo, sr, aligned, sumsq) -> dict:
     """``sr``: stochastic rounding in effect (a bf16 param or state)."""
     if algo == ALGO_TIGER:
@@ -497,6 +579,22 @@ def _maxnreg(algo, sr, aligned, sumsq) -> dict:
     if algo == ALGO_SIMBA and aligned and sr:
         return {"maxnreg": 64}
     return {}
+
+
+def q8_config(algo, pdt, gdt, *, has_lr_t, has_scale, has_found, sr, ec, aligned, has_clip=False) -> dict:
+    """Constexpr arguments and launch options of ``sign_q8_kernel`` (int8 momentum)."""
+    sr = bool(sr) and pdt == torch.bfloat16 and not ec  # the codes always round stochastically
+    return dict(ALGO=algo, P_DT=_DT_CODE[pdt], G_DT=_DT_CODE[gdt], HAS_LR_T=bool(has_lr_t),
+                HAS_SCALE=bool(has_scale), HAS_FOUND=bool(has_found), HAS_CLIP=bool(has_clip), SR=sr,
+                EC=bool(ec), ALIGNED=bool(aligned), QROWS=QROWS, num_warps=Q8_WARPS, enable_fp_fusion=False,
+                **_maxnreg_q8(algo, pdt, ec, aligned))
+
+
+def sums_after_config(pdt, *, has_found, aligned) -> dict:
+    """Constexpr arguments and launch options of ``tiger_sums_after_kernel``."""
+    cfg = sumsq_config(pdt, aligned=aligned)
+    cfg["HAS_FOUND"] = bool(has_found)
+    return cfg
 
 
 def rows_config(gdt, *, has_scale, aligned, has_clip=False) -> dict:
@@ -552,11 +650,14 @@ def _device_guard(device: torch.device):
 def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weight_decay=0.0,
         beta1=0.0, beta2=0.0, shrink=1.0, k=1, window=0, threshold=0, grad_scale=None,
         found_inf=None, stochastic_rounding=False, stats=None, stats_nan=None, stats_sumsq=None,
-        stats_n=None, sumsq_out=None, sumsq_out_at=None, clip=None) -> None:
+        stats_n=None, sumsq_out=None, sumsq_out_at=None, clip=None, exp_avg_scales=None,
+        residuals=None) -> None:
     if len(params) == 0:
         return
     op = _ALGO_NAME[algo]
-    device = _check(algo, params, grads, states, steps, roles, seeds)
+    q8 = exp_avg_scales is not None or (len(states) > 0 and states[0].dtype == torch.int8)
+    device = _check(algo, params, grads, states, steps, roles, seeds, q8=q8)
+    q8, ec = _check_compressed(algo, params, states, exp_avg_scales, residuals, stochastic_rounding, device)
     given = _check_given(params, roles, device, stats, stats_nan, stats_sumsq, stats_n)
     out = _check_sumsq_out(params, roles, device, stats, given, sumsq_out, sumsq_out_at)
     if out is not None and all(a < 0 for a in out[0]):
@@ -567,7 +668,8 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
     grad_scale = _scalar_tensor(grad_scale, device, "grad_scale", op)
     found_inf = _scalar_tensor(found_inf, device, "found_inf", op)
     clip = _scalar_tensor(clip, device, "clip", op)  # NOTE: [clipping inside the step]
-    plan = _get_plan(algo, params, grads, states, steps, roles, seeds, device, given, out)
+    plan = _get_plan(algo, params, grads, states, steps, roles, seeds, device, given, out,
+                     exp_avg_scales if q8 else None, residuals if ec else None)
     if plan.n_blocks == 0:
         return
     dummy = plan.meta
@@ -597,6 +699,27 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
         else:
             t_nan = t_rms = row_rms = blk = dummy
         out_ptr = sumsq_out if sumsq and sumsq_out.numel() > 0 else dummy  # unread when unused
+        if q8:
+            # NOTE: [int8 momentum]: the int8 blocks' update, then (Tiger) the sums out read back
+            # from θ over the update's blocks.
+            for qtasks, count, aligned, _ in plan.qtask_parts:
+                K.sign_q8_kernel[(count,)](
+                    plan.tensors, qtasks,
+                    float(lr), lr_t if lr_t is not None else dummy, scale_ptr, found_ptr, clip_ptr,
+                    float(weight_decay), float(beta1), float(beta2), float(shrink), int(k),
+                    t_nan, t_rms, row_rms,
+                    **q8_config(algo, pdt, gdt, has_lr_t=lr_t is not None, has_scale=has_scale,
+                                has_found=found_inf is not None, sr=stochastic_rounding, ec=ec,
+                                aligned=aligned, has_clip=has_clip))
+            if sumsq:
+                for blocks, count, aligned, first in plan.block_parts:
+                    K.tiger_sums_after_kernel[(count,)](
+                        plan.tensors, blocks, t_nan, found_ptr, int(k), blk[2 * first:] if first else blk, out_ptr,
+                        **sums_after_config(pdt, has_found=found_inf is not None, aligned=aligned))
+                K.tiger_sumsq_out_kernel[(plan.n,)](
+                    plan.tensors, blk, t_nan, found_ptr, int(k), out_ptr,
+                    **sumsq_out_config(has_found=found_inf is not None))
+            return
         for blocks, count, aligned, first in plan.block_parts:
             K.sign_step_kernel[(count,)](
                 plan.tensors, blocks,
@@ -606,7 +729,7 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
                 t_nan, t_rms, row_rms, blk[2 * first:] if first and sumsq else blk, out_ptr,
                 **step_config(algo, pdt, gdt, sdt, has_lr_t=lr_t is not None, has_scale=has_scale,
                               has_found=found_inf is not None, sr=stochastic_rounding,
-                              aligned=aligned, sumsq=sumsq, has_clip=has_clip))
+                              aligned=aligned, sumsq=sumsq, has_clip=has_clip, ec=ec))
         if sumsq:
             K.tiger_sumsq_out_kernel[(plan.n,)](
                 plan.tensors, blk, t_nan, found_ptr, int(k), out_ptr,
@@ -615,20 +738,24 @@ def run(algo: int, params, grads, states, steps, roles, seeds, *, lr, lr_t, weig
 
 # ------------------------------------------------------------------ the op signatures
 def lion_(params, grads, exp_avgs, steps, lr, lr_t, beta1, beta2, weight_decay,
-          grad_scale, found_inf, seeds, stochastic_rounding, clip=None) -> None:
+          grad_scale, found_inf, seeds, stochastic_rounding, clip=None, exp_avg_scales=None,
+          residuals=None) -> None:
     run(ALGO_LION, params, grads, exp_avgs, steps, None, seeds, lr=lr, lr_t=lr_t,
         weight_decay=weight_decay, beta1=beta1, beta2=beta2, grad_scale=grad_scale,
-        found_inf=found_inf, stochastic_rounding=stochastic_rounding, clip=clip)
+        found_inf=found_inf, stochastic_rounding=stochastic_rounding, clip=clip,
+        exp_avg_scales=exp_avg_scales, residuals=residuals)
 
 
 def tiger_(params, grads, exp_avgs, steps, roles, lr, lr_t, beta, weight_decay, grad_accum_steps,
            shrink_ratio, grad_scale, found_inf, seeds, stochastic_rounding, stats=None, stats_nan=None,
-           stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None, clip=None) -> None:
+           stats_sumsq=None, stats_n=None, sumsq_out=None, sumsq_out_at=None, clip=None,
+           exp_avg_scales=None, residuals=None) -> None:
     run(ALGO_TIGER, params, grads, exp_avgs, steps, roles, seeds, lr=lr, lr_t=lr_t,
         weight_decay=weight_decay, beta1=beta, shrink=shrink_ratio, k=grad_accum_steps,
         grad_scale=grad_scale, found_inf=found_inf, stochastic_rounding=stochastic_rounding,
         stats=stats, stats_nan=stats_nan, stats_sumsq=stats_sumsq, stats_n=stats_n,
-        sumsq_out=sumsq_out, sumsq_out_at=sumsq_out_at, clip=clip)
+        sumsq_out=sumsq_out, sumsq_out_at=sumsq_out_at, clip=clip,
+        exp_avg_scales=exp_avg_scales, residuals=residuals)
 
 
 def simba_(params, grads, sign_counts, steps, lr, lr_t, window_size, threshold_count, weight_decay,

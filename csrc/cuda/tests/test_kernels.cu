@@ -577,7 +577,8 @@ void q_reference(const QCase& c, std::vector<QTensor>& T, const std::vector<int6
         }
         if (!q8) continue;
         const uint16_t sb = sk::bf16_bits_up(amax);
-        for (int64_t k = 0; k < cnt; ++k) x.codes[first + k] = sk::q8_code(mn[k], sk::q8_scale(sb), ks);
+        const float sc = sk::q8_scale(sb), inv = 1.0f / sc;
+        for (int64_t k = 0; k < cnt; ++k) x.codes[first + k] = sk::q8_code(mn[k], sc, inv, ks);
         x.scales[r * x.nb + b] = sb;
       }
     }
