@@ -14,10 +14,12 @@ Examples::
     python examples/train_lm.py --resume-check                    # bit-exact resume in a new process
     python examples/train_lm.py --device cuda --dtype bf16 --stochastic-rounding --model-size small
     python examples/train_lm.py --set lion.lr=5e-4 --set lion.weight_decay=0.3
+    python examples/train_lm.py --optimizers lion,tiger --variants all --seeds 0,1   # precision variants
 
 Outputs (``--out``, default ``examples/results``): ``<tag>.json`` (every curve and number),
 ``<tag>.md`` (the table), ``<tag>.png`` (validation loss vs step), where ``<tag>`` defaults to
-``results`` (``sweep`` for ``--sweep``, ``resume_check`` for ``--resume-check``).
+``results`` (``sweep`` for ``--sweep``, ``resume_check`` for ``--resume-check``, ``precision``
+for ``--variants``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,23 @@ SWEEP_GRID: Dict[str, List[Dict[str, float]]] = {
     "tiger": [{"lr": lr, "weight_decay": 0.01} for lr in (1e-2, 2e-2, 4e-2)] + [{"lr": 2e-2, "weight_decay": 0.1}],
     "simba": [{"lr": lr, "weight_decay": 0.3} for lr in (3e-4, 1e-3)],
 }
+
+# Precision variants of --variants (Lion and Tiger): the weights' dtype, the momentum's dtype, and
+# how the bits a bf16 weight drops are kept. All bf16 variants start from the same bf16 weights
+# (the fp32 init rounded to nearest) and compute in bf16 (the loss in fp32).
+#   master: the optimizer steps fp32 copies of the params (fp32 momentum) with the bf16 grads
+#           converted to fp32; after every step the bf16 model gets their round-to-nearest.
+PRECISION_VARIANTS: Dict[str, Dict[str, object]] = {
+    "fp32": {"dtype": "fp32"},
+    "int8": {"dtype": "fp32", "momentum_dtype": "int8"},
+    "bf16-master": {"dtype": "bf16", "master_weights": True},
+    "bf16-ec-int8": {"dtype": "bf16", "momentum_dtype": "int8", "error_correction": True},
+    "bf16-sr-int8": {"dtype": "bf16", "momentum_dtype": "int8", "stochastic_rounding": True},
+    "bf16-int8": {"dtype": "bf16", "momentum_dtype": "int8"},
+}
+# What each variant is compared with in the table ("vs reference").
+VARIANT_REFERENCE = {"int8": "fp32", "bf16-ec-int8": "bf16-master", "bf16-sr-int8": "bf16-master",
+                     "bf16-int8": "bf16-master"}
 
 
 @dataclass
@@ -254,6 +273,11 @@ def build_optimizer(name: str, model: nn.Module, hp: Dict[str, float], args) -> 
         return torch.optim.AdamW(decay_groups(model, wd), lr=lr, betas=(0.9, 0.95), weight_decay=wd)
     sk = import_sign_kernels()
     common = dict(backend=args.backend, stochastic_rounding=args.stochastic_rounding, seed=args.seed)
+    # set by --variants only (the other modes build the optimizer exactly as before)
+    if getattr(args, "momentum_dtype", None) == "int8":
+        common["momentum_dtype"] = torch.int8
+    if getattr(args, "error_correction", False):
+        common["error_correction"] = True
     if name == "lion":
         betas = (hp.get("beta1", 0.95), hp.get("beta2", 0.98))  # docs/rules.md: the paper's NLP betas
         return sk.Lion(decay_groups(model, wd), lr=lr, betas=betas, weight_decay=wd, **common)
@@ -341,7 +365,17 @@ def train_one(name: str, hp: Dict[str, float], args, corpus, *, stop_at: Optiona
     cfg = MODEL_SIZES[args.model_size]
     torch.manual_seed(args.seed)
     model = GPT(cfg).to(device=device, dtype=dtype)
-    opt = build_optimizer(name, model, hp, args)
+    master = None
+    if getattr(args, "master_weights", False):
+        # fp32 master copies (same modules, so the same param groups and roles; the tied
+        # head/embedding stay tied), starting from the bf16 weights the model has
+        if stop_at is not None or resume_from is not None:
+            raise ValueError("master weights: no checkpointing in this script")
+        master = copy.deepcopy(model).float()
+        opt = build_optimizer(name, master, hp, args)
+        pairs = list(zip(master.parameters(), model.parameters()))
+    else:
+        opt = build_optimizer(name, model, hp, args)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(warmup, args.steps))
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -372,8 +406,18 @@ def train_one(name: str, hp: Dict[str, float], args, corpus, *, stop_at: Optiona
         x, y = x.to(device), y.to(device)
         loss = model(x, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if master is None:
+            loss.backward()
+            opt.step()
+        else:
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            for pm, p in pairs:
+                pm.grad = None if p.grad is None else p.grad.float()
+            opt.step()
+            with torch.no_grad():
+                for pm, p in pairs:
+                    p.copy_(pm)  # round to nearest even
         sched.step()
         loss_v = loss.item()  # syncs
         train_time += time.perf_counter() - t0
@@ -414,6 +458,8 @@ def train_one(name: str, hp: Dict[str, float], args, corpus, *, stop_at: Optiona
         "wall_time_s": wall,
         "state_bytes": optimizer_state_bytes(opt),
         "param_count": num_params(model),
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "master_bytes": 0 if master is None else sum(p.numel() * p.element_size() for p in master.parameters()),
         "curve": curve,
         "train_losses": train_losses,
         "params_sha256": params_digest(model),
@@ -622,6 +668,206 @@ def run_sweep(args, corpus):
     print("\n" + header + "\n\n" + "\n".join(lines))
 
 
+def precision_setting(args, corpus_info) -> dict:
+    """What must match for runs of two --variants invocations to share one table."""
+    return {
+        "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "model_size": args.model_size,
+        "device": args.device, "backend": args.backend, "eval_interval": args.eval_interval,
+        "eval_batches": args.eval_batches, "set": sorted(args.set), "corpus": corpus_info,
+    }
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def precision_summary(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
+    """{optimizer: {variant: {"seeds": {seed: loss}, "mean": m, ...}}}, in PRECISION_VARIANTS order."""
+    out: Dict[str, Dict[str, dict]] = {}
+    for name in OPTIMIZERS:
+        mine = [r for r in runs if r["optimizer"] == name]
+        if not mine:
+            continue
+        out[name] = {}
+        for v in PRECISION_VARIANTS:
+            rs = sorted((r for r in mine if r["variant"] == v), key=lambda r: r["seed"])
+            if not rs:
+                continue
+            r0 = rs[0]
+            n = r0["param_count"]
+            out[name][v] = {
+                "seeds": {r["seed"]: r["final_val_loss"] for r in rs},
+                "mean": _mean([r["final_val_loss"] for r in rs]),
+                "state_bytes_per_param": (r0["state_bytes"] + r0["master_bytes"]) / n,
+                "total_bytes_per_param": (r0["param_bytes"] + r0["master_bytes"] + r0["state_bytes"]) / n,
+                "train_time_s": [r["train_time_s"] for r in rs],
+            }
+        for v, ref in VARIANT_REFERENCE.items():
+            if v in out[name] and ref in out[name]:
+                a, b = out[name][v], out[name][ref]
+                common = sorted(set(a["seeds"]) & set(b["seeds"]))
+                if not common:
+                    continue
+                a["reference"] = ref
+                a["vs_reference_per_seed"] = {sd: a["seeds"][sd] / b["seeds"][sd] - 1 for sd in common}
+                a["vs_reference"] = _mean([a["seeds"][sd] for sd in common]) / _mean([b["seeds"][sd] for sd in common]) - 1
+    return out
+
+
+def precision_acceptance(summary) -> List[str]:
+    """The issue's bar: int8 within 0.5 % of fp32; bf16-ec-int8 within 0.5 % of bf16-master and
+    better than bf16-sr-int8 (on the mean over the seeds both have)."""
+    lines = []
+    for name, vs in summary.items():
+        checks = []
+        if "vs_reference" in vs.get("int8", {}):
+            d = vs["int8"]["vs_reference"]
+            checks.append((f"int8 vs fp32 {100 * d:+.2f} % (bar: <= +0.5 %)", d <= 0.005))
+        ec = vs.get("bf16-ec-int8", {})
+        if "vs_reference" in ec:
+            d = ec["vs_reference"]
+            checks.append((f"bf16-ec-int8 vs bf16-master {100 * d:+.2f} % (bar: <= +0.5 %)", d <= 0.005))
+        if ec and "bf16-sr-int8" in vs:
+            sr = vs["bf16-sr-int8"]
+            common = sorted(set(ec["seeds"]) & set(sr["seeds"]))
+            if common:
+                a, b = _mean([ec["seeds"][x] for x in common]), _mean([sr["seeds"][x] for x in common])
+                checks.append((f"bf16-ec-int8 {a:.4f} vs bf16-sr-int8 {b:.4f} (bar: lower)", a < b))
+        for text, ok in checks:
+            lines.append(f"* {name}: {text}: **{'yes' if ok else 'NO'}**")
+    return lines
+
+
+def precision_table(summary, seeds: List[int]) -> str:
+    head = "| optimizer | variant | " + " | ".join(f"seed {sd}" for sd in seeds) + \
+        " | mean | vs reference (mean; per seed) | optimizer state B/param | weights + state B/param | train time / run |"
+    lines = [head, "|" + "---|" * (7 + len(seeds))]
+    for name, vs in summary.items():
+        for v, d in vs.items():
+            cells = [f"{d['seeds'][sd]:.4f}" if sd in d["seeds"] else "-" for sd in seeds]
+            if "vs_reference" in d:
+                per = ", ".join(f"{100 * x:+.2f} %" for x in d["vs_reference_per_seed"].values())
+                ref = f"{100 * d['vs_reference']:+.2f} % vs {d['reference']} ({per})"
+            else:
+                ref = "reference" if v in VARIANT_REFERENCE.values() else "-"
+            t = _mean(d["train_time_s"])
+            lines.append(f"| {name} | {v} | " + " | ".join(cells) + f" | {d['mean']:.4f} | {ref} | "
+                         f"{d['state_bytes_per_param']:.2f} | {d['total_bytes_per_param']:.2f} | {t:.0f} s |")
+    return "\n".join(lines)
+
+
+def plot_precision(runs: List[dict], path: Path, title: str):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    names = [n for n in OPTIMIZERS if any(r["optimizer"] == n for r in runs)]
+    if not names or not any(r["curve"] for r in runs):
+        return
+    fig, axes = plt.subplots(2, len(names), figsize=(6.5 * len(names), 8), squeeze=False)
+    colors = dict(zip(PRECISION_VARIANTS, ("C0", "C1", "C2", "C3", "C4", "C5")))
+    styles = {"fp32": "-", "int8": "--", "bf16-master": "-", "bf16-ec-int8": "--", "bf16-sr-int8": "-.",
+              "bf16-int8": ":"}
+    for j, name in enumerate(names):
+        for v in PRECISION_VARIANTS:
+            rs = [r for r in runs if r["optimizer"] == name and r["variant"] == v and r["curve"]]
+            if not rs:
+                continue
+            n = min(len(r["curve"]) for r in rs)  # mean over seeds
+            steps = [rs[0]["curve"][i][0] for i in range(n)]
+            vals = [_mean([r["curve"][i][1] for r in rs]) for i in range(n)]
+            label = f"{v} ({_mean([r['final_val_loss'] for r in rs]):.4f}, {len(rs)} seed{'s' if len(rs) > 1 else ''})"
+            for i, ax in enumerate(axes[:, j]):
+                k = 0 if i == 0 else max(0, n // 2)
+                ax.plot(steps[k:], vals[k:], styles[v], color=colors[v], label=label if i == 0 else None)
+        finals = [r["final_val_loss"] for r in runs if r["optimizer"] == name]
+        axes[0, j].set_title(f"{name}: val loss (mean over seeds)", fontsize=10)
+        axes[0, j].set_ylim(min(finals) - 0.1, min(max(finals) + 1.0, 5.7))
+        axes[0, j].legend(fontsize=8)
+        axes[1, j].set_title(f"{name}: second half", fontsize=10)
+        for ax in axes[:, j]:
+            ax.set_xlabel("step")
+            ax.set_ylabel("validation loss (nats/byte)")
+            ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_precision(args, corpus_info, runs: List[dict], seeds: List[int]):
+    out = Path(args.out)
+    tag = args.tag or "precision"
+    setting = precision_setting(args, corpus_info)
+    summary = precision_summary(runs)
+    env = environment(args, corpus_info)
+    for k in ("dtype", "stochastic_rounding", "seed"):
+        env.pop(k)
+    write_json(out / f"{tag}.json", {"environment": env, "setting": setting, "variants": PRECISION_VARIANTS,
+                                     "reference": VARIANT_REFERENCE, "summary": summary,
+                                     "acceptance": precision_acceptance(summary), "runs": runs})
+    cfg = MODEL_SIZES[args.model_size]
+    header = (f"{args.model_size} GPT ({runs[0]['param_count']:,} params), {args.steps} steps, batch "
+              f"{args.batch_size}x{cfg.block_size} bytes, {args.device}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; final val loss (nats/byte)")
+    all_seeds = sorted({r["seed"] for r in runs} | set(seeds))
+    notes = (
+        "Bytes per param: the optimizer's state tensors (momentum codes and scales, residuals, fp32 momentum of "
+        "the 0/1-d tensors, step counters) plus, for bf16-master, the fp32 master copies; 'weights + state' "
+        "adds the model's own weights. Gradients are not counted."
+    )
+    text = (header + "\n\n" + precision_table(summary, all_seeds) + "\n\n" + notes + "\n\nAcceptance:\n\n"
+            + "\n".join(precision_acceptance(summary)) + "\n")
+    (out / f"{tag}.md").write_text(text)
+    plot_precision(runs, out / f"{tag}.png", header)
+    return text
+
+
+def run_variants(args, corpus):
+    """Each chosen optimizer in each chosen precision variant, for each seed (seed-major, so a
+    partial run has whole seeds); the JSON/markdown/plot are rewritten after every run and merged
+    with <out>/<tag>.json's runs of the same setting (a later invocation adds seeds or variants)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.tag or 'precision'}.json"
+    setting = precision_setting(args, corpus[2])
+    runs: List[dict] = []
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("setting") == json.loads(json.dumps(setting)):
+            runs = old["runs"]
+        else:
+            print(f"{path} has another setting; overwriting it", flush=True)
+    for seed in args.seeds:
+        for name in args.optimizers:
+            hp = hparams_for(name, args)
+            for v in args.variants:
+                run_args = copy.copy(args)
+                run_args.seed = seed
+                run_args.dtype = PRECISION_VARIANTS[v]["dtype"]
+                for k in ("momentum_dtype", "error_correction", "stochastic_rounding", "master_weights"):
+                    setattr(run_args, k, PRECISION_VARIANTS[v].get(k, None if k == "momentum_dtype" else False))
+                print(f"== {name} {v} seed {seed} {hp}", flush=True)
+                r = train_one(name, hp, run_args, corpus, verbose=args.log_interval > 0)
+                losses = r.pop("train_losses")
+                r["train_loss_every_10"] = [_mean(losses[i:i + 10]) for i in range(0, len(losses), 10)]
+                r.update(variant=v, seed=seed)
+                print(f"== {name} {v} seed {seed}: final val {r['final_val_loss']:.4f}, train {r['train_time_s']:.1f} s, "
+                      f"wall {r['wall_time_s']:.1f} s, state {r['state_bytes'] / r['param_count']:.2f} B/param",
+                      flush=True)
+                runs = [q for q in runs if (q["optimizer"], q["variant"], q["seed"]) != (name, v, seed)] + [r]
+                order = {n: i for i, n in enumerate(OPTIMIZERS)}
+                vorder = {n: i for i, n in enumerate(PRECISION_VARIANTS)}
+                runs.sort(key=lambda q: (order[q["optimizer"]], vorder[q["variant"]], q["seed"]))
+                text = write_precision(args, corpus[2], runs, args.seeds)
+    print("\n" + text)
+    return runs
+
+
 def child_args(args) -> List[str]:
     argv = [
         "--steps", str(args.steps), "--model-size", args.model_size, "--batch-size", str(args.batch_size),
@@ -707,6 +953,10 @@ def main(argv=None):
                    help="with --sweep: run these points instead of SWEEP_GRID (merged into the sweep JSON)")
     p.add_argument("--resume-check", action="store_true", help="check bit-exact resume in a new process")
     p.add_argument("--resume-at", type=int, default=None, help="step at which to save (default steps/2)")
+    p.add_argument("--variants", default=None, metavar="V1,V2,...",
+                   help="precision variants (Lion, Tiger; 'all' for every one): " + ",".join(PRECISION_VARIANTS)
+                   + "; writes <out>/precision.{json,md,png}")
+    p.add_argument("--seeds", default=None, help="with --variants: comma-separated seeds (default: --seed)")
     p.add_argument("--_continue", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -714,6 +964,20 @@ def main(argv=None):
     for o in args.optimizers:
         if o not in OPTIMIZERS:
             p.error(f"unknown optimizer {o!r}")
+    if args.variants is not None:
+        args.variants = list(PRECISION_VARIANTS) if args.variants.strip() == "all" else \
+            [v.strip() for v in args.variants.split(",") if v.strip()]
+        for v in args.variants:
+            if v not in PRECISION_VARIANTS:
+                p.error(f"unknown variant {v!r}; choose from {', '.join(PRECISION_VARIANTS)}")
+        if any(o not in ("lion", "tiger") for o in args.optimizers):
+            p.error("--variants is for lion and tiger (int8 momentum and the correction byte); pass --optimizers lion,tiger")
+        if args.dtype != "fp32" or args.stochastic_rounding or args.sweep or args.resume_check:
+            p.error("--variants sets the dtype and the rounding itself; it excludes --dtype, --stochastic-rounding, "
+                    "--sweep and --resume-check")
+        args.seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    elif args.seeds:
+        p.error("--seeds is for --variants")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -736,6 +1000,9 @@ def main(argv=None):
         return 0 if run_resume_check(args, corpus) else 1
     if args.sweep:
         run_sweep(args, corpus)
+        return 0
+    if args.variants is not None:
+        run_variants(args, corpus)
         return 0
     run_compare(args, corpus)
     return 0
