@@ -59,13 +59,11 @@ def max_norm_of(groups: List[Dict[str, Any]], where) -> Optional[float]:
 class ClipStep:
     """What one clipped step computes before its op calls."""
 
-    __slots__ = ("max_norm", "sums", "offsets", "device", "flags", "coef", "skip", "cache", "_per_device")
+    __slots__ = ("max_norm", "sums", "flags", "coef", "skip", "cache", "_per_device")
 
-    def __init__(self, max_norm: float, sums: torch.Tensor, offsets: List[List[int]]):
+    def __init__(self, max_norm: float, sums: torch.Tensor):
         self.max_norm = max_norm
-        self.sums = sums          # fp64, one entry per tensor of the step, plan order
-        self.offsets = offsets    # per plan group: the start of each bucket's entries
-        self.device = sums.device
+        self.sums = sums          # fp64, one entry per tensor of the step, plan order (bucket.clip_at: a bucket's first)
         self.flags: Optional[torch.Tensor] = None  # fp64 1.0 where the sum is NaN (Tiger's guard)
         self.coef: Optional[torch.Tensor] = None   # fp32 0-dim
         self.skip: Optional[torch.Tensor] = None   # bool 0-dim: the step changes nothing
@@ -92,40 +90,33 @@ def norm_pass(plan, grad_scale: Optional[torch.Tensor], max_norm: float) -> Opti
     device = buckets[0].params[0].device
     total = sum(len(b.grads) for b in buckets)
     parts = []
-    offsets: List[List[int]] = []
     at = 0
     same_device = all(b.params[0].device == device for b in buckets)
     out_all = torch.empty(total, dtype=torch.float64, device=device) if same_device else None
-    for _, _, bs in plan:
-        starts = []
-        for b in bs:
-            n = len(b.grads)
-            starts.append(at)
-            dev = b.params[0].device
-            out = out_all[at:at + n] if out_all is not None else torch.empty(n, dtype=torch.float64, device=dev)
-            scale = grad_scale.to(dev, non_blocking=True) if grad_scale is not None else None
-            grads = b.grads if b.backend.name == "reference" or all(g.is_contiguous() for g in b.grads) \
-                else [g.contiguous() for g in b.grads]
-            b.backend.fn("sumsq_")(grads, scale, out)  # a bucket's grads share a dtype (its key)
-            b.clip_at = at
-            parts.append(out)
-            at += n
-        offsets.append(starts)
+    for b in buckets:  # plan order
+        n = len(b.grads)
+        dev = b.params[0].device
+        out = out_all[at:at + n] if out_all is not None else torch.empty(n, dtype=torch.float64, device=dev)
+        scale = grad_scale.to(dev, non_blocking=True) if grad_scale is not None else None
+        grads = b.grads if b.backend.name == "reference" or all(g.is_contiguous() for g in b.grads) \
+            else [g.contiguous() for g in b.grads]
+        b.backend.fn("sumsq_")(grads, scale, out)  # a bucket's grads share a dtype (its key)
+        b.clip_at = at
+        parts.append(out)
+        at += n
     sums = out_all if out_all is not None else torch.cat([p.to(device) for p in parts])
-    return ClipStep(max_norm, sums, offsets)
+    return ClipStep(max_norm, sums)
 
 
 def finish(clip: ClipStep, tiger: bool) -> torch.Tensor:
     """Step 2: the total norm (returned, fp32 0-dim), the coefficient and the skip flag."""
     sums = clip.sums
-    nan = sums.isnan()
-    if tiger:
-        clip.flags = nan.to(torch.float64)
-        kept = torch.where(nan, torch.zeros((), dtype=sums.dtype, device=sums.device), sums).sum()
-    else:
-        kept = sums.sum()
     norm = sums.sum().sqrt().to(torch.float32)
-    kept_norm = norm if not tiger else kept.sqrt().to(torch.float32)
+    kept_norm = norm
+    if tiger:  # the coefficient of the tensors without NaN (their guard takes the others)
+        nan = sums.isnan()
+        clip.flags = nan.to(torch.float64)
+        kept_norm = torch.where(nan, torch.zeros((), dtype=sums.dtype, device=sums.device), sums).sum().sqrt().to(torch.float32)
     # torch.nn.utils.clip_grad_norm_'s expression, in fp32.
     coef = torch.clamp(clip.max_norm / (kept_norm + 1e-6), max=1.0)
     clip.skip = ~torch.isfinite(kept_norm)
