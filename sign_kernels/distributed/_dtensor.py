@@ -389,7 +389,6 @@ def global_stats(opt, plan, grad_scale: Optional[torch.Tensor], found_inf: Optio
     f64 = torch.float64
     pieces = []
     cached_sums = getattr(opt, "local_sums", None)
-    clip_src: List[int] = []  # with clip: where each gradient entry's local sum is in clip.sums
     for bno, nan_ks, sq_ks, row_ks in layout.per_bucket:
         group, b = buckets[bno]
         # NOTE: [cached sums in the collective] The local sums of squares of θ come from the
@@ -402,7 +401,6 @@ def global_stats(opt, plan, grad_scale: Optional[torch.Tensor], found_inf: Optio
         # run differed).
         sums, at = cached_sums(group, b) if cached_sums is not None and (sq_ks or row_ks) else (None, None)
         if nan_ks and clip is not None:
-            clip_src.extend(b.clip_at + k for k in nan_ks)
             pieces.append(clip.sums.index_select(0, torch.tensor([b.clip_at + k for k in nan_ks], device=clip.sums.device)).to(device))
         elif nan_ks and found_inf is not None:
             # NOTE: [GradScaler's flag as the NaN guard] (sign_kernels/optim/tiger.py): found_inf
