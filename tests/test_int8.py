@@ -43,7 +43,8 @@ def _hard_grads(shapes, dtype, gen, step):
     return grads
 
 
-def _run(backend, kind, pdt, q8, ec, steps=6, k=1, nonfinite=None, grad_scale=None, clip=None, seed=0):
+def _run(backend, kind, pdt, q8, ec, steps=6, k=1, nonfinite=None, grad_scale=None, clip=None, seed=0, sr=False,
+         gdt=None):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen).to(pdt) for s in SHAPES]
     if q8:
@@ -55,7 +56,7 @@ def _run(backend, kind, pdt, q8, ec, steps=6, k=1, nonfinite=None, grad_scale=No
     res = [torch.zeros(s, dtype=torch.int8) for s in SHAPES] if ec else None
     fn = _backends.get(backend).fn(f"{kind}_")
     for t in range(steps):
-        grads = _hard_grads(SHAPES, pdt, gen, t)
+        grads = _hard_grads(SHAPES, gdt or pdt, gen, t)
         if nonfinite is not None and t == 3:
             grads[0].view(-1)[5] = nonfinite
         st = [torch.tensor(t, dtype=torch.int64) for _ in SHAPES]
@@ -63,10 +64,10 @@ def _run(backend, kind, pdt, q8, ec, steps=6, k=1, nonfinite=None, grad_scale=No
         if clip is not None:
             kw["clip"] = clip
         if kind == "lion":
-            fn(params, grads, mom, st, 1e-2, None, 0.9, 0.99, 0.1, grad_scale, None, [1, 2, 3, 4], False, **kw)
+            fn(params, grads, mom, st, 1e-2, None, 0.9, 0.99, 0.1, grad_scale, None, [1, 2, 3, 4], sr, **kw)
         else:
             roles = [ROLE_MATRIX, ROLE_EMBEDDING, ROLE_MATRIX, ROLE_EMBEDDING]
-            fn(params, grads, mom, st, roles, 1e-2, None, 0.9, 0.01, k, 0.99, grad_scale, None, [1, 2, 3, 4], False,
+            fn(params, grads, mom, st, roles, 1e-2, None, 0.9, 0.01, k, 0.99, grad_scale, None, [1, 2, 3, 4], sr,
                **kw)
     return params, mom, scales, res
 
@@ -88,6 +89,20 @@ def _assert_same(a, b, what):
 def test_backend_equals_reference(backend, kind, pdt, q8, ec):
     want = _run("reference", kind, pdt, q8, ec)
     _assert_same(_run(backend, kind, pdt, q8, ec), want, (backend, kind, pdt, q8, ec))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["lion", "tiger"])
+@pytest.mark.parametrize("pdt,gdt,ec,sr", [(torch.bfloat16, None, False, True), (torch.bfloat16, torch.float32, False, True),
+                                           (torch.bfloat16, torch.float32, True, False),
+                                           (torch.bfloat16, torch.float32, False, False)])
+def test_backend_equals_reference_16bit_params(backend, kind, pdt, gdt, ec, sr):
+    """bf16 params with stochastic rounding or the correction byte, bf16 or fp32 grads, int8 momentum
+    (SHAPES' whole 64-element blocks take the CPU's vector path, NOTE: [int8 momentum with AVX-512])."""
+    for scale in (None, torch.tensor(-3.0)):
+        kw = dict(sr=sr, gdt=gdt, grad_scale=scale)
+        want = _run("reference", kind, pdt, True, ec, **kw)
+        _assert_same(_run(backend, kind, pdt, True, ec, **kw), want, (backend, kind, pdt, gdt, ec, sr, scale))
 
 
 @pytest.mark.parametrize("backend", FUSED)
