@@ -28,6 +28,19 @@
 namespace sign_kernels {
 namespace binding {
 
+// The end of a Lion, Tiger or Simba call: Common's scalars on `device`, then the executor.
+template <class E, class Args>
+void run_step(const char* op, const TensorList& list, Args& a, const Device& device, double lr,
+              const OptTensor& lr_t, const OptTensor& grad_scale, const OptTensor& found_inf,
+              bool stochastic_rounding, const OptTensor& clip, bool run_skipped = false) {
+  const typename E::Guard guard{device};
+  typename E::Scalars s;
+  if (!E::common_args(op, a.common, s, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip, device,
+                      run_skipped))
+    return;
+  E::run(op, list, a, device);
+}
+
 template <class E>
 void lion_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs, const Tensors& steps, double lr,
            const OptTensor& lr_t, double beta1, double beta2, double weight_decay, const OptTensor& grad_scale,
@@ -40,13 +53,9 @@ void lion_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs,
   const CompressedLists q("lion_", l, params, exp_avgs, exp_avg_scales, residuals, stochastic_rounding);
   const std::optional<Device> device = E::device(params);
   if (!device) return;
-  const typename E::Guard guard{*device};
-  typename E::Scalars s;
   LionArgs a;
-  if (!E::common_args("lion_", a.common, s, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip, *device))
-    return;
   lion_args(a, beta1, beta2, weight_decay);
-  E::run("lion_", l.list, a, *device);
+  run_step<E>("lion_", l.list, a, *device, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip);
 }
 
 template <class E>
@@ -68,13 +77,8 @@ void tiger_(const Tensors& params, const Tensors& grads, const Tensors& exp_avgs
   // out are written by it (NOTE: [CUDA sums of squares out]).
   tiger_args("tiger_", a, params, roles, rows, beta, weight_decay, grad_accum_steps, shrink_ratio, stats, stats_nan,
              stats_sumsq, stats_n, sumsq_out, sumsq_out_at, *device);
-  const typename E::Guard guard{*device};
-  typename E::Scalars s;
   const bool run_skipped = a.sumsq_out != nullptr;  // a skipped step still fills its sums out
-  if (!E::common_args("tiger_", a.common, s, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip, *device,
-                      run_skipped))
-    return;
-  E::run("tiger_", l.list, a, *device);
+  run_step<E>("tiger_", l.list, a, *device, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip, run_skipped);
 }
 
 template <class E>
@@ -87,13 +91,9 @@ void simba_(const Tensors& params, const Tensors& grads, const Tensors& sign_cou
   const Lists l("simba_", params, grads, sign_counts, steps, seeds, info);
   const std::optional<Device> device = E::device(params);
   if (!device) return;
-  const typename E::Guard guard{*device};
-  typename E::Scalars s;
   SimbaArgs a;
-  if (!E::common_args("simba_", a.common, s, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip, *device))
-    return;
   simba_args(a, window_size, threshold_count, weight_decay);
-  E::run("simba_", l.list, a, *device);
+  run_step<E>("simba_", l.list, a, *device, lr, lr_t, grad_scale, found_inf, stochastic_rounding, clip);
 }
 
 // The norm pass of clipping inside the step (NOTE: [clipping inside the step] in
