@@ -91,7 +91,7 @@ def _set_cuda_home_from_nvcc() -> None:
 # takes it from the C shim (aoti_torch_get_current_cuda_stream, there since before 2.10).
 # torch 2.10 itself supports CPython >= 3.10: the limited API of 3.10 (abi3) is the Python side.
 TORCH_TARGET = (2, 10)
-PY_LIMITED_API = "0x030A0000"  # CPython 3.10
+PY_LIMITED_API = "0x030A0000"  # CPython 3.10: what torch's BuildExtension defines (checked below)
 PY_LIMITED_TAG = "cp310"
 
 
@@ -136,7 +136,12 @@ def extensions():
     host_flags = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     host_flags += os.environ.get("SIGN_KERNELS_CPU_FLAGS", "").split()
     # The stable ABI of the oldest torch served (NOTE: [target torch version]); the Python limited
-    # API is defined by torch's BuildExtension for py_limited_api extensions (-DPy_LIMITED_API).
+    # API is defined by torch's BuildExtension for py_limited_api extensions (-DPy_LIMITED_API=its
+    # min_supported_cpython), which must be the one the wheel's tag names.
+    torch_limited = getattr(cpp_extension, "min_supported_cpython", PY_LIMITED_API)
+    if int(torch_limited, 16) != int(PY_LIMITED_API, 16):
+        raise SystemExit(f"sign_kernels: torch {torch.__version__} builds limited-API extensions for CPython "
+                         f"{torch_limited}, the wheel is tagged {PY_LIMITED_TAG} ({PY_LIMITED_API}): update setup.py")
     define_macros = [_torch_target_macro()]
     sources = _rel("csrc/cpu/*.cpp") + ["csrc/torch/cpu_ops.cpp", "csrc/torch/module.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
