@@ -187,12 +187,13 @@ def extensions():
 
 
 def _build_ext_class(base):
-    """torch's BuildExtension, which also removes a stale in-place module of another ABI tag.
+    """torch's BuildExtension, which also removes a stale module of another ABI tag.
 
     NOTE: [stale module] The module is sign_kernels/_C.abi3.so. A tree built before the move to the
-    limited API still holds sign_kernels/_C.cpython-3XX-*.so, which Python's import prefers to
-    the abi3 one: an in-place build (`setup.py build_ext --inplace`, what scripts/_install.sh runs)
-    deletes it, so the tests never import an old module beside the new one.
+    limited API still holds sign_kernels/_C.cpython-3XX-*.so, in place and in build/lib.*, which
+    Python's import prefers to the abi3 one and a wheel would ship beside it: every build deletes
+    the module's siblings where it writes the module (in place with `setup.py build_ext --inplace`,
+    what scripts/_install.sh runs; else the build directory a wheel is made from).
     """
 
     class BuildExt(base):
@@ -201,16 +202,16 @@ def _build_ext_class(base):
 
         def run(self):
             super().run()
-            if not self.inplace:
-                return
             for ext in self.extensions:
-                built = os.path.join(ROOT, self.get_ext_filename(ext.name))
-                stem = os.path.join(os.path.dirname(built), ext.name.split(".")[-1])
-                for stale in glob.glob(stem + ".*.so"):
-                    if os.path.abspath(stale) != os.path.abspath(built):
-                        print(f"sign_kernels: removing {os.path.relpath(stale, ROOT)} (NOTE: [stale module])",
-                              file=sys.stderr)
-                        os.remove(stale)
+                name = self.get_ext_filename(ext.name)
+                for where in {self.build_lib, ROOT if self.inplace else self.build_lib}:
+                    built = os.path.join(where, name)
+                    stem = os.path.join(os.path.dirname(built), ext.name.split(".")[-1])
+                    for stale in glob.glob(stem + ".*.so"):
+                        if os.path.abspath(stale) != os.path.abspath(built):
+                            print(f"sign_kernels: removing {os.path.relpath(stale, ROOT)} (NOTE: [stale module])",
+                                  file=sys.stderr)
+                            os.remove(stale)
 
     return BuildExt
 

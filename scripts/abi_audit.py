@@ -139,7 +139,7 @@ def main() -> int:
                 if not sos:
                     errors.append(f"{path}: holds no compiled module")
                 for n in sos:
-                    errors += audit_module(os.path.join(out, n), f"{os.path.basename(path)}:{n}", exports, py_table,
+                    errors += audit_module(os.path.join(out, n), f"{os.path.relpath(path)}:{n}", exports, py_table,
                                            python_min)
             else:
                 errors += audit_module(path, path, exports, py_table, python_min)
