@@ -4,9 +4,12 @@
 #
 # 1. a throwaway venv (build/cuda-venv; reused when a previous run completed it) with a CUDA
 #    build of torch (SIGN_KERNELS_CUDA_TORCH, default torch==2.14.1: CUDA 13.0) and the build tools;
-# 2. the full sign_kernels._C built with CUDA against that torch by setup.py, into build/cuda-ext/
+# 2. the wheel with the full sign_kernels._C built with CUDA against that torch by setup.py:
+#    build/cuda-ext/dist/sign_kernels-<v>-cp310-abi3-<platform>.whl, objects under build/cuda-ext/b
 #    (never into the source tree: the CPU build's sign_kernels/_C*.so there is what the tests use);
-# 3. that module imported in the venv (no GPU needed to import), then: _C.cuda_compiled() is True
+#    scripts/abi_check.sh audits it, and scripts/gpu_check.sh installs it when it is carried;
+# 3. that wheel installed as it is into build/cuda-ext/site (pip --target: the venv stays as it
+#    is) and imported in the venv (no GPU needed to import), then: _C.CUDA_COMPILED is True
 #    and every op of sign_kernels/_ops.py SCHEMAS has a CUDA kernel and a CPU kernel.
 #
 # Any failure exits non-zero with the reason. Environment:
@@ -55,19 +58,22 @@ VPY=$VENV/bin/python
 
 t1=$SECONDS
 mkdir -p "$OUT"
-say "building sign_kernels._C with CUDA (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) into $OUT"
-# build_py copies the Python package beside the built module, so the check below imports one
-# self-contained package from $OUT/lib and nothing from the source tree (egg_info goes to $OUT
-# too: the build writes nothing into the source tree).
+say "building the sign_kernels wheel with CUDA (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) into $OUT/dist"
+# Every build directory under $OUT (egg_info too): the build writes nothing into the source tree.
+rm -rf "$OUT/dist" "$OUT/site"
 env -u SIGN_KERNELS_SKIP_CUDA -u SIGN_KERNELS_NO_EXTENSION \
-  "$VPY" setup.py -q egg_info --egg-base "$OUT" build_py --build-lib "$OUT/lib" \
-  build_ext --build-lib "$OUT/lib" --build-temp "$OUT/temp" >"$OUT.log" 2>&1 \
+  "$VPY" setup.py -q egg_info --egg-base "$OUT" build --build-base "$OUT/b" \
+  bdist_wheel --bdist-dir "$OUT/bdist" --dist-dir "$OUT/dist" >"$OUT.log" 2>&1 \
   || { tail -n 60 "$OUT.log"; die "the CUDA build failed (full log: $OUT.log)"; }
 grep -E "^sign_kernels:" "$OUT.log" || true
-say "built in $((SECONDS - t1)) s"
+wheels=("$OUT"/dist/sign_kernels-*-cp310-abi3-*.whl)
+[[ -f ${wheels[0]} ]] || die "no cp310-abi3 wheel in $OUT/dist"
+say "built $(basename "${wheels[0]}") ($(du -h "${wheels[0]}" | cut -f1)) in $((SECONDS - t1)) s"
+"$VPY" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --no-compile \
+  --target "$OUT/site" "${wheels[0]}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 # Run from $OUT so neither the source tree nor an installed sign_kernels can be imported instead.
-(cd "$OUT" && PYTHONPATH="$OUT/lib" "$VPY" - "$OUT/lib") <<'EOF' || die "the built module does not hold the CUDA kernels"
+(cd "$OUT" && PYTHONPATH="$OUT/site" "$VPY" - "$OUT/site") <<'EOF' || die "the built module does not hold the CUDA kernels"
 import os, sys
 import torch
 import sign_kernels
@@ -75,11 +81,11 @@ from sign_kernels import _C, _ops
 
 lib = os.path.realpath(sys.argv[1])
 where = os.path.realpath(_C.__file__)
-assert where.startswith(lib + os.sep), f"imported {where}, not the module built in {lib}"
+assert where.startswith(lib + os.sep), f"imported {where}, not the module of the wheel installed in {lib}"
 print(f"[cuda-build] torch {torch.__version__} (CUDA {torch.version.cuda}), {where}")
 errors = []
-if _C.cuda_compiled() is not True:
-    errors.append(f"_C.cuda_compiled() is {_C.cuda_compiled()!r}")
+if _C.CUDA_COMPILED is not True or _C.cuda_compiled() is not True:
+    errors.append(f"_C.CUDA_COMPILED is {_C.CUDA_COMPILED!r}, _C.cuda_compiled() {_C.cuda_compiled()!r}")
 for name in _ops.SCHEMAS:
     for key in ("CPU",) if name in _ops.CPU_ONLY else ("CUDA", "CPU"):
         if not _ops.has_kernel(name, key):

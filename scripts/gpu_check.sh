@@ -5,9 +5,13 @@
 #
 # Stages (each under `timeout`; a failed stage does not stop the later ones):
 #   peers      pip install --no-index --no-deps .whl/*.whl when wheels were carried there (the bench's
-#              peers: lion-pytorch, torch-optimi; the GPU machine has no network)
-#   build      sign_kernels._C with CUDA for the local GPU, in place (setup.py build_ext --inplace),
-#              so that pytest and `python -m bench` from the repo root import it
+#              peers: lion-pytorch, torch-optimi; the GPU machine has no network), all but our own
+#   build      sign_kernels._C with CUDA for the local GPU, in place, so that pytest and
+#              `python -m bench` from the repo root import it: from a carried prebuilt wheel
+#              .whl/sign_kernels-*-abi3-*.whl when there is one (scripts/gpu_wheels.sh makes it,
+#              against torch 2.14.1+cu130 for sm_90a: one abi3 wheel on the stable ABI loads into
+#              the machine's torch and Python) and it loads and runs a kernel here; otherwise, or
+#              when it does not, built on the device (setup.py build_ext --inplace)
 #   native     CMake build of the CUDA core + its native test for 90a only (build/gpu-native), CTest
 #   memcheck   compute-sanitizer --tool memcheck on the native CUDA test
 #   racecheck  compute-sanitizer --tool racecheck on the native CUDA test
@@ -120,9 +124,36 @@ EOF
 "$PY" -c "import xdist" 2>/dev/null && pytest_args+=(-n 6 --dist loadfile)
 
 # ---------------------------------------------------------------- stage commands
+check_cuda_module() {  # the in-tree module has the CUDA kernels, and one runs on this GPU
+  "$PY" - <<'EOF'
+import torch
+import sign_kernels
+from sign_kernels import _C
+print(_C.__file__, "CUDA_COMPILED", _C.CUDA_COMPILED, "| torch", torch.__version__)
+assert _C.CUDA_COMPILED, "no CUDA kernels in the module"
+p = torch.ones(1000, device="cuda"); g = torch.full_like(p, 0.5); m = torch.zeros_like(p)
+step = torch.zeros((), dtype=torch.long, device="cuda")
+torch.ops.sign_kernels.lion_([p], [g], [m], [step], 0.5, None, 0.9, 0.99, 0.0, None, None, [0], False)
+torch.cuda.synchronize()
+assert torch.all(p == 0.5), "the CUDA Lion kernel did not run as it should"
+print("a CUDA Lion step ran")
+EOF
+}
 build_gpu() {
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} "$PY" setup.py build_ext --inplace \
-    && "$PY" -c "from sign_kernels import _C; import sys; print('cuda_compiled', _C.cuda_compiled()); sys.exit(0 if _C.cuda_compiled() else 1)"
+  local prebuilt=(.whl/sign_kernels-*-abi3-*.whl)
+  if [[ -f ${prebuilt[0]} ]]; then
+    # NOTE: [prebuilt wheel] only its module, into the tree, where the in-place build puts it (the
+    # tests and the bench import the package from the repo root); the other ABI tags' modules go.
+    echo "prebuilt wheel ${prebuilt[0]}: its sign_kernels/_C.abi3.so into the tree, no build"
+    rm -f sign_kernels/_C.*.so
+    if "$PY" -m zipfile -e "${prebuilt[0]}" .whl/unpacked && cp .whl/unpacked/sign_kernels/_C.abi3.so sign_kernels/ \
+       && check_cuda_module; then
+      return 0
+    fi
+    echo "the prebuilt wheel does not serve here: building on the device instead"
+    rm -f sign_kernels/_C.*.so
+  fi
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} "$PY" setup.py build_ext --inplace && check_cuda_module
 }
 build_dry() {
   echo "dry run: no build; importing the CPU module in the tree"
@@ -168,7 +199,7 @@ bench_one() {  # bench_one NAME ARGS...: one parameter set into $BENCH_TMP/NAME.
   local name=$1; shift
   "$PY" -m bench --no-progress --no-plot --out "$BENCH_TMP" --name "$name" "$@"
 }
-export -f build_gpu build_dry native_gpu native_nvcc native_dry sanitize run_pytest bench_one
+export -f check_cuda_module build_gpu build_dry native_gpu native_nvcc native_dry sanitize run_pytest bench_one
 export SANITIZER PY NPROC NATIVE NATIVE_TEST BENCH_TMP ROOT HAVE_SESSION_TIMEOUT
 
 # ---------------------------------------------------------------- the run
@@ -201,9 +232,10 @@ EOF
 
 echo "[gpu-check] phase 1: build ‖ native (CMake, CTest, memcheck, racecheck) ‖ then pytest"
 (
-  wheels=(.whl/*.whl)
+  wheels=()
+  for w in .whl/*.whl; do [[ -e $w && $(basename "$w") != sign_kernels-* ]] && wheels+=("$w"); done
   if [[ $DRY == 1 ]]; then skip peers "dry run"
-  elif [[ ! -e ${wheels[0]} ]]; then skip peers "no .whl/*.whl carried"
+  elif ((${#wheels[@]} == 0)); then skip peers "no peer .whl/*.whl carried"
   else stage peers "$OUT/build.log" 60 "$PY" -m pip install --no-index --no-deps --quiet "${wheels[@]}"; fi
   if [[ $DRY == 1 ]]; then stage build "$OUT/build.log" 240 build_dry
   else stage build "$OUT/build.log" 240 build_gpu; fi

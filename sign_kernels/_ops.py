@@ -2,8 +2,8 @@
 
 Every executor implements these three ops with exactly these arguments:
 
-* the compiled CPU kernels (``csrc/torch/cpu_ops.cpp``, ``TORCH_LIBRARY_IMPL(sign_kernels, CPU)``),
-* the compiled CUDA kernels (``csrc/torch/cuda_ops.cu``, ``TORCH_LIBRARY_IMPL(sign_kernels, CUDA)``),
+* the compiled CPU kernels (``csrc/torch/cpu_ops.cpp``, ``STABLE_TORCH_LIBRARY_IMPL(sign_kernels, CPU)``),
+* the compiled CUDA kernels (``csrc/torch/cuda_ops.cu``, ``STABLE_TORCH_LIBRARY_IMPL(sign_kernels, CUDA)``),
 * the Triton kernels (``sign_kernels/triton``), registered for CUDA from Python when the
   compiled CUDA implementation is absent.
 

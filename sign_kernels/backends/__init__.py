@@ -63,6 +63,10 @@ def _compiled_state() -> tuple[Optional[object], Optional[str]]:
 
 
 _C, _C_REASON = _compiled_state()
+# A plain value, read once here: backend selection runs inside torch.compile'd steps, where
+# Dynamo cannot trace a call into the compiled module (calling _C.cuda_compiled() there made it
+# warn "does not know how to trace the builtin" on every backend="auto" run).
+CUDA_COMPILED: bool = bool(getattr(_C, "CUDA_COMPILED", False))
 
 
 def _op_backend(name: str) -> Backend:
@@ -80,7 +84,7 @@ def _cpu_reason() -> Optional[str]:
 def _cuda_reason() -> Optional[str]:
     if _C is None:
         return _C_REASON
-    if not getattr(_C, "cuda_compiled", lambda: False)():
+    if not CUDA_COMPILED:
         return "sign_kernels._C was built without CUDA (no nvcc or a CPU-only torch at build time, or SIGN_KERNELS_SKIP_CUDA=1)"
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
