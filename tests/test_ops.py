@@ -51,8 +51,9 @@ def test_schemas_declare_mutation():
 @needs_cpu
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_op_runs_on_torch_threads(threads):
-    # The op's parallel loop is at::parallel_for; compiled without torch's OpenMP it runs
-    # serially and nothing else notices (NOTE: [OpenMP in the binding] in setup.py).
+    # The op's parallel loop is torch::stable::parallel_for (libtorch's own loop); the ATen
+    # one it replaced ran serially when the binding was compiled without OpenMP, and nothing
+    # else noticed (NOTE: [OpenMP in the binding] in setup.py): this guards the thread count.
     import os
 
     from sign_kernels import _C

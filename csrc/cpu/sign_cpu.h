@@ -34,7 +34,7 @@ const char* simba_step(const TensorList& t, const SimbaArgs& a);
 const char* sumsq_step(const SumsqList& t, const SumsqArgs& a);
 
 // Parallel loops. By default the core uses its own OpenMP threads; a host framework
-// can hand in its thread pool instead (the torch binding passes at::parallel_for, so
+// can hand in its thread pool instead (the torch binding passes torch::stable::parallel_for, so
 // torch.set_num_threads governs the kernels and only one OpenMP runtime is active).
 // The hook must call body(ctx, b, e) over disjoint [b, e) covering [0, n).
 using ParallelFor = void (*)(int64_t n, void* ctx, void (*body)(void* ctx, int64_t begin, int64_t end));
