@@ -248,6 +248,19 @@ def compare_oracle(b: Dict, got, oracle) -> List[str]:
         # NaN guard's centre (1 for gains): a few ulps of those magnitudes, not of the result
         # (θ − η can cancel).
         scale = o.abs() + b["params"][i].to(F64).abs().nan_to_num(0.0) + hp["lr"] + (b["roles"][i] == ref.ROLE_GAIN)
+        if b["algo"] == "tiger":
+            # Tiger's update lr_p (sign(m) + wd θ) is a product of a rounded wd θ with lr_p = lr · rms(θ):
+            # the rounding of wd θ is amplified by lr_p, so the terms' size is lr_p (1 + wd |θ|)
+            # (found by seed 2029: lr 1, rms 5312, wd θ = 1.02 against sign -1, result -10.45).
+            p0 = b["params"][i].to(F64).nan_to_num(0.0, 0.0, 0.0)
+            role = b["roles"][i]
+            if role == ref.ROLE_MATRIX or (role == ref.ROLE_EMBEDDING and p0.dim() < 2):
+                rms = p0.pow(2).mean().sqrt()
+            elif role == ref.ROLE_EMBEDDING:
+                rms = p0.pow(2).mean(-1, keepdim=True).sqrt()
+            else:
+                rms = torch.tensor(0.5, dtype=F64)
+            scale = scale + hp["lr"] * rms * (1 + hp["weight_decay"] * p0.abs())
         ok = (x - o).abs() <= 6 * ULP[F32] * scale.clamp_min(torch.finfo(F32).tiny)
         ok |= (x.isnan() & o.isnan()) | (x == o)
         if bool(ok.all()):
