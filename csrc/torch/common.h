@@ -114,7 +114,6 @@ struct Lists {
   Ints numels, seeds;
   std::vector<const int64_t*> steps;
   TensorList list;
-  Device device{DeviceType::CPU};
 
   Lists(const char* op, const Tensors& p, const Tensors& g, const Tensors& s, const Tensors& st, const Ints& sd,
         const ListInfo& info)
@@ -122,8 +121,8 @@ struct Lists {
         numels(binding::numels(p)), seeds(sd), steps(p.size()) {
     // check_lists ran first: every param is on params[0]'s device (one device read, not one per
     // tensor: each is a call through the stable ABI's C shim).
+    const Device device = p.empty() ? Device(DeviceType::CPU) : p[0].device();
     for (size_t i = 0; i < p.size(); ++i) {
-      if (i == 0) device = p[0].device();
       const Device step_device = st[i].device();
       SK_CHECK(step_device == device, op, ": steps[", i, "] is on ", device_str(step_device),
                "; the kernels read the step where the params are, so it must be on ", device_str(device),
