@@ -527,7 +527,8 @@ def results_table(runs: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(runs: List[dict], path: Path, title: str):
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None, after saying so, when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -535,6 +536,13 @@ def plot_curves(runs: List[dict], path: Path, title: str):
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_curves(runs: List[dict], path: Path, title: str):
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in runs:
@@ -757,13 +765,8 @@ def precision_table(summary, seeds: List[int]) -> str:
 
 
 def plot_precision(runs: List[dict], path: Path, title: str):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    plt = _pyplot()
+    if plt is None:
         return
     names = [n for n in OPTIMIZERS if any(r["optimizer"] == n for r in runs)]
     if not names or not any(r["curve"] for r in runs):
