@@ -107,6 +107,56 @@ def test_backend_equals_reference_16bit_params(backend, kind, pdt, gdt, ec, sr):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("kind", ["lion", "tiger"])
+@pytest.mark.parametrize("q8", [True, False])
+def test_correction_byte_every_binade(backend, kind, q8):
+    """bf16 params with the correction byte in every binade, zeros, subnormals (and ±Inf/NaN for
+    Lion), in whole 64-element blocks (the CPU's vector path): vectors of only normal weights
+    above 2^-112 take the residual's product with 1 / u, the others its division (NOTE in
+    ec_store). Zero gradients and momenta make the step a decay, θ^ (1 - 1e-3), so every weight
+    stays in its binade and its residual moves."""
+    gen = torch.Generator().manual_seed(7)
+    e = torch.arange(-133, 128, dtype=torch.float32)  # every bf16 binade, subnormals included
+    theta = (torch.pow(2.0, e) * (1 + torch.rand(e.numel(), generator=gen))).to(torch.bfloat16)
+    special = [0.0, -0.0] + ([float("inf"), -float("inf"), float("nan")] if kind == "lion" else [1.0] * 3)
+    theta = torch.cat([theta, torch.tensor(special + [1.0] * 6, dtype=torch.bfloat16)])  # 272 = 4 x 68
+    theta = theta * torch.where(torch.rand(theta.numel(), generator=gen) < 0.5, -1.0, 1.0).to(torch.bfloat16)
+    base = [theta[torch.randperm(theta.numel(), generator=gen)].view(4, 68)[:, :64].contiguous(),  # mixed vectors
+            theta.view(4, 68)[:, 4:].contiguous(), theta.view(4, 68)[:, :64].contiguous()]  # sorted: one range each
+    for lo in (-113, -112, -111):  # vectors whose smallest weight is at either shortcut's edge
+        b = torch.pow(2.0, lo + torch.arange(256) % 16) * (1 + torch.rand(256, generator=gen))
+        base.append(b.to(torch.bfloat16).view(4, 64))
+    wd = 0.1 if kind == "lion" else 0.01
+
+    def run(b):
+        params = [t.clone() for t in base]
+        res = [torch.randint(-127, 128, t.shape, dtype=torch.int8, generator=torch.Generator().manual_seed(i))
+               for i, t in enumerate(base)]
+        if q8:
+            mom = [torch.zeros(t.shape, dtype=torch.int8) for t in base]
+            scales = [torch.zeros(_quant.scale_shape(t.shape), dtype=torch.bfloat16) for t in base]
+        else:
+            mom, scales = [torch.zeros(t.shape) for t in base], [None] * len(base)
+        fn = _backends.get(b).fn(f"{kind}_")
+        for t in range(3):
+            for i, p in enumerate(params):  # one call per tensor: Tiger's lr is set from its RMS
+                kw = dict(exp_avg_scales=None if scales[i] is None else [scales[i]], residuals=[res[i]])
+                args = ([p], [torch.zeros_like(p)], [mom[i]], [torch.tensor(t, dtype=torch.int64)])
+                if kind == "lion":
+                    fn(*args, 1e-2, None, 0.9, 0.99, wd, None, None, [i + 1], False, **kw)
+                else:  # eta_p * lambda = 1e-3: eta * RMS(theta) * wd
+                    rms = p.double().pow(2).mean().sqrt().item()
+                    fn(*args, [ROLE_MATRIX], 1e-3 / (rms * wd), None, 0.9, wd, 1, 0.99, None, None, [i + 1], False,
+                       **kw)
+        return params, mom, None if not q8 else scales, res
+
+    got, want = run(backend), run("reference")
+    _assert_same(got, want, (backend, kind, q8))
+    assert not torch.equal(want[3][1], torch.randint(-127, 128, base[1].shape, dtype=torch.int8,
+                                                     generator=torch.Generator().manual_seed(1)))  # residuals moved
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kind", ["lion", "tiger"])
 @pytest.mark.parametrize("case", ["nan", "inf", "scale", "clip", "accum"])
 def test_backend_equals_reference_hard(backend, kind, case):
     kw = dict(nan=dict(nonfinite=float("nan")), inf=dict(nonfinite=float("inf")),
