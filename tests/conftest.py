@@ -36,6 +36,19 @@ OPTIMIZERS = {
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 2.0**-52}
 
 
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (-0.0 is not +0.0; NaNs match NaNs whatever their payload)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    if not torch.equal(a.isnan(), b.isnan()):
+        return False
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
+    ok = ~a.isnan()
+    return torch.equal(a.contiguous().view(ints)[ok], b.contiguous().view(ints)[ok])
+
+
 def binade_values(dtype: torch.dtype, n: int, generator: torch.Generator) -> torch.Tensor:
     """Values of both signs spread over every binade the dtype can hold (normals)."""
     info = torch.finfo(dtype)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sign_kernels
-from conftest import LOCAL_BACKENDS, OPTIMIZERS
+from conftest import LOCAL_BACKENDS, OPTIMIZERS, bits_equal
 
 BACKENDS = LOCAL_BACKENDS + (["triton"] if sign_kernels.available_backends()["triton"] is None else [])
 
@@ -58,7 +58,7 @@ def _make(algo, backend, dtype, sr, k=1, unused=False, seed=0):
 
 def _assert_same(model_a, opt_a, model_b, opt_b):
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
-        assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert bits_equal(a, b), name
     sa, sb = opt_a.state_dict(), opt_b.state_dict()
     assert sa["param_groups"] == sb["param_groups"]
     assert sa["state"].keys() == sb["state"].keys()
@@ -66,7 +66,7 @@ def _assert_same(model_a, opt_a, model_b, opt_b):
         assert sa["state"][i].keys() == sb["state"][i].keys()
         for key, va in sa["state"][i].items():
             vb = sb["state"][i][key]
-            assert va.dtype == vb.dtype and torch.equal(va, vb), (i, key)
+            assert bits_equal(va, vb), (i, key)
 
 
 def _run_pair(algo, backend, dtype, sr, iters, k=1, cap_mb=0.0, unused=False):

@@ -20,6 +20,8 @@ from sign_kernels import backends as _backends
 from sign_kernels.backends import reference as ref
 from sign_kernels.backends.reference import ROLE_ELEMENTWISE, ROLE_EMBEDDING, ROLE_MATRIX
 
+from conftest import bits_equal
+
 BACKENDS = ["reference"] + (["cpu"] if sk.available_backends()["cpu"] is None else [])
 KINDS = ("lion", "tiger", "simba")
 
@@ -69,10 +71,10 @@ def test_clip_equals_clip_then_step_fp32(backend, kind, coef):
     p2, s2 = _clone(params), _clone(states)
     _op_call(backend, kind, p2, [g.clone().mul_(c) for g in grads], s2, steps)
     for a, b in zip(p1 + s1, p2 + s2):
-        assert torch.equal(a, b)
+        assert bits_equal(a, b)
     p3, s3 = _clone(params), _clone(states)
     _op_call(backend, kind, p3, grads, s3, steps)
-    unchanged = all(torch.equal(a, b) for a, b in zip(p1 + s1, p3 + s3))
+    unchanged = all(bits_equal(a, b) for a, b in zip(p1 + s1, p3 + s3))
     # The coefficient matters (the test can fail), except for Simba, whose update reads only
     # sign(g): a positive coefficient changes nothing there (docs/rules.md).
     assert unchanged == (coef == 1.0 or (kind == "simba" and coef > 0))
@@ -89,7 +91,7 @@ def test_clip_with_grad_scale_divides_then_multiplies(backend, kind):
     p2, s2 = _clone(params), _clone(states)
     _op_call(backend, kind, p2, [(g / scale).mul_(c) for g in grads], s2, steps)
     for a, b in zip(p1 + s1, p2 + s2):
-        assert torch.equal(a, b)
+        assert bits_equal(a, b)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -106,11 +108,11 @@ def test_bf16_gradients_are_clipped_in_fp32_before_the_sign(kind):
     p2, s2 = _clone(params), _clone(states)
     _op_call("cpu", kind, p2, [g.float() * c for g in grads], s2, steps)
     for a, b in zip(p1 + s1, p2 + s2):
-        assert torch.equal(a, b)
+        assert bits_equal(a, b)
     p3, s3 = _clone(params), _clone(states)
     _op_call("reference", kind, p3, grads, s3, steps, clip=c)
     for a, b in zip(p1 + s1, p3 + s3):
-        assert torch.equal(a, b)
+        assert bits_equal(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,9 +121,9 @@ def test_tiger_guard_sees_the_clipped_gradient(backend):
     grads[1][2, 5] = float("nan")
     p1, s1 = _clone(params), _clone(states)
     _op_call(backend, "tiger", p1, grads, s1, steps, clip=torch.tensor(0.5))
-    assert torch.equal(s1[1], states[1])  # the guard kept m
-    assert torch.equal(p1[1], params[1] * torch.tensor(0.99))  # and shrank θ (centre 0)
-    assert not torch.equal(p1[0], params[0])
+    assert bits_equal(s1[1], states[1])  # the guard kept m
+    assert bits_equal(p1[1], params[1] * torch.tensor(0.99))  # and shrank θ (centre 0)
+    assert not bits_equal(p1[0], params[0])
 
 
 # ------------------------------------------------------------------ the norm pass
@@ -223,7 +225,7 @@ def _set(net, grads):
 
 
 def _same(a, b):
-    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    return all(bits_equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -243,7 +245,7 @@ def test_norm_and_step_against_clip_grad_norm(backend, kind):
         _set(a, grads)
         _set(b, grads)
         oa.step()
-        assert all(torch.equal(p.grad, g) for p, g in zip(a.parameters(), grads))
+        assert all(bits_equal(p.grad, g) for p, g in zip(a.parameters(), grads))
         assert oa.grad_norm.dtype == torch.float32 and oa.grad_norm.dim() == 0
         total = torch.nn.utils.clip_grad_norm_([q for q in b.parameters()], float("inf"))  # the norm only
         assert abs(oa.grad_norm.item() - total.item()) <= 1e-6 * total.item()
@@ -285,9 +287,9 @@ def test_non_finite_norm_skips_lion_and_simba(backend, kind, bad):
     g[1][0, 0] = bad  # lin.weight
     _set(a, g)
     opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert all(bits_equal(p, q) for p, q in zip(a.parameters(), before))
     for k, v in opt.state[a.lin.weight].items():
-        assert torch.equal(v, state[k]), k  # the step count did not advance either
+        assert bits_equal(v, state[k]), k  # the step count did not advance either
     assert math.isnan(opt.grad_norm.item()) if bad != bad else opt.grad_norm.item() == math.inf
 
 
@@ -306,8 +308,8 @@ def test_tiger_nan_tensor_takes_the_guard_and_the_others_their_own_norm(backend)
     a.lin.weight.grad, a.out.weight.grad, b.out.weight.grad = ga, go.clone(), go.clone()
     oa.step()
     ob.step()
-    assert torch.equal(a.lin.weight, w * torch.tensor(0.99))
-    assert torch.equal(a.out.weight, b.out.weight)
+    assert bits_equal(a.lin.weight, w * torch.tensor(0.99))
+    assert bits_equal(a.out.weight, b.out.weight)
     assert math.isnan(oa.grad_norm.item())
     # An infinity (no NaN) makes the others' norm infinite: the whole step is skipped.
     before = [a.lin.weight.detach().clone(), a.out.weight.detach().clone()]
@@ -317,7 +319,7 @@ def test_tiger_nan_tensor_takes_the_guard_and_the_others_their_own_norm(backend)
     go[0, 0] = float("inf")
     a.lin.weight.grad, a.out.weight.grad = ga, go
     oa.step()
-    assert torch.equal(a.lin.weight, before[0]) and torch.equal(a.out.weight, before[1])
+    assert bits_equal(a.lin.weight, before[0]) and bits_equal(a.out.weight, before[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -355,7 +357,7 @@ def test_tiger_accumulation_clips_each_micro_batch(backend):
         for q in b.parameters():
             q.grad.mul_(coef)
         ob.step()
-        assert _same(a, b) and all(torch.equal(oa.state[p]["exp_avg"], ob.state[q]["exp_avg"])
+        assert _same(a, b) and all(bits_equal(oa.state[p]["exp_avg"], ob.state[q]["exp_avg"])
                                    for p, q in zip(a.parameters(), b.parameters()))
 
 
@@ -408,7 +410,7 @@ def test_real_grad_scaler_on_cpu():
     scaler.update()
     want = torch.sqrt(sum((g / 256.0).double().square().sum() for g in scaled)).float()
     assert abs(opt.grad_norm.item() - want.item()) <= 1e-6 * want.item()
-    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), scaled))  # still scaled: untouched
+    assert all(bits_equal(p.grad, g) for p, g in zip(net.parameters(), scaled))  # still scaled: untouched
 
 
 def test_distributed_lion_alone_clips_as_lion():
@@ -441,7 +443,7 @@ def test_groups_must_agree_and_a_refused_step_changes_nothing():
     before = [p.detach().clone() for p in a.parameters()]
     with pytest.raises(ValueError, match="param group 1: max_grad_norm is 2.0 but param group 0 has 1.0"):
         opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before)) and not opt.state
+    assert all(bits_equal(p, q) for p, q in zip(a.parameters(), before)) and not opt.state
 
 
 def test_step_in_backward_refuses_clipping():
@@ -455,7 +457,7 @@ def test_step_in_backward_refuses_clipping():
     w = a.lin.weight.detach().clone()
     with pytest.raises(ValueError, match="max_grad_norm"):
         a.out(a.norm(a.lin(torch.randn(3, 12)))).sum().backward()
-    assert torch.equal(a.lin.weight, w)
+    assert bits_equal(a.lin.weight, w)
     handle.remove()
 
 
