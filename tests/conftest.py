@@ -36,17 +36,21 @@ OPTIMIZERS = {
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 2.0**-52}
 
 
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bits (-0.0 is not +0.0; NaNs match NaNs whatever their payload)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """x's bits, as the signed integer type of its size."""
+    return x.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per element: the same bits (-0.0 is not +0.0), or NaN in both whatever their payloads."""
     if not a.is_floating_point():
-        return torch.equal(a, b)
-    if not torch.equal(a.isnan(), b.isnan()):
-        return False
-    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[a.element_size()]
-    ok = ~a.isnan()
-    return torch.equal(a.contiguous().view(ints)[ok], b.contiguous().view(ints)[ok])
+        return a == b
+    return (bits(a) == bits(b)) | (torch.isnan(a) & torch.isnan(b))
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (``same_bits`` everywhere)."""
+    return a.dtype == b.dtype and a.shape == b.shape and bool(same_bits(a, b).all())
 
 
 def binade_values(dtype: torch.dtype, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -26,6 +26,7 @@ if skt.unavailable_reason() is not None:
 
 from sign_kernels.triton import _kernels as K  # noqa: E402
 from sign_kernels.triton import _launch as L  # noqa: E402
+from conftest import bits, same_bits  # noqa: E402
 
 DEVICE = "cpu" if K.INTERPRETED else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -90,18 +91,10 @@ def steps_of(shapes, t):
     return [torch.tensor(t, dtype=torch.int64, device=DEVICE) for _ in shapes]
 
 
-def bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
-
-
 def assert_bitwise(outs, refs, what):
     for i, (a, b) in enumerate(zip(outs, refs)):
         a, b = a.cpu(), b.cpu()
-        if a.is_floating_point():
-            # NaN payloads may differ only if both are NaN; every kernel writes the same quiet NaN.
-            same = (bits(a) == bits(b)) | (torch.isnan(a) & torch.isnan(b))
-        else:
-            same = a == b
+        same = same_bits(a, b)  # NaN payloads may differ only if both are NaN
         n_bad = int((~same).sum())
         assert n_bad == 0, f"{what}[{i}] shape {tuple(a.shape)}: {n_bad} elements differ, e.g. " \
             f"{a.reshape(-1)[~same.reshape(-1)][:4].tolist()} vs {b.reshape(-1)[~same.reshape(-1)][:4].tolist()}"
