@@ -49,6 +49,19 @@ static __m512 i8_load(const int8_t* x) {
 }
 static void i8_store(int8_t* x, __m512 v) { _mm_storeu_si128((__m128i*)x, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v))); }
 
+// One pass of an int8 pattern over blocks of 64 elements with a 2-byte scale each: the param
+// side of 16 elements at j (the macro's argument, a block of statements), then their codes.
+#define INT8_PASS(...)                                         \
+  _Pragma("omp parallel for schedule(static)")                 \
+  for (long i = 0; i < n; i += 64) {                           \
+    const __m512 s = _mm512_set1_ps((float)sc[i / 64]);        \
+    for (long j = i; j < i + 64; j += 16) {                    \
+      __VA_ARGS__                                              \
+      i8_store(c + j, _mm512_fmadd_ps(i8_load(c + j), s, h));  \
+    }                                                          \
+    sc[i / 64] = (uint16_t)(sc[i / 64] + 1);                   \
+  }
+
 enum { LION, LION_INT8, EC_INT8, SR_INT8, LION_CLIP, NPAT };
 static const char* kNames[NPAT] = {"lion", "lion-int8", "ec-int8", "sr-int8", "lion+clip"};
 
@@ -96,42 +109,24 @@ int main(int argc, char** argv) {
           }
           break;
         case LION_INT8:
-#pragma omp parallel for schedule(static)
-          for (long i = 0; i < n; i += 64) {
-            const __m512 s = _mm512_set1_ps((float)sc[i / 64]);
-            for (long j = i; j < i + 64; j += 16) {
-              const __m512 gv = _mm512_load_ps(g + j);
-              _mm512_store_ps(p + j, _mm512_fmadd_ps(_mm512_load_ps(p + j), b, gv));
-              i8_store(c + j, _mm512_fmadd_ps(i8_load(c + j), s, h));
-            }
-            sc[i / 64] = (uint16_t)(sc[i / 64] + 1);
-          }
+          INT8_PASS({
+            const __m512 gv = _mm512_load_ps(g + j);
+            _mm512_store_ps(p + j, _mm512_fmadd_ps(_mm512_load_ps(p + j), b, gv));
+          });
           break;
         case EC_INT8:
-#pragma omp parallel for schedule(static)
-          for (long i = 0; i < n; i += 64) {
-            const __m512 s = _mm512_set1_ps((float)sc[i / 64]);
-            for (long j = i; j < i + 64; j += 16) {
-              const __m512 gv = bf16_load(gb + j);
-              const __m512 pv = _mm512_fmadd_ps(bf16_load(pb + j), b, _mm512_mul_ps(i8_load(rho + j), gv));
-              bf16_store(pb + j, pv);
-              i8_store(rho + j, pv);
-              i8_store(c + j, _mm512_fmadd_ps(i8_load(c + j), s, h));
-            }
-            sc[i / 64] = (uint16_t)(sc[i / 64] + 1);
-          }
+          INT8_PASS({
+            const __m512 gv = bf16_load(gb + j);
+            const __m512 pv = _mm512_fmadd_ps(bf16_load(pb + j), b, _mm512_mul_ps(i8_load(rho + j), gv));
+            bf16_store(pb + j, pv);
+            i8_store(rho + j, pv);
+          });
           break;
         case SR_INT8:
-#pragma omp parallel for schedule(static)
-          for (long i = 0; i < n; i += 64) {
-            const __m512 s = _mm512_set1_ps((float)sc[i / 64]);
-            for (long j = i; j < i + 64; j += 16) {
-              const __m512 gv = bf16_load(gb + j);
-              bf16_store(pb + j, _mm512_fmadd_ps(bf16_load(pb + j), b, gv));
-              i8_store(c + j, _mm512_fmadd_ps(i8_load(c + j), s, h));
-            }
-            sc[i / 64] = (uint16_t)(sc[i / 64] + 1);
-          }
+          INT8_PASS({
+            const __m512 gv = bf16_load(gb + j);
+            bf16_store(pb + j, _mm512_fmadd_ps(bf16_load(pb + j), b, gv));
+          });
           break;
       }
       d[k] = now() - t0;
